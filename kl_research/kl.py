@@ -1,0 +1,77 @@
+"""The KL contract (RESEARCH.md §2): per-token estimators, the exact full-vocabulary KL, masked reductions.
+
+Notation at a sampled response token y ~ π (sampling temperature T, both policies scored at the same T):
+    d = log π(y) − log π_ref(y),   r = π_ref(y) / π(y) = exp(−d)
+
+    k1    = d                      unbiased for KL(π‖π_ref), high variance, negative per token half the time
+    k2    = ½ d²                   biased (second order), low variance
+    k3    = (r − 1) − log r        unbiased, low variance, never negative
+    seed  = exp(d) · d             the seed document's formula; E_π[seed] = Σ π²/π_ref · log(π/π_ref),
+                                   i.e. k1 importance-weighted the wrong way: biased upwards, can be < 0
+
+All KL values here are in nats per response token unless a function says otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ESTIMATORS = ("k1", "k2", "k3", "seed")
+SIGNAL_ESTIMATORS = (*ESTIMATORS, "exact")
+
+
+def check_estimator(name: str, allowed: tuple[str, ...] = ESTIMATORS, key: str = "estimator") -> str:
+    """Return `name` if it is a known estimator, else raise ValueError naming the key and the choices."""
+    if name not in allowed:
+        raise ValueError(f"{key}={name!r} is not a KL estimator; valid: {', '.join(allowed)}")
+    return name
+
+
+def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate at sampled tokens.
+
+    logp, ref_logp: (...) log-probabilities of the sampled tokens under π and π_ref.
+    Returns a tensor of the same shape, computed in at least fp32.
+    """
+    check_estimator(estimator)
+    d = logp.float() - ref_logp.float()
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    if estimator == "k3":
+        # exp(−d) − 1 + d, with expm1 so that small |d| keeps its precision.
+        return torch.expm1(-d) + d
+    return torch.exp(d) * d  # "seed"
+
+
+def exact_token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Full-vocabulary KL(π‖π_ref) at each position.
+
+    logits, ref_logits: (B, T, V) raw logits of the policy and the reference.
+    Both are divided by the same temperature and normalised with log_softmax in fp32 (no exp of large
+    differences: π(v) = exp(logπ(v)) ≤ 1 and the log-ratio is a difference of finite log-probs).
+    Returns (B, T).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    ref_logp = F.log_softmax(ref_logits.float() / temperature, dim=-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over positions where mask is true: the batch per-token KL when x is a token KL. Scalar."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of x over the last dimension where mask is true: the per-sequence KL when x is a token KL. (B,)"""
+    return (x * mask.to(x.dtype)).sum(-1)
+
+
+def batch_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Batch KL in nats per response token: sum over response tokens / number of response tokens."""
+    return masked_mean(token_kl(logp, ref_logp, estimator), mask)
