@@ -148,7 +148,8 @@ class PIDController(KLController):
 
     With kp = kd = 0, ki = 1 this is Ziegler's rule in log form; kp adds the proportional action that
     damps the overshoot of pure integral control. Anti-windup: the integral is frozen (conditional
-    integration) on a step whose output is saturated and whose error pushes further into the bound.
+    integration): on a step whose error pushes the output past a bound, the integral moves only as far
+    as that bound, so it never winds up while β is saturated and leaves the bound as soon as e changes sign.
     """
 
     name = "pid"
@@ -196,22 +197,21 @@ class PIDController(KLController):
         self.derivative = 0.0
         self.prev_error: float | None = None
 
-    def _output(self, e: float, integral: float, derivative: float) -> float:
-        return math.log(self.init_kl_coef) + self.kp * e + self.ki * integral + self.kd * derivative
-
     def _step(self, kl: float, n_steps: int) -> float:
         e = min(max(self.relative_error(kl), -self.error_clip), self.error_clip)
         if self.prev_error is not None:
             self.derivative = self.d_filter * self.derivative + (1 - self.d_filter) * (e - self.prev_error)
         self.prev_error = e
         lo, hi = math.log(self.kl_coef_min), math.log(self.kl_coef_max)
-        candidate = self.integral + e * n_steps / self.horizon
-        u = self._output(e, candidate, self.derivative)
-        winding_up = (u > hi and e > 0) or (u < lo and e < 0)
-        if not winding_up:
-            self.integral = candidate
-        u = self._output(e, self.integral, self.derivative)
-        return math.exp(min(max(u, lo), hi))
+        base = math.log(self.init_kl_coef) + self.kp * e + self.kd * self.derivative
+        integral = self.integral + e * n_steps / self.horizon
+        if self.ki > 0:  # anti-windup: integrate only up to the bound the error pushes towards
+            if e > 0 and base + self.ki * integral > hi:
+                integral = max(self.integral, (hi - base) / self.ki)
+            elif e < 0 and base + self.ki * integral < lo:
+                integral = min(self.integral, (lo - base) / self.ki)
+        self.integral = integral
+        return math.exp(min(max(base + self.ki * self.integral, lo), hi))
 
 
 CONTROLLERS: dict[str, type[KLController]] = {

@@ -41,8 +41,9 @@ def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torc
     if estimator == "k2":
         return 0.5 * d.square()
     if estimator == "k3":
-        # exp(−d) − 1 + d, with expm1 so that small |d| keeps its precision.
-        return torch.expm1(-d) + d
+        # exp(−d) − 1 + d cancels to ~d²/2: expm1 in float64 keeps that precision for tiny |d|.
+        dd = d.double()
+        return (torch.expm1(-dd) + dd).to(d.dtype)
     return torch.exp(d) * d  # "seed"
 
 

@@ -1,0 +1,109 @@
+"""KL estimators (RESEARCH.md §2) against hand-computed values and Monte-Carlo expectations."""
+
+import math
+
+import pytest
+import torch
+
+from kl_research.kl import ESTIMATORS, batch_kl, exact_token_kl, masked_mean, masked_sum, token_kl
+
+LOGP = torch.tensor([math.log(0.5), math.log(0.2), math.log(0.9)])
+REF = torch.tensor([math.log(0.25), math.log(0.4), math.log(0.9)])
+D = [math.log(2.0), math.log(0.5), 0.0]  # log π − log π_ref, by hand
+
+
+@pytest.mark.parametrize(
+    ("estimator", "expected"),
+    [
+        ("k1", D),
+        ("k2", [0.5 * d * d for d in D]),
+        ("k3", [math.exp(-d) - 1 + d for d in D]),  # r = 0.5 -> 0.5-1+ln2; r = 2 -> 2-1-ln2; 0
+        ("seed", [math.exp(d) * d for d in D]),  # 2 ln 2, -0.5 ln 2, 0
+    ],
+)
+def test_estimators_hand_computed(estimator, expected):
+    got = token_kl(LOGP, REF, estimator)
+    assert got.shape == LOGP.shape
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-6, atol=1e-7)
+
+
+def test_explicit_numbers():
+    # d = ln 2: k1 = 0.693147, k2 = 0.240227, k3 = 0.5 - 1 + 0.693147 = 0.193147, seed = 1.386294
+    vals = {e: token_kl(LOGP[:1], REF[:1], e).item() for e in ESTIMATORS}
+    assert vals["k1"] == pytest.approx(0.693147, abs=1e-6)
+    assert vals["k2"] == pytest.approx(0.240227, abs=1e-6)
+    assert vals["k3"] == pytest.approx(0.193147, abs=1e-6)
+    assert vals["seed"] == pytest.approx(1.386294, abs=1e-6)
+
+
+def test_k3_precise_for_tiny_differences():
+    d = torch.tensor([1e-6, -1e-6], dtype=torch.float32)
+    k3 = token_kl(d, torch.zeros(2), "k3")
+    torch.testing.assert_close(k3, 0.5 * d.double().square().float(), rtol=1e-3, atol=0.0)
+    assert (k3 >= 0).all()
+
+
+def test_unknown_estimator_lists_valid_ones():
+    with pytest.raises(ValueError, match="k1, k2, k3, seed"):
+        token_kl(LOGP, REF, "k4")
+
+
+def test_exact_kl_matches_definition_and_temperature():
+    torch.manual_seed(0)
+    logits, ref = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    for t in (1.0, 0.7):
+        p, q = torch.softmax(logits.double() / t, -1), torch.softmax(ref.double() / t, -1)
+        expected = (p * (p.log() - q.log())).sum(-1)
+        torch.testing.assert_close(exact_token_kl(logits, ref, t).double(), expected, rtol=1e-5, atol=1e-6)
+    assert exact_token_kl(logits, ref).shape == (2, 3)
+    torch.testing.assert_close(exact_token_kl(logits, logits), torch.zeros(2, 3), atol=1e-6, rtol=0)
+
+
+def test_exact_kl_stable_with_huge_logits():
+    logits = torch.tensor([[[1e4, 0.0, -1e4]]])
+    ref = torch.tensor([[[0.0, 1e4, -1e4]]])
+    kl = exact_token_kl(logits, ref)
+    assert torch.isfinite(kl).all()
+    assert kl.item() == pytest.approx(1e4, rel=1e-4)  # π puts all mass on v0, log π/π_ref = 1e4 there
+
+
+def test_masked_reductions():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    assert masked_mean(x, mask).item() == pytest.approx((1 + 2 + 4) / 3)  # per token, not per sequence
+    torch.testing.assert_close(masked_sum(x, mask), torch.tensor([3.0, 4.0]))
+    assert batch_kl(LOGP[None], REF[None], torch.ones(1, 3, dtype=torch.bool), "k1").item() == pytest.approx(sum(D) / 3)
+
+
+def _mc(p: torch.Tensor, q: torch.Tensor, n: int, gen: torch.Generator):
+    idx = torch.multinomial(p, n, replacement=True, generator=gen)
+    logp, logq = p.log()[idx], q.log()[idx]
+    return {e: token_kl(logp.double(), logq.double(), e) for e in ESTIMATORS}
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_monte_carlo_bias(case):
+    """k1 and k3 are unbiased for exact KL(π‖π_ref); `seed` is not (it estimates Σ π²/π_ref·log π/π_ref).
+
+    Tolerance: 5 standard errors of the sample mean (std/√N): a correct estimator fails with
+    probability < 1e-6; the seed's bias is asserted to exceed 5 standard errors too.
+    """
+    gen = torch.Generator().manual_seed(case)
+    v, n = 50, 200_000
+    logits = torch.randn(v, generator=gen, dtype=torch.float64)
+    p = torch.softmax(logits, -1)
+    q = torch.softmax(logits + 0.6 * torch.randn(v, generator=gen, dtype=torch.float64), -1)
+    exact = exact_token_kl(p.log()[None, None], q.log()[None, None]).item()
+    seed_mean = (p * p / q * (p / q).log()).sum().item()
+    samples = _mc(p, q, n, gen)
+    for e in ("k1", "k3"):
+        s = samples[e]
+        se = s.std().item() / math.sqrt(n)
+        assert abs(s.mean().item() - exact) < 5 * se, (e, s.mean().item(), exact, se)
+    s = samples["seed"]
+    se = s.std().item() / math.sqrt(n)
+    assert abs(s.mean().item() - seed_mean) < 5 * se  # it estimates its own (wrong) quantity ...
+    assert abs(s.mean().item() - exact) > 5 * se  # ... which is not the KL
+    assert s.mean().item() > exact  # biased upwards, as RESEARCH.md §1 says
+    # k3 has lower variance than k1 at these distances (Schulman's note)
+    assert samples["k3"].std() < samples["k1"].std()
