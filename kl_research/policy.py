@@ -1,0 +1,56 @@
+"""The policy: a causal LM with a scalar value head on its last hidden state (shared trunk, as TRL's
+AutoModelForCausalLMWithValueHead), and one scoring pass that returns exactly what PPO needs."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO ratios must be 1 at the first minibatch: no dropout anywhere (policy and reference)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+class PolicyWithValue(nn.Module):
+    def __init__(self, lm: PreTrainedModel):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.get_text_config().hidden_size
+        self.v_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.v_head.weight)
+        nn.init.zeros_(self.v_head.bias)
+
+    @classmethod
+    def from_reference(cls, reference: PreTrainedModel) -> PolicyWithValue:
+        lm = copy.deepcopy(reference)
+        disable_dropout(lm)
+        lm.requires_grad_(True)
+        return cls(lm)
+
+    def score(
+        self, input_ids: torch.Tensor, prompt_len: int, with_values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and values at the positions that predict the response tokens.
+
+        input_ids: (B, P + R) prompt followed by response (prompts all have length P, no padding).
+        Returns logits (B, R, V) and values (B, R) in fp32: position t is the state before response
+        token t. Causal attention: tokens after EOS cannot affect earlier positions, so no mask needed.
+        """
+        return score_lm(self.lm, input_ids, prompt_len, self.v_head if with_values else None)
+
+
+def score_lm(
+    lm: PreTrainedModel, input_ids: torch.Tensor, prompt_len: int, v_head: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the trunk once, project only the R response-predicting positions to the vocabulary."""
+    hidden = lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, P+R, H)
+    hidden = hidden[:, prompt_len - 1 : -1]  # (B, R, H)
+    logits = lm.get_output_embeddings()(hidden).float()  # (B, R, V), fp32 for log-softmax
+    values = v_head(hidden).squeeze(-1).float() if v_head is not None else None  # (B, R)
+    return logits, values

@@ -1,0 +1,106 @@
+"""PPO maths as pure tensor functions (RESEARCH.md §4). Shapes: B sequences, T response positions.
+
+Every function here takes a response mask (B, T): True on response tokens up to and including the first
+EOS, False after it (padding). Nothing after EOS counts anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kl_research.kl import masked_mean
+
+
+def response_mask(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """(B, T) bool: True up to and including the first EOS of each response (all True if none)."""
+    if eos_token_id is None:
+        return torch.ones_like(response_ids, dtype=torch.bool)
+    is_eos = response_ids == eos_token_id
+    # number of EOS strictly before position t; a token counts iff no EOS came before it
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return eos_before == 0
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last real response token (the score goes there, never on a PAD after EOS)."""
+    return mask.long().sum(1).clamp_min(1) - 1
+
+
+def shaped_rewards(scores: torch.Tensor, kl_tokens: torch.Tensor, beta: float, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards (B, T): −β·k(t) on every response token, plus the task score at the last one."""
+    rewards = -beta * kl_tokens * mask
+    idx = last_token_index(mask)
+    rewards[torch.arange(rewards.shape[0]), idx] += scores.to(rewards.dtype)
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens. Returns (advantages, returns), (B, T).
+
+    values[t] is V(s_t), the state before token t is emitted; the state after the last real token is
+    terminal (value 0). Positions after EOS have zero reward and zero value, so they contribute nothing.
+    """
+    rewards, values = rewards * mask, values * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x − mean)/std over masked positions (unbiased variance, as TRL); zero outside the mask."""
+    mean = masked_mean(x, mask)
+    m = mask.to(x.dtype)
+    n = m.sum()
+    var = ((x - mean).square() * m).sum() / (n - 1).clamp_min(1.0)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
+def policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate. Returns (loss, clip fraction, approx KL(old‖new) = ½·E[(log ratio)²])."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = 0.5 * masked_mean(log_ratio.square(), mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss ½·max((V−R)², (V_clip−R)²). Returns (loss, clip fraction)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    l1, l2 = (values - returns).square(), (clipped - returns).square()
+    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((l2 > l1).float(), mask)
+    return loss, clipfrac
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits/T)[token] in fp32. logits (B, T, V), tokens (B, T) -> (B, T)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of softmax(logits/T) at each position, fp32. (B, T, V) -> (B, T)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)

@@ -1,0 +1,98 @@
+"""PPO maths (RESEARCH.md §4) on hand-computed values, including the EOS / padding pitfalls."""
+
+import pytest
+import torch
+
+from kl_research import ppo
+
+EOS = 9
+
+
+def test_response_mask_stops_after_first_eos():
+    r = torch.tensor([[5, 6, EOS, 7, EOS], [1, 2, 3, 4, 5], [EOS, EOS, EOS, EOS, EOS]])
+    m = ppo.response_mask(r, EOS)
+    assert m.tolist() == [
+        [True, True, True, False, False],  # EOS itself counts, nothing after it
+        [True] * 5,  # no EOS: the whole response (truncated at max length)
+        [True, False, False, False, False],  # immediate EOS: one token
+    ]
+    assert ppo.last_token_index(m).tolist() == [2, 4, 0]
+    assert ppo.response_mask(r, None).all()
+
+
+def test_score_on_last_real_token_not_on_padding():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    k = torch.full((2, 5), 0.5)
+    rw = ppo.shaped_rewards(torch.tensor([2.0, -1.0]), k, beta=0.1, mask=mask)
+    assert rw[0].tolist() == pytest.approx([-0.05, -0.05, 2.0 - 0.05, 0.0, 0.0])
+    assert rw[1].tolist() == pytest.approx([-0.05] * 4 + [-1.0 - 0.05])
+
+
+def test_gae_hand_computed():
+    # one sequence, 3 real tokens then a pad; γ = 0.9, λ = 0.5
+    r = torch.tensor([[1.0, 0.0, 2.0, 5.0]])  # the 5.0 is after EOS and must be ignored
+    v = torch.tensor([[0.5, 1.0, 1.5, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    g, lam = 0.9, 0.5
+    d2 = 2.0 + g * 0.0 - 1.5  # terminal after the last real token
+    d1 = 0.0 + g * 1.5 - 1.0
+    d0 = 1.0 + g * 1.0 - 0.5
+    a2 = d2
+    a1 = d1 + g * lam * a2
+    a0 = d0 + g * lam * a1
+    adv, ret = ppo.gae(r, v, mask, g, lam)
+    assert adv[0].tolist() == pytest.approx([a0, a1, a2, 0.0])
+    assert ret[0].tolist() == pytest.approx([a0 + 0.5, a1 + 1.0, a2 + 1.5, 0.0])
+
+
+def test_gae_lambda_one_gamma_one_is_reward_to_go_minus_value():
+    torch.manual_seed(0)
+    r, v = torch.randn(4, 6), torch.randn(4, 6)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    adv, ret = ppo.gae(r, v, mask, 1.0, 1.0)
+    to_go = r.flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(ret, to_go)
+    torch.testing.assert_close(adv, to_go - v)
+
+
+def test_masked_whiten():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, -50.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    w = ppo.masked_whiten(x, mask)
+    vals = w[mask]
+    assert vals.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert vals.std().item() == pytest.approx(1.0, abs=1e-4)  # unbiased std over the 4 real tokens
+    assert (w[~mask] == 0).all()
+
+
+def test_policy_loss_clipping_and_ratio_one():
+    old = torch.log(torch.tensor([[0.5, 0.5]]))
+    adv = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, clipfrac, akl = ppo.policy_loss(old.clone(), old, adv, mask, 0.2)
+    assert loss.item() == pytest.approx(0.0) and clipfrac.item() == 0.0 and akl.item() == 0.0
+    new = old + torch.log(torch.tensor([[1.5, 1.5]]))  # ratio 1.5 on both tokens
+    loss, clipfrac, _ = ppo.policy_loss(new, old, adv, mask, 0.2)
+    # token 0 (A=+1): min(1.5, 1.2)·1 -> loss −1.2 ; token 1 (A=−1): max(−(−1.5), −(−1.2)) -> +1.5
+    assert loss.item() == pytest.approx((-1.2 + 1.5) / 2)
+    assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_value_loss_clipped():
+    old = torch.tensor([[0.0, 0.0]])
+    new = torch.tensor([[1.0, 0.1]])
+    ret = torch.tensor([[2.0, 0.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, vclip = ppo.value_loss(new, old, ret, mask, 0.2)
+    # token 0: max((1-2)², (0.2-2)²) = 3.24 ; token 1: max(0.01, 0.01) = 0.01
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 0.01) / 2)
+    assert vclip.item() == pytest.approx(0.5)
+
+
+def test_logprobs_and_entropy_use_the_temperature():
+    logits = torch.tensor([[[2.0, 0.0, -1.0]]])
+    tok = torch.tensor([[0]])
+    for t in (1.0, 0.5):
+        p = torch.softmax(logits / t, -1)
+        assert ppo.gather_logprobs(logits, tok, t).item() == pytest.approx(p[0, 0, 0].log().item())
+        assert ppo.entropy_from_logits(logits, t).item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-5)
