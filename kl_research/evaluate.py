@@ -1,0 +1,66 @@
+"""Capability metrics: held-out perplexity of a causal LM, distinct-n of generations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def heldout_perplexity(model, tokenizer, texts: list[str], *, batch_size: int, max_length: int, device) -> float:
+    """Token-weighted perplexity: exp(total NLL / total predicted tokens) over `texts`, in the given order.
+
+    Each text is scored from its start: its tokens (no special tokens) are preceded by the tokenizer's BOS
+    (EOS when it has none — GPT-2's convention, and how the tiny reference saw text boundaries in
+    pretraining), so its first token is predicted too; the sequence is truncated to `max_length` tokens
+    including that BOS. Batches are right-padded and padding is masked out of both attention and the loss.
+    Deterministic (eval mode, no sampling); the model's train/eval mode is restored afterwards.
+    """
+    if batch_size <= 0 or max_length < 2:
+        raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be > 0 and >= 2")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("heldout_perplexity needs a tokenizer with a bos_token or an eos_token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    rows = [[start, *ids][:max_length] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    rows = [r for r in rows if len(r) >= 2]
+    if not rows:
+        raise ValueError(f"heldout_perplexity: none of the {len(texts)} texts has a token to predict")
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i : i + batch_size]
+            width = max(map(len, batch))
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+            for j, r in enumerate(batch):
+                ids[j, : len(r)] = torch.tensor(r)
+                mask[j, : len(r)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
+            target, tmask = ids[:, 1:], mask[:, 1:].bool()  # (B, T-1)
+            nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, T-1)
+            total_nll += nll[tmask].sum().item()
+            total_tokens += int(tmask.sum().item())
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / total_tokens)
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n over whitespace tokens (words), pooled across all texts (Li et al. 2016):
+    number of unique n-grams / number of n-grams. 0.0 when no text has n words. 1.0 = no repetition."""
+    if n <= 0:
+        raise ValueError(f"distinct_n: n={n} is invalid; allowed: an int > 0")
+    seen: set[tuple[str, ...]] = set()
+    total = 0
+    for t in texts:
+        words = t.split()
+        for i in range(len(words) - n + 1):
+            seen.add(tuple(words[i : i + n]))
+            total += 1
+    return len(seen) / total if total else 0.0

@@ -1,0 +1,421 @@
+"""The reference model π_ref: the embedded `tiny` GPT-2 the project pretrains itself, or any hub/local causal LM.
+
+tiny (conf/model/tiny.yaml):
+    1. byte-level BPE tokenizer trained with `tokenizers` on the data's train split
+    2. GPT2LMHeadModel pretrained on the same split (random blocks of the concatenated, EOS-separated texts;
+       AdamW, warmup + cosine; optional bf16 autocast), with a progress bar and logged loss / held-out ppl
+    3. saved with save_pretrained under <cache>/reference/tiny-<key>, where <key> hashes everything that
+       determines the weights (the corpus split, the whole model group incl. its own seed and steps). The
+       PPO seed is not part of it: every seed of a sweep shares one reference.
+    The build happens in a temp dir that is renamed into place (os.replace) while holding a file lock, so
+    parallel sweep jobs build it once and never see a half-written directory.
+
+pretrained (conf/model/gpt2.yaml, pythia-70m.yaml): AutoModelForCausalLM / AutoTokenizer on model.path.
+
+`python -m kl_research.reference [overrides]` builds or loads the configured reference and prints where it
+is cached, its held-out perplexity and a few sample generations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kl_research.data import Corpus, build_prompts, corpus_fingerprint, load_corpus
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+FORMAT_VERSION = 1  # bump when the build procedure changes: old caches are then ignored, not reused
+EOS = "<|endoftext|>"
+# Keys of the model group that do not change the weights (kept out of the cache key).
+NOT_IN_KEY = ("eval_every",)
+
+
+# ------------------------------------------------------------------------------------------------- paths
+def resolve_cache_dir(cfg_cache_dir: str | None) -> Path:
+    """The cache root: the `cache_dir` config key, else $KL_RESEARCH_CACHE, else $XDG_CACHE_HOME or ~/.cache,
+    + /kl-research."""
+    if cfg_cache_dir:
+        return Path(cfg_cache_dir).expanduser().resolve()
+    env = os.environ.get("KL_RESEARCH_CACHE")
+    if env:
+        return Path(env).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return (Path(base) / "kl-research").expanduser().resolve()
+
+
+def num_threads() -> int:
+    """CPU threads for torch: $SLURM_CPUS_PER_TASK if set, else the cores this process may run on."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm and slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def reference_key(cfg: DictConfig, corpus: Corpus) -> tuple[str, dict]:
+    """(hex digest, the JSON-able description it hashes) of everything that determines the tiny reference."""
+    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in NOT_IN_KEY}
+    desc = {
+        "format": FORMAT_VERSION,
+        "corpus": corpus.name,
+        "corpus_sha256": corpus_fingerprint(corpus),
+        "n_train": len(corpus.train),
+        "n_heldout": len(corpus.heldout),
+        "model": model,
+    }
+    digest = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+    return digest, desc
+
+
+def reference_dir(cfg: DictConfig, corpus: Corpus | None = None) -> Path:
+    corpus = corpus if corpus is not None else load_corpus(cfg.data)
+    digest, _ = reference_key(cfg, corpus)
+    return resolve_cache_dir(cfg.get("cache_dir")) / "reference" / f"tiny-{digest[:16]}"
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+def train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int):
+    """Byte-level BPE (GPT-2's scheme: no unknown tokens, no prefix space) with one special token, EOS,
+    which is also BOS / PAD / UNK. Deterministic for a given list of texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+        model_max_length=model_max_length,
+    )
+
+
+def _token_stream(texts: list[str], tokenizer) -> torch.Tensor:
+    """All texts tokenised and concatenated, each followed by EOS: (N_tokens,) int64."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(row)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# -------------------------------------------------------------------------------------------- pretraining
+def _lr_at(step: int, m: Any) -> float:
+    if step < m.warmup_steps:
+        return m.lr * (step + 1) / m.warmup_steps
+    frac = (step - m.warmup_steps) / max(1, m.steps - m.warmup_steps)
+    return m.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+@torch.no_grad()
+def _stream_nll(model, stream: torch.Tensor, block: int, batch: int, bf16: bool) -> float:
+    """Mean NLL per predicted token over consecutive blocks of a token stream (the held-out loss)."""
+    model.eval()
+    n = (len(stream) - 1) // block
+    total, count = 0.0, 0
+    for i in range(0, n, batch):
+        idx = torch.arange(i, min(n, i + batch)) * block
+        x = torch.stack([stream[j : j + block] for j in idx.tolist()])  # (b, block)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x, attention_mask=torch.ones_like(x)).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+        total += nll.item()
+        count += x[:, 1:].numel()
+    model.train()
+    return total / max(1, count)
+
+
+def pretrain_tiny(cfg: DictConfig, corpus: Corpus, out_dir: Path) -> dict:
+    """Train tokenizer + model on corpus.train, save both to out_dir, return the build metadata."""
+    from tqdm.auto import tqdm
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kl_research.evaluate import heldout_perplexity
+
+    m = cfg.model
+    t0 = time.time()
+    threads = num_threads()
+    torch.set_num_threads(threads)
+    tokenizer = train_tokenizer(corpus.train, m.vocab_size, m.n_positions)
+    train_ids = _token_stream(corpus.train, tokenizer)
+    heldout_ids = _token_stream(corpus.heldout, tokenizer)
+    t_tok = time.time() - t0
+    log.info(
+        "tiny reference: tokenizer (vocab %d) in %.1fs; %d train / %d held-out tokens; %d threads",
+        len(tokenizer),
+        t_tok,
+        len(train_ids),
+        len(heldout_ids),
+        threads,
+    )
+    if len(train_ids) <= m.n_positions + 1:
+        raise ValueError(f"train split has {len(train_ids)} tokens: too few for model.n_positions={m.n_positions}")
+
+    torch.manual_seed(m.seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=m.n_positions,
+        n_embd=m.n_embd,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        resid_pdrop=m.dropout,
+        embd_pdrop=m.dropout,
+        attn_pdrop=m.dropout,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": m.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=m.lr,
+        betas=(0.9, 0.95),
+    )
+    gen = torch.Generator().manual_seed(m.seed)
+    block = m.n_positions
+    offsets = torch.arange(block)
+    history = []
+    model.train()
+    bar = tqdm(range(m.steps), desc="pretrain tiny reference", mininterval=2.0, file=sys.stderr)
+    t1 = time.time()
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, m)
+        starts = torch.randint(0, len(train_ids) - block, (m.batch_size,), generator=gen)
+        x = train_ids[starts[:, None] + offsets]  # (B, block)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=m.bf16):
+            loss = model(x, attention_mask=torch.ones_like(x), labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == m.steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % m.eval_every == 0 or step == m.steps - 1:
+            val = _stream_nll(model, heldout_ids, block, 64, m.bf16)
+            history.append({"step": step + 1, "train_loss": loss.item(), "heldout_loss": val})
+            log.info(
+                "tiny reference step %d/%d: train loss %.3f, held-out loss %.3f (ppl %.1f)",
+                step + 1,
+                m.steps,
+                loss.item(),
+                val,
+                math.exp(val),
+            )
+    bar.close()
+    t_train = time.time() - t1
+    model.eval()
+    # The number reported for the reference: token-weighted perplexity over every held-out text, each scored
+    # from its start (after an EOS) and truncated to the context — the same function PPO runs use.
+    ppl = heldout_perplexity(
+        model, tokenizer, corpus.heldout, batch_size=64, max_length=m.n_positions, device=torch.device("cpu")
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    meta = {
+        "heldout_ppl": ppl,
+        "heldout_texts": len(corpus.heldout),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "train_tokens": len(train_ids),
+        "tokenizer_seconds": round(t_tok, 2),
+        "train_seconds": round(t_train, 2),
+        "build_seconds": round(time.time() - t0, 2),
+        "threads": threads,
+        "history": history,
+        "built_by_pid": os.getpid(),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    log.info("tiny reference built in %.0fs: held-out perplexity %.2f", meta["build_seconds"], ppl)
+    return meta
+
+
+def _ensure(cfg: DictConfig, corpus: Corpus | None = None) -> tuple[Path, bool]:
+    """(cache dir of the tiny reference, whether this call built it). Builds under a file lock if missing."""
+    from filelock import FileLock
+
+    corpus = corpus if corpus is not None else load_corpus(cfg.data)
+    digest, desc = reference_key(cfg, corpus)
+    final = resolve_cache_dir(cfg.get("cache_dir")) / "reference" / f"tiny-{digest[:16]}"
+    if (final / "meta.json").is_file():
+        return final, False
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):
+        if (final / "meta.json").is_file():  # another job built it while we waited
+            log.info("tiny reference: built by another process at %s", final)
+            return final, False
+        log.info("tiny reference: building %s", final)
+        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            meta = pretrain_tiny(cfg, corpus, tmp)
+            meta["key"] = desc
+            meta["key_sha256"] = digest
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # last file: marks a complete build
+            if final.exists():  # a partial dir left by something else: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final, True
+
+
+def ensure_reference(cfg: DictConfig) -> Path | None:
+    """Build the tiny reference if it is not cached yet (call once before fanning out a sweep).
+    Returns its cache directory, or None for a hub/local pretrained model (nothing to build)."""
+    if cfg.model.name != "tiny":
+        return None
+    return _ensure(cfg)[0]
+
+
+def reference_meta(path: Path) -> dict:
+    """The build metadata (held-out perplexity, timings, key) saved next to a tiny reference."""
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _finish(model, tokenizer):
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; the rollouts need one")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = model.float().eval().to("cpu")
+    return model, tokenizer
+
+
+def load_pretrained(path: str, revision: str | None = None):
+    """AutoModelForCausalLM + AutoTokenizer from a hub id or local directory, with a clear error if absent."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(path).expanduser()
+    if path.startswith((".", "/", "~")) and not local.is_dir():
+        raise FileNotFoundError(f"model.path={path!r} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else path, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(local) if local.is_dir() else path, revision=revision, dtype=torch.float32
+        )
+    except OSError as e:
+        raise FileNotFoundError(
+            f"model.path={path!r} is neither a local model directory nor a cached hub model "
+            f"(offline? run once with HF_HUB_OFFLINE=0 to download it): {e}"
+        ) from e
+    return _finish(model, tokenizer)
+
+
+def load_reference(cfg: DictConfig):
+    """(model, tokenizer) of the configured reference: fp32, eval mode, on CPU; tokenizer.pad_token set.
+
+    Takes the whole composed config (model, data, cache_dir). For `tiny`, builds it first if needed."""
+    name = cfg.model.name
+    if name == "tiny":
+        path = ensure_reference(cfg)
+        return load_pretrained(str(path))
+    if name == "pretrained":
+        return load_pretrained(str(cfg.model.path), cfg.model.get("revision"))
+    raise ValueError(f"model.name={name!r} is invalid; allowed: tiny, pretrained")
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The project config composed from conf/ with Hydra overrides (e.g. ["model.n_layer=2"])."""
+    from hydra import compose, initialize_config_dir
+
+    import kl_research.config as schemas
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="reference"):
+        cfg = compose(config_name="config", overrides=list(overrides or []))
+    schemas.validate(cfg)
+    return cfg
+
+
+@torch.no_grad()
+def sample_generations(model, tokenizer, corpus: Corpus, cfg: DictConfig, n: int = 5, new_tokens: int = 24):
+    """(prompt, continuation) pairs sampled at temperature 1 from train-split prompts (seeded by model.seed)."""
+    prompts = build_prompts(corpus.train, tokenizer, cfg.data.prompt_tokens, n, seed=cfg.model.get("seed", 0))
+    torch.manual_seed(cfg.model.get("seed", 0))
+    out = model.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        max_new_tokens=new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return [
+        (tokenizer.decode(p), tokenizer.decode(o[prompts.shape[1] :], skip_special_tokens=True))
+        for p, o in zip(prompts, out, strict=True)
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kl_research.evaluate import heldout_perplexity
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    cfg = compose_config(sys.argv[1:] if argv is None else argv)
+    t0 = time.time()
+    corpus = load_corpus(cfg.data)
+    if cfg.model.name == "tiny":
+        path, built = _ensure(cfg, corpus)
+        print(f"reference: tiny, {'built' if built else 'loaded from cache'} at {path} ({time.time() - t0:.1f}s)")
+        meta = reference_meta(path)
+        print(
+            f"  {meta['n_params'] / 1e6:.2f}M params; build took {meta['build_seconds']:.0f}s "
+            f"(tokenizer {meta['tokenizer_seconds']:.0f}s, pretraining {meta['train_seconds']:.0f}s, "
+            f"{meta['threads']} threads); held-out perplexity at build: {meta['heldout_ppl']:.2f} "
+            f"over all {meta['heldout_texts']} held-out texts"
+        )
+        model, tokenizer = load_pretrained(str(path))
+    else:
+        print(f"reference: {cfg.model.path} (hub / local; not cached by this project)")
+        model, tokenizer = load_reference(cfg)
+    from kl_research.data import eval_subset
+
+    subset = eval_subset(corpus.heldout, cfg.data.eval_texts)
+    ppl = heldout_perplexity(
+        model, tokenizer, subset, batch_size=32, max_length=cfg.data.eval_max_length, device=torch.device("cpu")
+    )
+    print(
+        f"held-out perplexity (data.eval_texts={len(subset)}, data.eval_max_length={cfg.data.eval_max_length}): "
+        f"{ppl:.2f}"
+    )
+    print("samples (temperature 1, prompt | continuation):")
+    for prompt, cont in sample_generations(model, tokenizer, corpus, cfg):
+        print(f"  {prompt!r} | {cont!r}")
+
+
+if __name__ == "__main__":
+    main()
