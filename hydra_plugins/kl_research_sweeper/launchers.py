@@ -1,0 +1,112 @@
+"""hydra-submitit-launcher's launchers, made tolerant to a failing job.
+
+The stock ``launch()`` returns ``[j.results()[0] for j in jobs]``: the first job that fails outside the task
+function (killed, timed out, out of memory, a config that does not compose) raises there, and the sweep
+loses every other job's result. Here each job's outcome is fetched on its own, and a job that raised
+becomes a ``JobReturn`` with ``status=FAILED`` holding the exception. (An exception *inside* the task
+function is already caught by Hydra's ``run_job`` the same way.)
+
+Locally, submitit starts every job at once; ``max_parallel`` keeps at most that many running, so that
+``max_parallel × cpus_per_task`` never exceeds the machine's cores. On SLURM, ``array_parallelism`` does
+the same. Requeue on timeout/preemption (``max_num_timeout``) is the stock ``checkpoint()``: the job
+restarts with the same arguments, in the same run dir, and the trainer resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher as stock
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+# keys of our launcher configs that are not submitit parameters
+_OWN_KEYS = {"max_parallel"}
+
+
+def failed_return(overrides: Sequence[str], error: BaseException) -> JobReturn:
+    ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
+    ret.return_value = error  # JobReturn.return_value raises it when read: read ._return_value
+    ret.status = JobStatus.FAILED
+    return ret
+
+
+class _TolerantMixin:
+    """``launch()`` for both executors; also records each job's submitit id in ``self.job_ids``."""
+
+    _EXECUTOR: str
+    params: dict[str, Any]
+    config: Any
+
+    def _executor(self) -> Any:
+        import submitit
+
+        params = {k: v for k, v in self.params.items() if k not in _OWN_KEYS}
+        init = {"folder": params.pop("submitit_folder")}
+        if "max_num_timeout" in params:
+            init[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()})
+        return executor
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.config is not None and len(job_overrides) > 0
+        executor = self._executor()
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir: {sweep_dir}")
+        args = []
+        for i, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + i
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+            args.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+
+        results: list[JobReturn | None] = [None] * len(args)
+        self.job_ids: list[str | None] = [None] * len(args)
+        pending = list(range(len(args)))
+        running: dict[int, Any] = {}
+        if self._EXECUTOR == "local":
+            cpus = self.params.get("cpus_per_task") or 1
+            limit = self.params.get("max_parallel") or max(1, (os.cpu_count() or 1) // cpus)
+        else:  # SLURM throttles the array itself (array_parallelism)
+            for i, job in zip(pending, executor.map_array(self, *zip(*args, strict=True)), strict=True):
+                running[i] = job
+                self.job_ids[i] = job.job_id
+            pending, limit = [], len(args)
+        n_done = 0
+        while pending or running:
+            while pending and len(running) < limit:
+                i = pending.pop(0)
+                running[i] = executor.submit(self, *args[i])
+                self.job_ids[i] = running[i].job_id
+            for i, job in list(running.items()):
+                if not job.done():
+                    continue
+                del running[i]
+                try:
+                    results[i] = job.results()[0]
+                except Exception as e:  # killed, timed out, failed outside the task function
+                    results[i] = failed_return(job_overrides[i], e)
+                n_done += 1
+                status = results[i].status.name  # type: ignore[union-attr]
+                log.info(f"[{n_done}/{len(args)}] job #{initial_job_idx + i} ({job.job_id}): {status}")
+            time.sleep(0.5 if self._EXECUTOR == "local" else 2.0)
+        return results  # type: ignore[return-value]
+
+
+class LocalLauncher(_TolerantMixin, stock.LocalLauncher):
+    pass
+
+
+class SlurmLauncher(_TolerantMixin, stock.SlurmLauncher):
+    pass
