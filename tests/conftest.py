@@ -1,0 +1,48 @@
+"""Shared fixtures. Everything offline; the reference here is a deliberately tiny model built in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+# Overrides that make the embedded reference build in a few seconds (tokenizer + 1-2 layer GPT-2 on a
+# slice of the fortunes corpus). Tests append cache_dir=<tmp>.
+TINY_OVERRIDES = [
+    "data.max_texts=3000",
+    "model.vocab_size=512",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=64",
+    "model.n_positions=32",
+    "model.steps=150",
+    "model.batch_size=16",
+    "model.warmup_steps=10",
+    "model.eval_every=75",
+    "data.eval_max_length=32",
+]
+
+
+@pytest.fixture
+def compose():
+    """compose(*overrides) -> the project config from conf/, validated (as train.py sees it)."""
+    from kl_research.reference import compose_config
+
+    return lambda *overrides: compose_config(list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory):
+    """(cfg, model, tokenizer, corpus) of a tiny reference built once per test session in a temp cache."""
+    from kl_research.data import load_corpus
+    from kl_research.reference import compose_config, load_reference
+
+    cache = tmp_path_factory.mktemp("kl-cache")
+    cfg = compose_config([*TINY_OVERRIDES, f"cache_dir={cache}"])
+    model, tokenizer = load_reference(cfg)
+    return cfg, model, tokenizer, load_corpus(cfg.data)
