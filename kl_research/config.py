@@ -148,14 +148,14 @@ class TinyModelSchema(ModelSchema):
     n_embd: int = 128
     n_positions: int = 64  # context length; also the pretraining block size
     dropout: float = 0.0
-    steps: int = 600  # pretraining optimizer steps
+    steps: int = 350  # pretraining optimizer steps
     batch_size: int = 32  # blocks of n_positions tokens per step
     lr: float = 2e-3  # peak AdamW lr (linear warmup, cosine decay to lr/10)
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     bf16: bool = False  # pretrain under torch.autocast("cpu", bfloat16): fast with AMX, very slow on AVX2-only CPUs
     seed: int = 0  # the reference's own seed (NOT the PPO seed: every PPO seed shares one reference)
-    eval_every: int = 500  # steps between logged held-out perplexities
+    eval_every: int = 175  # steps between logged held-out perplexities
 
     def __post_init__(self) -> None:
         s = "model"
@@ -293,9 +293,16 @@ def validate(cfg: DictConfig) -> None:
     """Run every schema's range checks. Raises ValueError naming the key, the value and what is allowed."""
     for section in ("controller", "ppo", "wandb", "model", "data", "reward"):
         OmegaConf.to_object(cfg[section])
-    for key in ("steps",):
-        if cfg[key] <= 0:
-            raise ValueError(f"{key}={cfg[key]} is invalid; allowed: an int > 0")
+    def need(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"{key}={cfg.get(key)!r} is invalid; allowed: {allowed}")
+
+    for key in ("steps", "eval_every", "checkpoint_every", "drift_window"):
+        need(isinstance(cfg.get(key), int) and cfg[key] > 0, key, "an int > 0")
+    need(cfg.get("threads") is None or (isinstance(cfg.threads, int) and cfg.threads > 0), "threads", "null or int > 0")
+    need(cfg.get("precision") in ("auto", "fp32", "bf16"), "precision", "auto, fp32, bf16")
+    device = str(cfg.get("device"))
+    need(device in ("auto", "cpu") or device.startswith("cuda"), "device", "auto, cpu, cuda, cuda:N")
 
 
 register_configs()

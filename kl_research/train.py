@@ -1,0 +1,439 @@
+"""One PPO job with KL control: rollout → score → shaped rewards → GAE → PPO epochs → controller → log.
+
+`train(cfg, out_dir)` is the whole job; `train.py` (Hydra) and `sweep.py` (submitit) both call it.
+Everything it writes lives under out_dir: metrics.jsonl, summary.json, curves.png, checkpoints/, policy/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from kl_research import ppo
+from kl_research.config import validate
+from kl_research.controllers import KLController, build_controller
+from kl_research.kl import ESTIMATORS, exact_token_kl, masked_mean, token_kl
+from kl_research.policy import PolicyWithValue, disable_dropout, score_lm
+from kl_research.runlog import RunLogger, plot_curves, summarize
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoints/last.pt"
+# Keys whose change does not change the trajectory: a restart may differ in these and still resume.
+RESUMABLE_DIFFS = ("steps", "wandb", "threads", "checkpoint_every")
+
+
+# ------------------------------------------------------------------------------------------ environment
+def setup_threads(threads: int | None) -> int:
+    """Torch threads: the config's value, else SLURM_CPUS_PER_TASK, else torch's default (all cores)."""
+    n = threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or torch.get_num_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the trunk on GPU (auto) or where asked; log-softmax stays fp32 (score_lm)."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        name = f"{prefix}{k}"
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += config_diff(a[k], b[k], name + ".")
+        elif a.get(k) != b.get(k):
+            out.append(name)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ rollout
+@torch.inference_mode()
+def rollout(
+    policy: PolicyWithValue,
+    ref_model: torch.nn.Module,
+    prompts: torch.Tensor,
+    *,
+    response_length: int,
+    temperature: float,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    amp,
+) -> dict[str, torch.Tensor]:
+    """Sample responses with the KV cache, then score policy (+values) and reference once each.
+
+    prompts: (B, P) token ids, all of length P. Returns response ids (B, R), mask (B, R), and fp32
+    logp, ref_logp, values (B, R), exact KL, entropy (B, R).
+    """
+    B, P = prompts.shape
+    with amp:
+        seqs = policy.lm.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=response_length,
+            min_new_tokens=1,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            use_cache=True,
+        )  # (B, P + R'), R' <= R when every sequence stopped early
+    if seqs.shape[1] < P + response_length:  # pad to a fixed R so every rollout has one shape
+        pad = torch.full((B, P + response_length - seqs.shape[1]), pad_token_id, dtype=seqs.dtype, device=seqs.device)
+        seqs = torch.cat([seqs, pad], 1)
+    response = seqs[:, P:]  # (B, R)
+    mask = ppo.response_mask(response, eos_token_id)  # (B, R)
+    with amp:
+        logits, values = policy.score(seqs, P)  # (B, R, V), (B, R)
+        ref_logits, _ = score_lm(ref_model, seqs, P)  # (B, R, V)
+    logp = ppo.gather_logprobs(logits, response, temperature)
+    ref_logp = ppo.gather_logprobs(ref_logits, response, temperature)
+    return {
+        "seqs": seqs,
+        "response": response,
+        "mask": mask,
+        "logp": logp,
+        "ref_logp": ref_logp,
+        "values": values,
+        "exact_kl": exact_token_kl(logits, ref_logits, temperature),
+        "entropy": ppo.entropy_from_logits(logits, temperature),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- update
+def ppo_update(
+    policy: PolicyWithValue,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    prompt_len: int,
+    pcfg: DictConfig,
+    amp,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """epochs × minibatches of clipped policy + value loss, with gradient clipping."""
+    B = batch["seqs"].shape[0]
+    stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "vclipfrac", "approx_kl", "gnorm")}
+    for _ in range(pcfg.epochs):
+        order = torch.randperm(B, generator=generator)
+        for start in range(0, B, pcfg.minibatch_size):
+            idx = order[start : start + pcfg.minibatch_size]
+            mask = batch["mask"][idx]
+            with amp:
+                logits, values = policy.score(batch["seqs"][idx], prompt_len)
+            logp = ppo.gather_logprobs(logits, batch["response"][idx], pcfg.temperature)
+            pg_loss, clipfrac, approx_kl = ppo.policy_loss(
+                logp, batch["logp"][idx], advantages[idx], mask, pcfg.cliprange
+            )
+            vf_loss, vclipfrac = ppo.value_loss(values, batch["values"][idx], returns[idx], mask, pcfg.cliprange_value)
+            loss = pg_loss + pcfg.vf_coef * vf_loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()}); "
+                    "stopping; the last good checkpoint is kept"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), pcfg.max_grad_norm)
+            optimizer.step()
+            for k, v in (
+                ("pg", pg_loss),
+                ("vf", vf_loss),
+                ("clipfrac", clipfrac),
+                ("vclipfrac", vclipfrac),
+                ("approx_kl", approx_kl),
+                ("gnorm", gnorm),
+            ):
+                stats[k].append(float(v.detach()))
+    return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- job
+def run_name(cfg: DictConfig) -> str:
+    return cfg.wandb.name or f"{cfg.controller.name}_kl{cfg.controller.target_kl:g}_s{cfg.seed}"
+
+
+def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run (or resume, or return the summary of a finished) PPO job in out_dir."""
+    validate(cfg)  # every range check, before anything heavy is loaded
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        log.info("%s already holds a finished run; returning its summary", out)
+        return json.loads(summary_path.read_text())
+
+    # Deferred imports: these modules pull in transformers/datasets (seconds), not needed to validate.
+    from kl_research.data import build_prompts, eval_subset, load_corpus
+    from kl_research.evaluate import distinct_n, heldout_perplexity
+    from kl_research.reference import load_reference
+    from kl_research.rewards import build_reward
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    threads = setup_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    amp = autocast(device, cfg.precision)
+    pcfg = cfg.ppo
+    seed_everything(cfg.seed)
+    log.info("run %s in %s on %s (%d threads)", run_name(cfg), out, device, threads)
+
+    # 1. models, data, reward
+    ref_model, tokenizer = load_reference(cfg)
+    disable_dropout(ref_model)
+    ref_model.to(device).eval().requires_grad_(False)
+    policy = PolicyWithValue.from_reference(ref_model).to(device)
+    policy.eval()  # dropout is off anyway; eval() also keeps HF from any train-only behaviour
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=pcfg.lr, eps=pcfg.adam_eps, weight_decay=0.0)
+    corpus = load_corpus(cfg.data)
+    prompts_all = build_prompts(corpus.train, tokenizer, cfg.data.prompt_tokens, cfg.data.num_prompts, cfg.seed)
+    eval_texts = eval_subset(corpus.heldout, cfg.data.eval_texts)
+    reward_fn = build_reward(cfg.reward, device)
+    controller: KLController = build_controller(cfg.controller)
+    target = controller.target_kl
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    P = prompts_all.shape[1]
+    prompt_gen = torch.Generator().manual_seed(cfg.seed)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def evaluate_ppl(model) -> float:
+        return heldout_perplexity(
+            model, tokenizer, eval_texts, batch_size=32, max_length=cfg.data.eval_max_length, device=device
+        )
+
+    # 2. resume
+    ckpt_path = out / CHECKPOINT
+    start_step, history, drift = 0, [], {"warnings": 0, "state": "ok", "window": []}
+    ppl_ref = None
+    elapsed_before = 0.0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        diff = [
+            k
+            for k in config_diff(ckpt["config"], resolved)
+            if not k.startswith(RESUMABLE_DIFFS) and not k.startswith("hydra")
+        ]
+        if diff:
+            raise ValueError(
+                f"{out} holds a checkpoint of a run with a different config (differs in: {', '.join(diff)}); "
+                "use another output directory (hydra.run.dir=...) or delete the checkpoint"
+            )
+        policy.load_state_dict(ckpt["policy"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        controller.load_state_dict(ckpt["controller"])
+        prompt_gen.set_state(ckpt["prompt_gen"])
+        shuffle_gen.set_state(ckpt["shuffle_gen"])
+        set_rng_state(ckpt["rng"])
+        start_step, history, drift = ckpt["step"], ckpt["history"], ckpt["drift"]
+        ppl_ref, elapsed_before = ckpt["ppl_ref"], ckpt["elapsed_s"]
+        log.info("resumed from %s at step %d (β = %.4g)", ckpt_path, start_step, controller.value)
+    if ppl_ref is None:
+        ppl_ref = evaluate_ppl(ref_model)
+
+    def save_checkpoint(step: int) -> None:
+        atomic_save(
+            {
+                "step": step,
+                "policy": policy.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "controller": controller.state_dict(),
+                "prompt_gen": prompt_gen.get_state(),
+                "shuffle_gen": shuffle_gen.get_state(),
+                "rng": rng_state(),
+                "history": history,
+                "drift": drift,
+                "ppl_ref": ppl_ref,
+                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                "config": resolved,
+            },
+            ckpt_path,
+        )
+
+    # 3. the loop
+    logger = RunLogger(cfg, out, resolved, name=run_name(cfg), resume=start_step > 0)
+    t_start = time.perf_counter()
+    try:
+        logger.replay(history)  # a resumed W&B run sees only new steps; metrics.jsonl is rewritten whole
+        bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=run_name(cfg))
+        for step in bar:
+            t0 = time.perf_counter()
+            idx = torch.randint(len(prompts_all), (pcfg.batch_size,), generator=prompt_gen)
+            prompts = prompts_all[idx].to(device)
+            beta = controller.value  # the β this rollout's penalty uses
+
+            # 3a. rollout: generate, then one scoring pass each for policy (+values) and reference
+            batch = rollout(
+                policy,
+                ref_model,
+                prompts,
+                response_length=pcfg.response_length,
+                temperature=pcfg.temperature,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                amp=amp,
+            )
+            t_gen_score = time.perf_counter()
+            mask = batch["mask"]
+
+            # 3b. task score on the decoded response (up to and including EOS; special tokens dropped)
+            texts_p = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+            responses = [
+                tokenizer.decode(r[m], skip_special_tokens=True)
+                for r, m in zip(batch["response"].cpu(), mask.cpu(), strict=True)
+            ]
+            scores = reward_fn(texts_p, responses).to(device)
+
+            # 3c. KL: every estimator for the record, the configured one for the penalty and the signal
+            kls = {e: float(masked_mean(token_kl(batch["logp"], batch["ref_logp"], e), mask)) for e in ESTIMATORS}
+            kls["exact"] = float(masked_mean(batch["exact_kl"], mask))
+            signal = kls[pcfg.kl_signal]
+            if not all(math.isfinite(v) for v in kls.values()):
+                raise FloatingPointError(f"non-finite KL at step {step}: {kls}; the last good checkpoint is kept")
+
+            # 3d. shaped rewards, GAE, whitened advantages
+            kl_tokens = token_kl(batch["logp"], batch["ref_logp"], pcfg.kl_penalty)
+            rewards = ppo.shaped_rewards(scores, kl_tokens, beta, mask)
+            if pcfg.whiten_rewards:
+                rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = ppo.gae(rewards, batch["values"], mask, pcfg.gamma, pcfg.lam)
+            advantages = ppo.masked_whiten(advantages, mask)
+
+            # 3e. PPO epochs
+            policy.train()
+            upd = ppo_update(policy, optimizer, batch, advantages, returns, P, pcfg, amp, shuffle_gen)
+            policy.eval()
+
+            # 3f. exactly one controller update per rollout: per-token batch KL, n_steps = sequences
+            controller.update(signal, pcfg.batch_size)
+
+            # 3g. drift diagnostic (the seed's): recent-window mean KL outside [0.5, 2] × target
+            drift["window"] = (drift["window"] + [signal])[-cfg.drift_window :]
+            recent = float(np.mean(drift["window"]))
+            state = "high" if recent > 2 * target else "low" if recent < 0.5 * target else "ok"
+            if state != "ok":
+                drift["warnings"] += 1
+                if state != drift["state"]:
+                    log.warning(
+                        "KL drift: recent mean %.4g nats/token is %s (target %.4g): %s",
+                        recent,
+                        "above 2x" if state == "high" else "below 0.5x",
+                        target,
+                        "policy drifting" if state == "high" else "not learning enough",
+                    )
+            drift["state"] = state
+
+            n_tokens = int(mask.sum())
+            step_s = time.perf_counter() - t0
+            rec: dict[str, Any] = {
+                "step": step + 1,
+                "samples": (step + 1) * pcfg.batch_size,
+                "reward/mean": float(scores.mean()),
+                "reward/std": float(scores.std()),
+                **{f"kl/{k}": v for k, v in kls.items()},
+                "kl/target": target,
+                "kl/coef": beta,
+                "kl/coef_next": controller.value,
+                "kl/error": (signal - target) / target,
+                "kl/drift_warnings": drift["warnings"],
+                "policy/entropy": float(masked_mean(batch["entropy"], mask)),
+                "policy/approx_kl": upd["approx_kl"],
+                "policy/clipfrac": upd["clipfrac"],
+                "loss/policy": upd["pg"],
+                "loss/value": upd["vf"],
+                "loss/value_clipfrac": upd["vclipfrac"],
+                "loss/grad_norm": upd["gnorm"],
+                "response/length": n_tokens / pcfg.batch_size,
+                "time/step_s": step_s,
+                "time/rollout_s": t_gen_score - t0,
+                "throughput/tokens_per_s": n_tokens / step_s,
+            }
+            last = step + 1 == cfg.steps
+            if (step + 1) % cfg.eval_every == 0 or last:
+                rec["eval/ppl_heldout"] = evaluate_ppl(policy.lm)
+                rec["eval/ppl_ref"] = ppl_ref
+                rec["eval/distinct_2"] = distinct_n(responses, 2)
+            history.append(rec)
+            logger.log(rec)
+            if (step + 1) % cfg.wandb.samples_every == 0 or last:
+                logger.samples(step + 1, texts_p[:8], responses[:8], scores[:8].tolist())
+            bar.set_postfix(
+                reward=f"{rec['reward/mean']:+.3f}", kl=f"{signal:.4f}/{target:g}", beta=f"{beta:.4g}", refresh=False
+            )
+            if (step + 1) % cfg.checkpoint_every == 0 or last:
+                save_checkpoint(step + 1)
+
+        # 4. the end: final policy, summary (written last: its presence means the job finished), curves
+        wall = elapsed_before + time.perf_counter() - t_start
+        policy.lm.save_pretrained(out / "policy")
+        tokenizer.save_pretrained(out / "policy")
+        torch.save(policy.v_head.state_dict(), out / "policy" / "value_head.pt")
+        summary = summarize(history, cfg, wall)
+        plot_curves(history, target, out / "curves.png", title=run_name(cfg))
+        logger.summary(summary)
+        tmp = summary_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, summary_path)
+        log.info(
+            "done: reward %.3f, KL %.4g (target %g), tracking error %.2f, β %.4g, ppl %.2f (ref %.2f), %.0f s",
+            summary["reward"],
+            summary["kl"],
+            target,
+            summary["tracking_error"],
+            summary["final_beta"],
+            summary["ppl_final"],
+            summary["ppl_ref"],
+            wall,
+        )
+        return summary
+    finally:
+        logger.finish()

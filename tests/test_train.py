@@ -1,0 +1,270 @@
+"""train.py end to end on a tiny model composed from the real conf/: metrics, resume, guards, W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from transformers import AutoModelForCausalLM
+
+import kl_research.config  # noqa: F401  (registers schemas)
+import kl_research.train as train_mod
+from kl_research.train import train
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+# A reference that builds in seconds, and a PPO job of a few steps.
+TINY = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.vocab_size=512",
+    "model.steps=30",
+    "model.eval_every=30",
+    "data.max_texts=1500",
+    "data.eval_texts=16",
+    "ppo.batch_size=8",
+    "ppo.minibatch_size=4",
+    "ppo.epochs=2",
+    "ppo.response_length=8",
+    "eval_every=2",
+    "checkpoint_every=2",
+    "wandb.mode=disabled",
+    "wandb.samples_every=2",
+    "threads=1",
+]
+
+METRICS = [
+    "step",
+    "samples",
+    "reward/mean",
+    "reward/std",
+    "kl/exact",
+    "kl/k1",
+    "kl/k2",
+    "kl/k3",
+    "kl/seed",
+    "kl/target",
+    "kl/coef",
+    "kl/error",
+    "kl/drift_warnings",
+    "policy/entropy",
+    "policy/approx_kl",
+    "policy/clipfrac",
+    "loss/policy",
+    "loss/value",
+    "response/length",
+    "time/step_s",
+    "throughput/tokens_per_s",
+]
+EVAL_METRICS = ["eval/ppl_heldout", "eval/ppl_ref", "eval/distinct_2"]
+TIMING = ("time/", "throughput/")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ref_cache")
+
+
+def make_cfg(cache_dir, *overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[*TINY, f"cache_dir={cache_dir}", *overrides])
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(recs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in recs]
+
+
+def test_short_run_writes_every_metric(cache_dir, tmp_path):
+    cfg = make_cfg(cache_dir, "steps=3", "controller=pid", "controller.target_kl=0.05")
+    summary = train(cfg, tmp_path)
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        for k in METRICS:
+            assert k in r and math.isfinite(r[k]), k
+        assert r["kl/target"] == 0.05
+        assert r["samples"] == r["step"] * 8
+        assert 1 <= r["response/length"] <= 8
+    for r in (recs[1], recs[2]):  # eval_every=2, and always at the last step
+        for k in EVAL_METRICS:
+            assert k in r and math.isfinite(r[k]) and r[k] >= 0
+    assert "eval/ppl_heldout" not in recs[0]
+    # policy starts as the reference: first-rollout KL is ~0 by every unbiased measure
+    assert abs(recs[0]["kl/exact"]) < 1e-4 and abs(recs[0]["kl/k1"]) < 1e-4
+    assert recs[0]["kl/coef"] == 0.2  # β₀ used for the first rollout
+    assert recs[1]["kl/coef"] == recs[0]["kl/coef_next"]  # one update between rollouts
+    assert summary["status"] == "completed" and summary["controller"] == "pid"
+    assert summary["steps"] == 3 and summary["tail_steps"] == 1
+    assert summary["kl"] == pytest.approx(recs[-1]["kl/exact"])
+    assert summary["final_beta"] == recs[-1]["kl/coef_next"]
+    for f in ("summary.json", "curves.png", "samples.jsonl", "checkpoints/last.pt"):
+        assert (tmp_path / f).exists(), f
+    # the final policy loads with plain transformers
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    assert lm.config.n_layer == 1
+    # re-running a finished run returns its summary without training again
+    assert train(cfg, tmp_path) == summary
+
+
+def test_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, monkeypatch):
+    cfg = make_cfg(cache_dir, "steps=5", "controller=adaptive", "controller.horizon=16")
+    full = tmp_path / "full"
+    train(cfg, full)
+
+    crashed = tmp_path / "crashed"
+    real_rollout, calls = train_mod.rollout, {"n": 0}
+
+    def dying_rollout(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # step 4: the checkpoint is at step 2, step 3 was logged but not saved
+            raise KeyboardInterrupt("simulated kill")
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "rollout", dying_rollout)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, crashed)
+    assert len(read_metrics(crashed)) == 3 and not (crashed / "summary.json").exists()
+    monkeypatch.setattr(train_mod, "rollout", real_rollout)
+    train(cfg, crashed)
+
+    a, b = read_metrics(full), read_metrics(crashed)
+    assert [r["kl/coef"] for r in a] == [r["kl/coef"] for r in b]  # the same β trajectory, bit for bit
+    assert len({r["kl/coef"] for r in a}) > 1  # ... and β did move
+    assert without_timing(a) == without_timing(b)
+
+
+def test_resume_refuses_a_different_config(cache_dir, tmp_path, monkeypatch):
+    train(make_cfg(cache_dir, "steps=2"), tmp_path)
+    (tmp_path / "summary.json").unlink()  # pretend it did not finish
+    with pytest.raises(ValueError, match=r"different config.*ppo\.lr"):
+        train(make_cfg(cache_dir, "steps=4", "ppo.lr=0.5"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ppo.minibatch_size=3", r"ppo\.minibatch_size=3 is invalid; allowed: a divisor of ppo\.batch_size=8"),
+        ("ppo.response_length=0", r"ppo\.response_length=0 is invalid"),
+        ("ppo.kl_penalty=k9", r"ppo\.kl_penalty='k9' is not a KL estimator; valid: k1, k2, k3, seed"),
+        ("ppo.kl_signal=nope", r"ppo\.kl_signal='nope'.*exact"),
+        ("controller.target_kl=-1", r"controller\.target_kl=-1\.0 is invalid"),
+        ("steps=0", r"steps=0 is invalid"),
+        ("precision=fp8", r"precision='fp8' is invalid; allowed: auto, fp32, bf16"),
+    ],
+)
+def test_bad_config_fails_before_anything_loads(cache_dir, tmp_path, monkeypatch, override, message):
+    import kl_research.reference as reference
+
+    def no_loading(*a, **k):
+        raise AssertionError("model loaded before validation")
+
+    monkeypatch.setattr(reference, "load_reference", no_loading)
+    with pytest.raises(ValueError, match=message):
+        train(make_cfg(cache_dir, override), tmp_path)
+
+
+def test_unknown_group_option_and_key_fail_at_compose(cache_dir):
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=r"(?s)pidd.*adaptive.*exponential.*fixed.*pid"):
+        make_cfg(cache_dir, "controller=pidd")
+    with pytest.raises(ConfigCompositionException, match=r"ppo\.lrr"):
+        make_cfg(cache_dir, "ppo.lrr=1")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path, monkeypatch):
+    cfg = make_cfg(cache_dir, "steps=6")
+    real, calls = train_mod.ppo.policy_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, clipfrac, akl = real(*args, **kwargs)
+        if calls["n"] > 2 * 2 * 2:  # 2 steps x 2 epochs x 2 minibatches pass; step 3 goes NaN
+            loss = loss * float("nan")
+        return loss, clipfrac, akl
+
+    monkeypatch.setattr(train_mod.ppo, "policy_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite PPO loss"):
+        train(cfg, tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["policy"].values())
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_non_finite_reward_stops_with_clear_error(cache_dir, tmp_path, monkeypatch):
+    import kl_research.rewards as rewards
+
+    real = rewards.build_reward
+
+    def nan_reward(cfg, device):
+        fn = real(cfg, device)
+        fn.score = lambda texts: torch.full((len(texts),), float("nan"))
+        return fn
+
+    monkeypatch.setattr(rewards, "build_reward", nan_reward)
+    with pytest.raises(ValueError, match=r"reward 'sentiment' is not finite \(nan\) for sample 0"):
+        train(make_cfg(cache_dir, "steps=2"), tmp_path)
+
+
+def _wandb_records(path: Path):
+    """Read a .wandb transaction log with wandb's own protobuf Record type (LevelDB log framing)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    block, pos, header_len = 32768, 7, 7  # file header ":W&B" + magic (2 bytes) + version (1 byte)
+    assert data[:4] == b":W&B"
+    records, chunk = [], b""
+    while pos + header_len <= len(data):
+        left = block - pos % block
+        if left < header_len:
+            pos += left
+            continue
+        _crc, length, rtype = struct.unpack("<IHB", data[pos : pos + header_len])
+        pos += header_len
+        chunk += data[pos : pos + length]
+        pos += length
+        if rtype in (1, 4):  # FULL or LAST
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(chunk)
+            records.append(rec)
+            chunk = b""
+        elif rtype == 0 and length == 0:
+            break
+    return records
+
+
+def test_wandb_offline_history_reads_back(cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = make_cfg(cache_dir, "steps=2", "wandb.mode=offline", "wandb.group=test-group")
+    train(cfg, tmp_path)
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    deadline = time.monotonic() + 30  # wandb-core writes the log from its own process: allow it to flush
+    while True:
+        history = [
+            {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+            for rec in _wandb_records(files[0])
+            if rec.WhichOneof("record_type") == "history"
+        ]
+        rows = [h for h in history if "kl/exact" in h]
+        if len(rows) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    local = read_metrics(tmp_path)
+    assert [h["step"] for h in rows] == [1, 2]
+    for h, m in zip(rows, local, strict=True):
+        assert h["kl/coef"] == m["kl/coef"] and h["reward/mean"] == pytest.approx(m["reward/mean"])
+    assert any("samples" in h for h in history)  # the generations table
