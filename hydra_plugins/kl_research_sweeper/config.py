@@ -58,6 +58,9 @@ class KLGridSweeperConf:
     fresh: bool = False
     report: bool = True
     fail_on_error: bool = True
+    # Called in the sweep's own process, before any job starts, once per distinct job config (ignoring
+    # `controller` and `wandb`): a dotted path to `f(cfg) -> Path | None` that builds what every job shares.
+    prepare: str | None = None
 
 
 @dataclass

@@ -6,8 +6,8 @@
    with the user's own sweep overrides (``ppo.lr=1e-4,3e-4``);
 2. picks the sweep dir (the resume rule, below) and holds a lock on it while the sweep runs;
 3. composes every job's config up front (a config error fails the sweep before anything is launched) and
-   builds the reference model once per distinct config (``kl_research.reference.ensure_reference``), so no
-   job builds it;
+   calls ``prepare`` once per distinct config (``conf/sweep.yaml``: ``kl_research.reference.ensure_reference``,
+   which builds and caches the reference model), so no job builds it;
 4. launches only the jobs without ``<run dir>/summary.json`` (the trainer writes it last);
 5. whatever failed, writes ``<sweep dir>/report/`` (:func:`kl_research.report.write_report`), logs the failed
    jobs with the tail of their logs, and then raises if any job failed (``sweep.fail_on_error``).
@@ -36,6 +36,7 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hydra_plugins.kl_research_sweeper.config import as_plain
@@ -122,6 +123,7 @@ class KLGridSweeper(Sweeper):
         fresh: bool = False,
         report: bool = True,
         fail_on_error: bool = True,
+        prepare: str | None = None,
     ) -> None:
         self.name = str(name)
         self.controllers = [str(c) for c in as_plain(controllers)]
@@ -131,6 +133,7 @@ class KLGridSweeper(Sweeper):
         self.overrides = [str(o) for o in as_plain(overrides)]
         self.root, self.dir, self.fresh = root, dir, bool(fresh)
         self.report, self.fail_on_error = bool(report), bool(fail_on_error)
+        self.prepare = prepare
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -210,7 +213,8 @@ class KLGridSweeper(Sweeper):
             else:
                 err = None
             job_ids = getattr(launcher, "job_ids", [None] * len(todo))
-            for j, r, jid in zip(todo, results, job_ids, strict=True):
+            attempt["submitit_ids"] = {j.name: jid for j, jid in zip(todo, job_ids, strict=True)}
+            for j, r in zip(todo, results, strict=True):
                 if (sweep_dir / j.name / "summary.json").exists():
                     continue
                 if r is not None and r.status == JobStatus.FAILED:
@@ -218,7 +222,6 @@ class KLGridSweeper(Sweeper):
                     failures[j.name] = f"{type(e).__name__}: {e}"
                 else:
                     failures[j.name] = f"no summary.json ({err!r})" if err else "no summary.json after the job ended"
-                attempt.setdefault("submitit_ids", {})[j.name] = jid
         attempt["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         attempt["wall_time_s"] = round(time.time() - t0, 1)
         attempt["failed"] = sorted(failures)
@@ -252,9 +255,10 @@ class KLGridSweeper(Sweeper):
         return ov
 
     def _prepare(self, job_overrides: list[list[str]]) -> None:
-        """Compose every job's config (fail before launching if one does not compose) and build the
-        reference model once per distinct config, here, so that no job builds it."""
+        """Compose every job's config (fail before launching if one does not compose) and call ``prepare``
+        (here: build the reference model) once per distinct config, in this process, so no job does it."""
         assert self.config is not None and self.hydra_context is not None
+        prepare = get_method(self.prepare) if self.prepare else None
         loader = self.hydra_context.config_loader
         seen: set[str] = set()
         for ov in job_overrides:
@@ -265,18 +269,7 @@ class KLGridSweeper(Sweeper):
             if key in seen:
                 continue
             seen.add(key)
-            t = time.time()
-            path = _ensure_reference(cfg)
-            if path is not None:
-                log.info(f"reference model ready in {time.time() - t:.1f} s: {path}")
-
-
-def _ensure_reference(cfg: DictConfig) -> Path | None:
-    try:
-        from kl_research.reference import ensure_reference
-    except ModuleNotFoundError as e:  # pragma: no cover - only while the module is being written
-        if e.name != "kl_research.reference":
-            raise
-        log.warning("kl_research.reference is missing: each job builds its own reference")
-        return None
-    return ensure_reference(cfg)
+            if prepare is not None:
+                t = time.time()
+                result = prepare(cfg)
+                log.info(f"{self.prepare}: {result} ({time.time() - t:.1f} s)")

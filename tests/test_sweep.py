@@ -1,0 +1,383 @@
+"""The sweep (sweep.py, hydra_plugins/kl_research_sweeper, kl_research/{analysis,report}.py).
+
+Fast tier: the grid expansion, the composed configs, the sweep-dir rule, the report, and resume/failure
+handling through a real `kl_grid` multirun of a fake task (no torch, seconds). Slow tier: a tiny real
+sweep of the trainer through the submitit local launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+import kl_research.config  # noqa: F401  (registers the schemas)
+from hydra_plugins.kl_research_sweeper.grid import expand_grid, fingerprint
+from hydra_plugins.kl_research_sweeper.sweeper import STATE_FILE, choose_sweep_dir
+from kl_research.analysis import load_curves, load_summaries
+from kl_research.report import write_report
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = str(REPO / "conf")
+CONTROLLERS = ["fixed", "adaptive", "exponential", "pid"]
+TARGETS = [0.01, 0.02, 0.05, 0.10, 0.20]
+
+# The trainer's tiny test configuration (tests/test_train.py), with a reference that builds in seconds.
+TINY = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.vocab_size=512",
+    "model.steps=10",
+    "model.eval_every=10",
+    "data.max_texts=1500",
+    "data.eval_texts=16",
+    "ppo.batch_size=8",
+    "ppo.minibatch_size=4",
+    "ppo.epochs=2",
+    "ppo.response_length=8",
+    "eval_every=2",
+    "checkpoint_every=2",
+    "wandb.mode=disabled",
+]
+# Shared by this module and test_slurm.py: the reference is keyed by its config, so reuse is safe.
+CACHE = Path(tempfile.gettempdir()) / "kl-research-sweep-test-cache"
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="1")
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return e
+
+
+def only_sweep_dir(root: Path, name: str = "kl_grid") -> Path:
+    dirs = [p.parent for p in (root / name).glob(f"*/{STATE_FILE}")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+# ------------------------------------------------------------------------------------------------- grid
+def test_default_grid_runs_fixed_once_per_seed():
+    jobs = expand_grid(CONTROLLERS, TARGETS, [0, 1, 2])
+    assert len(jobs) == 3 + 3 * 5 * 3  # fixed per seed; the others per target × seed
+    fixed = [j for j in jobs if j.controller == "fixed"]
+    assert [j.name for j in fixed] == ["fixed_s0", "fixed_s1", "fixed_s2"]
+    assert all(not any(o.startswith("controller.target_kl") for o in j.overrides) for j in fixed)
+    keys = [tuple(sorted(j.overrides)) for j in jobs]
+    assert len(set(keys)) == len(keys), "two jobs with the same overrides"
+    assert len({j.name for j in jobs}) == len(jobs)
+    pid = [j for j in jobs if j.controller == "pid"]
+    assert {(j.target_kl, j.seed) for j in pid} == {(t, s) for t in TARGETS for s in (0, 1, 2)}
+    assert "pid_kl0.05_s1" in {j.name for j in pid}
+    assert ("controller=pid", "controller.target_kl=0.05", "seed=1") in {j.overrides for j in pid}
+
+
+def test_frontier_grid_and_user_sweeps():
+    jobs = expand_grid(["fixed"], [], [0, 1], fixed_betas=[0.1, 1.0])
+    assert [j.name for j in jobs] == ["fixed_b0.1_s0", "fixed_b0.1_s1", "fixed_b1_s0", "fixed_b1_s1"]
+    assert jobs[0].overrides == ("controller=fixed", "controller.init_kl_coef=0.1", "seed=0")
+    combos = [["steps=5", "ppo.lr=0.001"], ["steps=5", "ppo.lr=0.0003"]]
+    jobs = expand_grid(["fixed", "pid"], [0.05], [0], combos=combos, swept_keys=["ppo.lr"])
+    assert [j.name for j in jobs] == [
+        "fixed_s0_lr=0.001",
+        "pid_kl0.05_s0_lr=0.001",
+        "fixed_s0_lr=0.0003",
+        "pid_kl0.05_s0_lr=0.0003",
+    ]
+    assert jobs[1].overrides[:2] == ("steps=5", "ppo.lr=0.001")
+
+
+def test_grid_rejects_what_would_collapse_it():
+    with pytest.raises(ValueError, match="sets a key the grid sets"):
+        expand_grid(["pid"], [0.05], [0], combos=[["seed=3"]])
+    with pytest.raises(ValueError, match="duplicates"):
+        expand_grid(["pid"], [0.05, 0.05], [0])
+    with pytest.raises(ValueError, match="targets must not be empty"):
+        expand_grid(["pid"], [], [0])
+
+
+def test_fingerprint_is_the_grid_not_how_it_is_run():
+    a = expand_grid(["fixed", "pid"], [0.05], [0], combos=[["steps=5", "sweep.fresh=true", "sweep.root=/x"]])
+    b = expand_grid(["fixed", "pid"], [0.05], [0], combos=[["steps=5"]])
+    c = expand_grid(["fixed", "pid"], [0.05], [0], combos=[["steps=6"]])
+    assert fingerprint("s", a) == fingerprint("s", b) != fingerprint("s", c)
+    assert fingerprint("s", b) != fingerprint("t", b)
+
+
+# ----------------------------------------------------------------------------------------------- config
+def compose_sweep(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("sweep", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_sweep_config_composes_with_the_default_grid():
+    cfg = compose_sweep()
+    s = cfg.hydra.sweeper
+    assert s._target_.endswith("KLGridSweeper")
+    assert (list(s.controllers), list(s.targets), list(s.seeds)) == (CONTROLLERS, TARGETS, [0, 1, 2])
+    assert s.fixed_betas is None and s.fresh is False
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert cfg.wandb.group == "kl_grid"
+    assert cfg.hydra.launcher._target_.endswith("launchers.LocalLauncher")
+    assert cfg.hydra.launcher.cpus_per_task == 1
+    assert cfg.hydra.callbacks.job_failure._target_.endswith("RecordJobFailure")
+
+
+def test_frontier_config_and_slurm_launcher():
+    cfg = compose_sweep("sweep=frontier", "sweep.seeds=[0]", "hydra/launcher=slurm", "hydra.launcher.partition=gpu")
+    assert cfg.hydra.sweeper.name == cfg.wandb.group == "frontier"
+    assert list(cfg.hydra.sweeper.controllers) == ["fixed"]
+    assert len(cfg.hydra.sweeper.fixed_betas) >= 5
+    assert list(cfg.hydra.sweeper.seeds) == [0]
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("launchers.SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.max_num_timeout > 0
+    for key in ("account", "qos", "timeout_min", "cpus_per_task", "gpus_per_node", "mem_gb", "array_parallelism"):
+        assert key in launcher
+
+
+# ---------------------------------------------------------------------------------------- sweep dir rule
+def test_sweep_dir_rule(tmp_path):
+    d1, lock1, resumed = choose_sweep_dir(tmp_path, "s", "fp1", fresh=False, exact=None)
+    assert not resumed and d1.parent == tmp_path / "s"
+    (d1 / STATE_FILE).write_text(json.dumps({"fingerprint": "fp1", "created": "2020-01-01T00:00:00"}))
+    # The same second, while the first sweep runs: never the same dir.
+    d2, lock2, resumed = choose_sweep_dir(tmp_path, "s", "fp1", fresh=False, exact=None)
+    assert d2 != d1 and not resumed
+    lock1.close()
+    lock2.close()
+    # Finished: a re-run resumes it; another grid or fresh=true does not.
+    d3, lock3, resumed = choose_sweep_dir(tmp_path, "s", "fp1", fresh=False, exact=None)
+    assert (d3, resumed) == (d1, True)
+    lock3.close()
+    d4, lock4, resumed = choose_sweep_dir(tmp_path, "s", "fp2", fresh=False, exact=None)
+    assert d4 not in (d1, d2) and not resumed
+    lock4.close()
+    d5, lock5, resumed = choose_sweep_dir(tmp_path, "s", "fp1", fresh=True, exact=None)
+    assert d5 not in (d1, d2, d4) and not resumed
+    lock5.close()
+    # The latest of two matching dirs is resumed.
+    (d5 / STATE_FILE).write_text(json.dumps({"fingerprint": "fp1", "created": "2030-01-01T00:00:00"}))
+    d6, lock6, _ = choose_sweep_dir(tmp_path, "s", "fp1", fresh=False, exact=None)
+    assert d6 == d5
+    lock6.close()
+    with pytest.raises(ValueError, match="another grid"):
+        choose_sweep_dir(tmp_path, "s", "other", fresh=False, exact=str(d1))
+
+
+# ------------------------------------------------------------------------------------------------ report
+def fake_run(sweep_dir: Path, name: str, controller: str, target: float, seed: int, reward: float) -> dict:
+    run = sweep_dir / name
+    (run / ".hydra").mkdir(parents=True)
+    steps = [
+        {"step": i, "kl/exact": target * (i + 1) / 4, "kl/coef": 0.2 / (i + 1), "reward/mean": reward} for i in range(4)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    summary = {
+        "status": "completed",
+        "controller": controller,
+        "target_kl": target,
+        "init_kl_coef": 0.2,
+        "seed": seed,
+        "reward": reward,
+        "kl": target * 1.1,
+        "tracking_error": 0.1 + seed / 100,
+        "in_band": 1.0,
+        "iae": 0.4,
+        "final_beta": 0.05,
+        "ppl_change": 0.01,
+        "wall_time_s": 3.0,
+        "kl_unit": "nats/token",
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def test_report_numbers_equal_the_runs_summaries(tmp_path):
+    expected = [
+        fake_run(tmp_path, "fixed_s0", "fixed", 0.05, 0, 0.3),
+        fake_run(tmp_path, "pid_kl0.05_s0", "pid", 0.05, 0, 0.5),
+        fake_run(tmp_path, "pid_kl0.05_s1", "pid", 0.05, 1, 0.7),
+    ]
+    failed = tmp_path / "pid_kl0.1_s0"
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / "error.txt").write_text("Traceback...\nValueError: controller.target_kl=-1 is invalid\n")
+    out = write_report(tmp_path, jobs=["fixed_s0", "pid_kl0.05_s0", "pid_kl0.05_s1", "pid_kl0.1_s0"])
+
+    csv = pd.read_csv(out / "summaries.csv").set_index("run")
+    for s, run in zip(expected, ["fixed_s0", "pid_kl0.05_s0", "pid_kl0.05_s1"], strict=True):
+        for k, v in s.items():
+            assert csv.loc[run, k] == pytest.approx(v) if isinstance(v, float) else csv.loc[run, k] == v
+    cells = pd.read_csv(out / "cells.csv")
+    pid = cells[cells.controller == "pid"].iloc[0]
+    assert pid["n"] == 2 and pid["reward_mean"] == pytest.approx(0.6) and pid["target_kl"] == 0.05
+    assert pid["reward_sd"] == pytest.approx(pd.Series([0.5, 0.7]).std())
+    assert pd.isna(cells[cells.controller == "fixed"].iloc[0]["target_kl"])
+    md = (out / "report.md").read_text()
+    assert "complete: 3, failed: 1" in md and "### pid_kl0.1_s0" in md and "target_kl=-1 is invalid" in md
+    assert "| pid_kl0.05_s1 | pid | 0.05 | 0.2 | 1 | 0.7 |" in md
+    assert json.loads((out / "failed.json").read_text()) == {"pid_kl0.1_s0": "no summary.json"}
+    assert {"frontier.png", "kl.png", "beta.png"} <= {p.name for p in out.iterdir()}
+    curves = load_curves(tmp_path)
+    assert len(curves) == 12 and set(curves["run"]) == {"fixed_s0", "pid_kl0.05_s0", "pid_kl0.05_s1"}
+    assert load_summaries(tmp_path)["run"].tolist() == ["fixed_s0", "pid_kl0.05_s0", "pid_kl0.05_s1"]
+
+
+# ---------------------------------------------------------------------- resume, through a real multirun
+FAKE_APP = """
+import json, os, time
+from pathlib import Path
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="app")
+def main(cfg):
+    out = Path(HydraConfig.get().runtime.output_dir)
+    with open(Path(cfg.log), "a") as f:
+        f.write(out.name + "\\n")
+    if cfg.controller.target_kl < 0:
+        raise ValueError(f"controller.target_kl={cfg.controller.target_kl} is invalid")
+    kl = cfg.controller.target_kl * 1.5 if cfg.controller.name != "fixed" else 0.3 / cfg.controller.init_kl_coef
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "kl/exact": kl, "kl/coef": 0.1}) + "\\n")
+    s = {"status": "completed", "controller": cfg.controller.name, "target_kl": cfg.controller.target_kl,
+         "init_kl_coef": cfg.controller.init_kl_coef, "seed": cfg.seed, "reward": cfg.seed + kl, "kl": kl,
+         "tracking_error": 0.5, "in_band": 1.0, "iae": 1.0, "final_beta": 0.1, "ppl_change": 0.0,
+         "wall_time_s": 0.0, "kl_unit": "nats/token"}
+    (out / "summary.json").write_text(json.dumps(s))
+    return s["reward"]
+
+if __name__ == "__main__":
+    main()
+"""
+FAKE_CONF = """
+defaults:
+  - controller: pid
+  - /schema/sweep@sweep: sweep
+  - override hydra/sweeper: kl_grid
+  - override hydra/launcher: basic
+  - _self_
+seed: 0
+log: ???
+hydra:
+  mode: MULTIRUN
+  sweeper: {name: '${sweep.name}', controllers: '${sweep.controllers}', targets: '${sweep.targets}',
+            seeds: '${sweep.seeds}', fixed_betas: '${sweep.fixed_betas}', root: '${sweep.root}',
+            fresh: '${sweep.fresh}'}
+  callbacks:
+    job_failure: {_target_: hydra_plugins.kl_research_sweeper.callbacks.RecordJobFailure}
+"""
+
+
+def fake_app(tmp_path: Path) -> Path:
+    app = tmp_path / "app"
+    (app / "conf" / "controller").mkdir(parents=True)
+    (app / "app.py").write_text(FAKE_APP)
+    (app / "conf" / "app.yaml").write_text(FAKE_CONF)
+    for name in ("fixed", "pid"):
+        (app / "conf" / "controller" / f"{name}.yaml").write_text(f"name: {name}\ntarget_kl: 0.05\ninit_kl_coef: 0.2\n")
+    return app
+
+
+def run_fake(app: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "app.py", f"log={app / 'calls.log'}", f"sweep.root={app / 'multirun'}", *args]
+    return subprocess.run(cmd, cwd=app, env=env(), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow  # ~15 s: three sweeps of a fake task, each with its report
+def test_failed_job_does_not_stop_the_others_and_rerun_completes_what_is_missing(tmp_path):
+    app = fake_app(tmp_path)
+    grid = ["sweep.controllers=[fixed,pid]", "sweep.targets=[0.05,-1,0.1]", "sweep.seeds=[0,1]"]
+    r = run_fake(app, *grid)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "SweepJobsFailed: 2 of 8 jobs failed (pid_kl-1_s0, pid_kl-1_s1)" in r.stderr
+    sweep_dir = only_sweep_dir(app / "multirun")
+    calls = (app / "calls.log").read_text().split()
+    assert sorted(calls) == sorted(j["name"] for j in json.loads((sweep_dir / STATE_FILE).read_text())["jobs"])
+    assert len(calls) == 8 and len(list(sweep_dir.glob("*/summary.json"))) == 6
+    assert "target_kl=-1 is invalid" in (sweep_dir / "pid_kl-1_s0" / "error.txt").read_text()
+    md = (sweep_dir / "report" / "report.md").read_text()
+    assert "### pid_kl-1_s1" in md and "ValueError: controller.target_kl=-1 is invalid" in md
+
+    # A job that never finished (no summary.json): the same command resumes the same dir and runs only
+    # it and the failed ones.
+    (sweep_dir / "pid_kl0.1_s1" / "summary.json").unlink()
+    mtime = (sweep_dir / "fixed_s0" / "summary.json").stat().st_mtime_ns
+    time.sleep(1.1)  # a new dir would get another name
+    r = run_fake(app, *grid)
+    assert r.returncode != 0
+    assert only_sweep_dir(app / "multirun") == sweep_dir
+    calls = (app / "calls.log").read_text().split()[8:]
+    assert sorted(calls) == ["pid_kl-1_s0", "pid_kl-1_s1", "pid_kl0.1_s1"]
+    assert (sweep_dir / "fixed_s0" / "summary.json").stat().st_mtime_ns == mtime
+    state = json.loads((sweep_dir / STATE_FILE).read_text())
+    assert len(state["attempts"]) == 2 and state["attempts"][1]["failed"] == ["pid_kl-1_s0", "pid_kl-1_s1"]
+    summaries = pd.read_csv(sweep_dir / "report" / "summaries.csv")
+    assert len(summaries) == 6
+    for row in summaries.itertuples():
+        assert json.loads((sweep_dir / row.run / "summary.json").read_text())["reward"] == pytest.approx(row.reward)
+
+    # fresh=true starts over in a new dir.
+    r = run_fake(app, "sweep.controllers=[fixed]", "sweep.seeds=[0]", "sweep.fresh=true")
+    assert r.returncode == 0, r.stderr
+    assert len(list((app / "multirun" / "kl_grid").iterdir())) == 2
+
+
+# ------------------------------------------------------------------------------- real trainer, local
+def run_sweep(tmp_path: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "sweep.py"), *TINY, f"cache_dir={CACHE}", f"sweep.root={tmp_path}", *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def check_tiny_sweep(sweep_dir: Path, ok: list[str], failed: list[str], steps: int) -> None:
+    """The outputs of a finished tiny sweep: run dirs, W&B group, report = summaries, failures listed."""
+    for name in ok:
+        run = sweep_dir / name
+        assert (run / ".hydra" / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == steps
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["steps"] == steps
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+        assert cfg.wandb.group == cfg.sweep.name
+    for name in failed:
+        assert not (sweep_dir / name / "summary.json").exists()
+    report = sweep_dir / "report"
+    csv = pd.read_csv(report / "summaries.csv")
+    assert sorted(csv["run"]) == sorted(ok)
+    for row in csv.to_dict("records"):
+        summary = json.loads((sweep_dir / row["run"] / "summary.json").read_text())
+        for k in ("reward", "kl", "tracking_error", "in_band", "iae", "final_beta", "ppl_change"):
+            assert row[k] == pytest.approx(summary[k], rel=1e-12, abs=1e-15), (row["run"], k)
+    md = (report / "report.md").read_text()
+    assert f"complete: {len(ok)}, failed: {len(failed)}" in md
+    for name in failed:
+        assert f"### {name}" in md
+    assert "target_kl=-1" in md if failed else True
+    assert (report / "frontier.png").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_sweep_through_submitit_local(tmp_path):
+    """2 controllers × 2 targets (one invalid: that job fails, the others finish), 1 seed, 3 PPO steps."""
+    grid = ["sweep.controllers=[fixed,pid]", "sweep.targets=[0.05,-1]", "sweep.seeds=[0]", "steps=3"]
+    t = time.time()
+    r = run_sweep(tmp_path, *grid, "sweep.name=tiny")
+    wall = time.time() - t
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "1 of 3 jobs failed (pid_kl-1_s0)" in r.stderr
+    sweep_dir = only_sweep_dir(tmp_path, "tiny")
+    check_tiny_sweep(sweep_dir, ok=["fixed_s0", "pid_kl0.05_s0"], failed=["pid_kl-1_s0"], steps=3)
+    overrides = (sweep_dir / "fixed_s0" / ".hydra" / "overrides.yaml").read_text()
+    assert "threads=1" in overrides  # cpus_per_task of the local launcher
+    assert "ValueError" in (sweep_dir / "pid_kl-1_s0" / "error.txt").read_text()
+    print(f"tiny local sweep (3 jobs, 2 in parallel): {wall:.0f} s")
