@@ -200,7 +200,7 @@ def write_report(
     if not failed:
         md += ["None.", ""]
     for name in sorted(failed):
-        md += [f"### {name}", "", failed[name], "", "```", log_tail(sweep_dir / name, sweep_dir), "```", ""]
+        md += [f"### {name}", "", "```", failed[name].strip(), "", log_tail(sweep_dir / name, sweep_dir), "```", ""]
     if plots:
         md += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     (out / "report.md").write_text("\n".join(md))
