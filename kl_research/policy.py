@@ -50,7 +50,13 @@ def score_lm(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the trunk once, project only the R response-predicting positions to the vocabulary."""
     hidden = lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, P+R, H)
-    hidden = hidden[:, prompt_len - 1 : -1]  # (B, R, H)
-    logits = lm.get_output_embeddings()(hidden).float()  # (B, R, V), fp32 for log-softmax
-    values = v_head(hidden).squeeze(-1).float() if v_head is not None else None  # (B, R)
-    return logits, values
+    hidden = hidden[:, prompt_len - 1 : -1].float()  # (B, R, H)
+    # The vocabulary projection and the value head run in fp32 even under bf16 autocast: KL targets of
+    # 0.01 nats/token need log-probs far more precise than bf16 logits (8 bits of mantissa).
+    with torch.autocast(hidden.device.type, enabled=False):
+        head = lm.get_output_embeddings()
+        logits = torch.nn.functional.linear(
+            hidden, head.weight.float(), None if head.bias is None else head.bias.float()
+        )
+        values = v_head(hidden).squeeze(-1) if v_head is not None else None  # (B, R)
+    return logits, values  # logits (B, R, V) fp32
