@@ -1,0 +1,405 @@
+"""Time PPO steps of the real trainer and print one JSON line.
+
+    python -m kl_research.bench                                  # tiny shape (conf/model/tiny.yaml), batch 64
+    python -m kl_research.bench --shape gpt2-small --batch 8     # GPT-2-small shape, random init
+    python -m kl_research.bench --shape gpt2-mid --threads 2 --steps 3 --warmup 1
+
+One step = `train.rollout` (generate with the KV cache, then one scoring pass each for policy + values and
+reference) → synthetic task score + shaped rewards + GAE + whitening (the `ppo` functions train() calls) →
+`train.ppo_update` (epochs × minibatches). The generation time is taken around `policy.lm.generate` inside
+the real rollout; scoring = rollout − generation. Models are random-init GPT-2s (no download); EOS is
+disabled so every response has exactly `response_len` tokens and every step does the same work.
+
+Floors, timed in the same process on the same tokens: the model's bare `generate` (same sampling kwargs),
+a bare inference forward of policy and reference (`lm(seqs).logits`), and a bare forward+backward+AdamW
+step per minibatch (`lm(seqs, labels=seqs).loss`, epochs × minibatches). `overhead` = ours / floor.
+
+`--kl-noise` instead measures the bf16 KL noise floor: the per-token batch KL (exact and k1) of a policy
+moved slightly from the reference, on the same sampled rollouts, with the trunk in bf16 autocast vs fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+# Random-init GPT-2 shapes. "tiny" is read from conf/model/tiny.yaml (the embedded default reference).
+SHAPES: dict[str, dict[str, int]] = {
+    "gpt2-mid": {"n_layer": 6, "n_head": 8, "n_embd": 512, "vocab_size": 50257, "n_positions": 1024},
+    "gpt2-small": {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "n_positions": 1024},
+}
+PAD = 0
+
+
+def model_shape(shape: str) -> dict[str, int]:
+    if shape == "tiny":
+        from kl_research.reference import compose_config
+
+        m = compose_config().model
+        return {k: int(m[k]) for k in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")}
+    if shape not in SHAPES:
+        raise ValueError(f"shape={shape!r}; valid: tiny, {', '.join(SHAPES)}")
+    return dict(SHAPES[shape])
+
+
+def build_models(shape: str, seed: int = 0):
+    """(reference, policy) — a random-init GPT2LMHeadModel and PolicyWithValue.from_reference(it), as train()."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kl_research.policy import PolicyWithValue, disable_dropout
+
+    torch.manual_seed(seed)
+    dims = model_shape(shape)
+    config = GPT2Config(**dims, bos_token_id=None, eos_token_id=None, pad_token_id=PAD)
+    ref = GPT2LMHeadModel(config)
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.bos_token_id = None
+    disable_dropout(ref)
+    ref.eval().requires_grad_(False)
+    policy = PolicyWithValue.from_reference(ref)
+    policy.eval()
+    return ref, policy, dims
+
+
+class _Timer:
+    """Wraps a callable; records the wall time of each call (used around policy.lm.generate)."""
+
+    def __init__(self, fn):
+        self.fn, self.times = fn, []
+
+    def __call__(self, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.times.append(time.perf_counter() - t)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def bench(
+    shape: str = "tiny",
+    batch_size: int = 64,
+    prompt_len: int = 16,
+    response_len: int = 24,
+    epochs: int | None = None,
+    minibatch_size: int | None = None,
+    warmup: int = 1,
+    steps: int = 3,
+    threads: int | None = None,
+    precision: str = "fp32",
+    device: str = "cpu",
+    floors: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record."""
+    from kl_research import ppo
+    from kl_research.kl import token_kl
+    from kl_research.reference import compose_config
+    from kl_research.train import autocast, ppo_update, resolve_device, rollout, setup_threads
+
+    overrides = [f"ppo.batch_size={batch_size}", f"ppo.response_length={response_len}", f"precision={precision}"]
+    if epochs is not None:
+        overrides.append(f"ppo.epochs={epochs}")
+    if minibatch_size is not None:
+        overrides.append(f"ppo.minibatch_size={minibatch_size}")
+    cfg = compose_config(overrides)
+    pcfg = cfg.ppo
+    n_threads = setup_threads(threads)
+    dev = resolve_device(device)
+    amp = autocast(dev, precision)
+    ref, policy, dims = build_models(shape, seed)
+    ref.to(dev)
+    policy.to(dev)
+    if prompt_len + response_len > dims["n_positions"]:
+        raise ValueError(f"prompt_len + response_len = {prompt_len + response_len} > n_positions {dims['n_positions']}")
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=pcfg.lr, eps=pcfg.adam_eps, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    shuffle_gen = torch.Generator().manual_seed(seed + 1)
+    B, P, R = batch_size, prompt_len, response_len
+    prompts = torch.randint(1, dims["vocab_size"], (B, P), generator=gen).to(dev)
+    timer = _Timer(policy.lm.generate)
+    policy.lm.generate = timer  # instance attribute: rollout() calls it as policy.lm.generate(...)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step() -> dict[str, float]:
+        sync()
+        t0 = time.perf_counter()
+        batch = rollout(
+            policy,
+            ref,
+            prompts,
+            response_length=R,
+            temperature=pcfg.temperature,
+            eos_token_id=None,
+            pad_token_id=PAD,
+            amp=amp,
+        )
+        sync()
+        t1 = time.perf_counter()
+        mask = batch["mask"]
+        scores = torch.randn(B, generator=gen).to(dev)  # synthetic task score (the reward model is not timed)
+        kl_tokens = token_kl(batch["logp"], batch["ref_logp"], pcfg.kl_penalty)
+        rewards = ppo.shaped_rewards(scores, kl_tokens, 0.1, mask)
+        advantages, returns = ppo.gae(rewards, batch["values"], mask, pcfg.gamma, pcfg.lam)
+        advantages = ppo.masked_whiten(advantages, mask)
+        sync()
+        t2 = time.perf_counter()
+        policy.train()
+        ppo_update(policy, optimizer, batch, advantages, returns, P, pcfg, amp, shuffle_gen)
+        policy.eval()
+        sync()
+        t3 = time.perf_counter()
+        g = timer.times[-1]
+        return {
+            "generate": g,
+            "score": t1 - t0 - g,
+            "advantages": t2 - t1,
+            "update": t3 - t2,
+            "total": t3 - t0,
+        }
+
+    for _ in range(warmup):
+        step()
+    runs = [step() for _ in range(steps)]
+    med = {k: _median([r[k] for r in runs]) for k in runs[0]}
+    med["score_and_update"] = _median([r["score"] + r["advantages"] + r["update"] for r in runs])
+    rss = peak_rss_mb()
+    n_mb = pcfg.epochs * -(-B // pcfg.minibatch_size)
+    rec: dict[str, Any] = {
+        "bench": "ppo_step",
+        "shape": shape,
+        "model": dims,
+        "params_m": round(sum(p.numel() for p in policy.parameters()) / 1e6, 2),
+        "batch_size": B,
+        "prompt_len": P,
+        "response_len": R,
+        "epochs": pcfg.epochs,
+        "minibatch_size": pcfg.minibatch_size,
+        "warmup": warmup,
+        "steps": steps,
+        "precision": precision,
+        "seconds": {k: round(v, 4) for k, v in med.items()},
+        "seconds_all": {k: [round(r[k], 4) for r in runs] for k in runs[0]},
+        "gen_tokens_per_s": round(B * R / med["generate"], 1),
+        "train_tokens_per_s": round(pcfg.epochs * B * (P + R) / med["update"], 1),
+        "step_tokens_per_s": round(B * R / med["total"], 1),
+        "peak_rss_mb": round(rss, 1),
+        "threads": n_threads,
+        "device": str(dev),
+        "versions": versions(),
+    }
+    policy.lm.generate = timer.fn
+
+    if floors:
+        fl = floor_times(policy, ref, prompts, R, pcfg, n_mb, steps, warmup, amp, seed)
+        rec["floor_seconds"] = {k: round(v, 4) for k, v in fl.items()}
+        rec["overhead"] = {
+            "generate": round(med["generate"] / fl["generate"], 3),
+            "score": round(med["score"] / fl["score"], 3),
+            "update": round(med["update"] / fl["update"], 3),
+            "total": round(med["total"] / (fl["generate"] + fl["score"] + fl["update"]), 3),
+        }
+    return rec
+
+
+def floor_times(policy, ref, prompts, R, pcfg, n_minibatches, steps, warmup, amp, seed) -> dict[str, float]:
+    """Median seconds of the bare HF calls doing the same work: generate, 2 forwards, forward+backward+AdamW."""
+    lm = policy.lm
+    B = prompts.shape[0]
+    mb = pcfg.minibatch_size
+    gen_kwargs = dict(
+        attention_mask=torch.ones_like(prompts),
+        do_sample=True,
+        temperature=pcfg.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=R,
+        min_new_tokens=1,
+        pad_token_id=PAD,
+        use_cache=True,
+    )
+    with torch.inference_mode():
+        seqs = lm.generate(input_ids=prompts, **gen_kwargs)
+    seqs = seqs.clone()  # a normal tensor (inference tensors cannot be saved for backward)
+    opt = torch.optim.AdamW(lm.parameters(), lr=pcfg.lr, eps=pcfg.adam_eps, weight_decay=0.0)
+
+    def gen_floor():
+        with torch.inference_mode(), amp:
+            lm.generate(input_ids=prompts, **gen_kwargs)
+
+    def score_floor():
+        with torch.inference_mode(), amp:
+            lm(seqs)
+            ref(seqs)
+
+    def update_floor():
+        lm.train()
+        for i in range(n_minibatches):
+            s = (i * mb) % B
+            x = seqs[s : s + mb]
+            with amp:
+                loss = lm(x, labels=x).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        lm.eval()
+
+    out = {}
+    for name, fn in (("generate", gen_floor), ("score", score_floor), ("update", update_floor)):
+        for _ in range(warmup):
+            fn()
+        ts = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        out[name] = _median(ts)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ KL noise floor
+def kl_noise_floor(
+    shape: str = "tiny",
+    batch_size: int = 64,
+    prompt_len: int = 16,
+    response_len: int = 24,
+    move: float = 0.05,
+    threads: int | None = None,
+    seed: int = 0,
+    ref_model=None,
+) -> dict[str, Any]:
+    """Batch KL (nats/token, exact and k1) of a moved policy vs its reference, fp32 vs bf16 trunk, same rollouts.
+
+    The policy is the reference with every weight matrix perturbed by `move` × its own std (a stand-in for a few
+    PPO steps). Rollouts are sampled once in fp32; both precisions score the same tokens.
+    """
+    from kl_research import ppo
+    from kl_research.kl import exact_token_kl, masked_mean, token_kl
+    from kl_research.policy import score_lm
+    from kl_research.train import setup_threads
+
+    n_threads = setup_threads(threads)
+    if ref_model is None:
+        ref, policy, dims = build_models(shape, seed)
+    else:
+        from kl_research.policy import PolicyWithValue
+
+        ref, dims = ref_model, {"vocab_size": ref_model.config.vocab_size}
+        policy = PolicyWithValue.from_reference(ref)
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for p in policy.lm.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g) * p.std() * move)
+    prompts = torch.randint(1, dims["vocab_size"], (batch_size, prompt_len), generator=g)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        seqs = policy.lm.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=response_len,
+            min_new_tokens=response_len,
+            pad_token_id=PAD,
+        )
+    response = seqs[:, prompt_len:]
+    mask = torch.ones_like(response, dtype=torch.bool)
+    out: dict[str, Any] = {"bench": "kl_noise_floor", "shape": shape, "batch_size": batch_size, "move": move}
+    for name, ctx in (
+        ("fp32", contextlib.nullcontext()),
+        ("bf16", torch.autocast("cpu", dtype=torch.bfloat16)),
+    ):
+        with torch.inference_mode(), ctx:
+            logits, _ = score_lm(policy.lm, seqs, prompt_len)
+            ref_logits, _ = score_lm(ref, seqs, prompt_len)
+        logp = ppo.gather_logprobs(logits, response, 1.0)
+        ref_logp = ppo.gather_logprobs(ref_logits, response, 1.0)
+        out[name] = {
+            "exact": float(masked_mean(exact_token_kl(logits, ref_logits), mask)),
+            "k1": float(masked_mean(token_kl(logp, ref_logp, "k1"), mask)),
+            "logp": logp,
+        }
+    d_tok = (out["bf16"]["logp"] - out["fp32"]["logp"]).abs()
+    for name in ("fp32", "bf16"):
+        del out[name]["logp"]
+    out["abs_err"] = {k: abs(out["bf16"][k] - out["fp32"][k]) for k in ("exact", "k1")}
+    out["max_abs_err_token_logp"] = float(d_tok.max())
+    out["threads"] = n_threads
+    out["versions"] = versions()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shape", default="tiny", help="tiny (conf/model/tiny.yaml) | gpt2-mid (6×512) | gpt2-small")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--response-len", type=int, default=24)
+    ap.add_argument("--epochs", type=int, default=None, help="default: conf/ppo/default.yaml")
+    ap.add_argument("--minibatch", type=int, default=None, help="default: conf/ppo/default.yaml")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="default: $SLURM_CPUS_PER_TASK, else all cores")
+    ap.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-floors", action="store_true", help="skip the bare generate / forward / backward floors")
+    ap.add_argument("--kl-noise", action="store_true", help="measure the bf16-vs-fp32 KL noise floor instead")
+    ap.add_argument("--move", type=float, default=0.05, help="--kl-noise: weight perturbation (× weight std)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.kl_noise:
+        rec = kl_noise_floor(a.shape, a.batch, a.prompt_len, a.response_len, a.move, a.threads, a.seed)
+    else:
+        rec = bench(
+            a.shape,
+            a.batch,
+            a.prompt_len,
+            a.response_len,
+            a.epochs,
+            a.minibatch,
+            a.warmup,
+            a.steps,
+            a.threads,
+            a.precision,
+            a.device,
+            not a.no_floors,
+            a.seed,
+        )
+    print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

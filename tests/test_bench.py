@@ -1,0 +1,56 @@
+"""The benchmark runs the real trainer on a tiny shape and emits its JSON keys (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kl_research import bench
+
+KEYS = {
+    "seconds",
+    "gen_tokens_per_s",
+    "train_tokens_per_s",
+    "peak_rss_mb",
+    "threads",
+    "device",
+    "versions",
+    "floor_seconds",
+    "overhead",
+}
+PHASES = {"generate", "score", "advantages", "update", "total"}
+
+
+@pytest.fixture
+def tiny_shape(monkeypatch):
+    shape = {"n_layer": 1, "n_head": 2, "n_embd": 32, "vocab_size": 256, "n_positions": 32}
+    monkeypatch.setitem(bench.SHAPES, "micro", shape)
+    threads = torch.get_num_threads()
+    yield "micro"
+    torch.set_num_threads(threads)
+
+
+def test_bench_cli_emits_one_json_line(tiny_shape, capsys):
+    argv = ["--shape", tiny_shape, "--batch", "4", "--minibatch", "2", "--epochs", "1"]
+    bench.main([*argv, "--prompt-len", "4", "--response-len", "4", "--warmup", "1", "--steps", "1", "--threads", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert KEYS <= set(rec)
+    assert PHASES <= set(rec["seconds"])
+    assert {"generate", "score", "update"} <= set(rec["floor_seconds"]) and set(rec["overhead"]) >= {"generate"}
+    assert rec["threads"] == 1 and rec["device"] == "cpu" and rec["epochs"] == 1
+    assert all(v > 0 for v in rec["seconds"].values())
+
+
+def test_tiny_default_shape_is_the_config():
+    assert bench.model_shape("tiny")["n_embd"] > 0
+
+
+def test_bf16_trunk_keeps_batch_kl(tiny_shape):
+    """bf16 autocast of the trunk (logits in fp32) moves the batch KL of a moved policy by far less than 0.01."""
+    rec = bench.kl_noise_floor(tiny_shape, batch_size=16, prompt_len=4, response_len=8, move=0.5, threads=1)
+    assert rec["fp32"]["exact"] > 1e-3  # the policy has moved
+    assert rec["abs_err"]["exact"] < 1e-3 and rec["abs_err"]["k1"] < 1e-3
