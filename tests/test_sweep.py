@@ -324,10 +324,13 @@ def test_failed_job_does_not_stop_the_others_and_rerun_completes_what_is_missing
     for row in summaries.itertuples():
         assert json.loads((sweep_dir / row.run / "summary.json").read_text())["reward"] == pytest.approx(row.reward)
 
-    # fresh=true starts over in a new dir.
-    r = run_fake(app, "sweep.controllers=[fixed]", "sweep.seeds=[0]", "sweep.fresh=true")
-    assert r.returncode == 0, r.stderr
+    # fresh=true starts over in a new dir; the stock submitit_local launcher is made tolerant too.
+    small = ["sweep.controllers=[fixed,pid]", "sweep.targets=[0.05,-1]", "sweep.seeds=[0]"]
+    r = run_fake(app, *small, "sweep.fresh=true", "sweep.report=false", "hydra/launcher=submitit_local")
+    assert r.returncode != 0 and "1 of 3 jobs failed" in r.stderr
+    assert "(tolerant to failed jobs)" in r.stdout
     assert len(list((app / "multirun" / "kl_grid").iterdir())) == 2
+    assert len((app / "calls.log").read_text().split()) == 8 + 3 + 3
 
 
 # ------------------------------------------------------------------------------- real trainer, local

@@ -109,6 +109,22 @@ def choose_sweep_dir(root: Path, name: str, fp: str, fresh: bool, exact: str | N
     raise RuntimeError(f"could not create a sweep dir under {base}")
 
 
+def make_tolerant(launcher: Any) -> Any:
+    """The stock ``submitit_local``/``submitit_slurm`` launchers, upgraded in place to ours (same state, a
+    ``launch()`` that survives a failing job and, locally, runs at most cores/cpus_per_task jobs at once)."""
+    from hydra_plugins.kl_research_sweeper import launchers
+
+    stock = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+    ours = {stock + "LocalLauncher": launchers.LocalLauncher, stock + "SlurmLauncher": launchers.SlurmLauncher}
+    cls = ours.get(f"{type(launcher).__module__}.{type(launcher).__qualname__}")
+    if cls is not None:
+        log.info(f"{type(launcher).__qualname__}: using {cls.__module__}.{cls.__qualname__} (tolerant to failed jobs)")
+        upgraded = cls.__new__(cls)
+        upgraded.__dict__.update(launcher.__dict__)
+        return upgraded
+    return launcher
+
+
 class KLGridSweeper(Sweeper):
     def __init__(
         self,
@@ -202,6 +218,7 @@ class KLGridSweeper(Sweeper):
             launcher = Plugins.instance().instantiate_launcher(
                 hydra_context=self.hydra_context, task_function=self.task_function, config=self.config
             )
+            launcher = make_tolerant(launcher)
             job_overrides = [self._job_overrides(j, sweep_dir) for j in todo]
             self._prepare(job_overrides)
             try:
@@ -240,9 +257,10 @@ class KLGridSweeper(Sweeper):
             for name, why in failures.items():
                 log.error(f"FAILED {name}: {why}\n{log_tail(sweep_dir / name, sweep_dir)}")
             if self.fail_on_error:
+                where = sweep_dir / "report" / "report.md" if self.report else sweep_dir
                 raise SweepJobsFailed(
-                    f"{len(failures)} of {len(jobs)} jobs failed ({', '.join(sorted(failures))}); see "
-                    f"{sweep_dir / 'report' / 'report.md'}. Re-run the same command to run them again."
+                    f"{len(failures)} of {len(jobs)} jobs failed ({', '.join(sorted(failures))}); see {where}. "
+                    "Re-run the same command to run them again."
                 )
         return sweep_dir
 
@@ -250,6 +268,8 @@ class KLGridSweeper(Sweeper):
         assert self.config is not None
         ov = [*job.overrides, f"hydra.sweep.dir={_quote(str(sweep_dir))}", f"hydra.sweep.subdir={job.name}"]
         cpus = OmegaConf.select(self.config, "hydra.launcher.cpus_per_task", default=None)
+        if cpus is None and str(OmegaConf.select(self.config, "hydra.launcher._target_")).endswith(".LocalLauncher"):
+            cpus = 1  # stock submitit_local leaves it unset: one thread per job, as many jobs as cores
         if cpus and "threads" in self.config and not any(o.startswith("threads=") for o in ov):
             ov.append(f"threads={int(cpus)}")  # torch threads = the cores the launcher gives each job
         return ov
