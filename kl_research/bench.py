@@ -123,7 +123,7 @@ def bench(
     from kl_research import ppo
     from kl_research.kl import token_kl
     from kl_research.reference import compose_config
-    from kl_research.train import autocast, ppo_update, resolve_device, rollout, setup_threads
+    from kl_research.train import autocast, make_optimizer, ppo_update, resolve_device, rollout, setup_threads
 
     overrides = [f"ppo.batch_size={batch_size}", f"ppo.response_length={response_len}", f"precision={precision}"]
     if epochs is not None:
@@ -140,7 +140,7 @@ def bench(
     policy.to(dev)
     if prompt_len + response_len > dims["n_positions"]:
         raise ValueError(f"prompt_len + response_len = {prompt_len + response_len} > n_positions {dims['n_positions']}")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=pcfg.lr, eps=pcfg.adam_eps, weight_decay=0.0)
+    optimizer = make_optimizer(policy, pcfg, dev)
     gen = torch.Generator().manual_seed(seed)
     shuffle_gen = torch.Generator().manual_seed(seed + 1)
     B, P, R = batch_size, prompt_len, response_len

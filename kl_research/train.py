@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from kl_research import ppo
 from kl_research.config import validate
 from kl_research.controllers import KLController, build_controller
-from kl_research.kl import ESTIMATORS, exact_token_kl, masked_mean, token_kl
+from kl_research.kl import ESTIMATORS, masked_mean, token_kl
 from kl_research.policy import PolicyWithValue, disable_dropout, score_lm
 from kl_research.runlog import RunLogger, plot_curves, summarize
 
@@ -136,8 +136,18 @@ def rollout(
     with amp:
         logits, values = policy.score(seqs, P)  # (B, R, V), (B, R)
         ref_logits, _ = score_lm(ref_model, seqs, P)  # (B, R, V)
-    logp = ppo.gather_logprobs(logits, response, temperature)
-    ref_logp = ppo.gather_logprobs(ref_logits, response, temperature)
+    # One log-softmax per model, shared by the log-probs, the exact KL and the entropy: the same numbers as
+    # ppo.gather_logprobs, kl.exact_token_kl and ppo.entropy_from_logits (same ops in the same order), but
+    # 2 passes over the (B, R, V) logits instead of 5, and the logits freed as soon as they are normalised.
+    lp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V) log π
+    del logits
+    ref_lp = torch.log_softmax(ref_logits.float() / temperature, dim=-1)  # (B, R, V) log π_ref
+    del ref_logits
+    idx = response.unsqueeze(-1)  # (B, R, 1)
+    logp, ref_logp = lp.gather(-1, idx).squeeze(-1), ref_lp.gather(-1, idx).squeeze(-1)  # (B, R)
+    p = lp.exp()
+    entropy = -(p * lp).sum(-1)  # (B, R)
+    exact_kl = (p * lp.sub_(ref_lp)).sum(-1)  # (B, R) Σ_v π(v)·(log π(v) − log π_ref(v)); lp is spent here
     return {
         "seqs": seqs,
         "response": response,
@@ -145,12 +155,19 @@ def rollout(
         "logp": logp,
         "ref_logp": ref_logp,
         "values": values,
-        "exact_kl": exact_token_kl(logits, ref_logits, temperature),
-        "entropy": ppo.entropy_from_logits(logits, temperature),
+        "exact_kl": exact_kl,
+        "entropy": entropy,
     }
 
 
 # ------------------------------------------------------------------------------------------------- update
+def make_optimizer(policy: torch.nn.Module, pcfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (no weight decay). The fused kernel on CPU/CUDA: same update up to fp rounding, ~10x less time
+    than the per-tensor loop torch uses on CPU by default (measured; 16 optimizer steps per PPO step)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(policy.parameters(), lr=pcfg.lr, eps=pcfg.adam_eps, weight_decay=0.0, fused=fused)
+
+
 def ppo_update(
     policy: PolicyWithValue,
     optimizer: torch.optim.Optimizer,
@@ -234,7 +251,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     ref_model.to(device).eval().requires_grad_(False)
     policy = PolicyWithValue.from_reference(ref_model).to(device)
     policy.eval()  # dropout is off anyway; eval() also keeps HF from any train-only behaviour
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=pcfg.lr, eps=pcfg.adam_eps, weight_decay=0.0)
+    optimizer = make_optimizer(policy, pcfg, device)
     corpus = load_corpus(cfg.data)
     prompts_all = build_prompts(corpus.train, tokenizer, cfg.data.prompt_tokens, cfg.data.num_prompts, cfg.seed)
     eval_texts = eval_subset(corpus.heldout, cfg.data.eval_texts)
