@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from test_sweep import check_tiny_sweep, env, fake_app, only_sweep_dir, run_sweep
@@ -66,11 +67,33 @@ def test_tiny_sweep_through_submitit_slurm(tmp_path):
     print(f"tiny SLURM sweep (3 jobs): {wall:.0f} s")
 
 
+def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def submitted_ids(sweep_dir: Path) -> dict[str, str]:
+    lines = (sweep_dir / ".submitit" / "submitted.jsonl").read_text().splitlines()
+    return {r["subdir"]: r["job_id"] for r in map(json.loads, lines)}
+
+
+def in_squeue(job_id: str) -> bool:
+    return job_id in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+
+
+def squeue_empty() -> bool:
+    return not subprocess.run(["squeue", "-h", "-n", "fake_sweep"], capture_output=True, text=True).stdout.strip()
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_a_cancelled_slurm_job_is_reported_and_the_others_finish(tmp_path):
-    """A job killed by SLURM (here: scancel) never returns a result: submitit raises when it is fetched.
-    The sweep must still collect the other jobs and report the cancelled one (fake task, no torch)."""
+def test_cancelled_slurm_job_and_resume_after_the_sweep_process_died(tmp_path):
+    """With a fake task (no torch): a job killed by SLURM (scancel) never returns a result, submitit raises
+    when it is fetched; the sweep still collects the others and reports the cancelled one. Then the sweep's
+    own process dies while a job is on SLURM: re-running refuses to submit a second copy of it, and once it
+    has finished, completes the sweep without re-running anything that completed."""
     why = slurm_missing()
     if why:
         pytest.skip(why)
@@ -79,43 +102,62 @@ def test_a_cancelled_slurm_job_is_reported_and_the_others_finish(tmp_path):
     (app / "conf" / "hydra" / "launcher" / "slurm.yaml").write_text(
         "defaults:\n  - /schema/launcher@_here_: slurm\n  - _self_\ncpus_per_task: 1\nmem_gb: 1\ntimeout_min: 5\n"
     )
-    src = (app / "app.py").read_text()
-    (app / "app.py").write_text(
-        src.replace(
-            "    if cfg.controller.target_kl < 0:",
-            "    if cfg.seed == 1:\n        time.sleep(300)\n    if cfg.controller.target_kl < 0:",
-        )
-    )
-    cmd = [
-        sys.executable,
-        "app.py",
+    hold = app / "hold"
+    hold.touch()  # seed-1 jobs wait while it exists
+    args = [
         f"log={app / 'calls.log'}",
         f"sweep.root={app / 'multirun'}",
+        f"hold={hold}",
         "hydra/launcher=slurm",
-        "hydra.job.name=cancel_me",
+        "hydra.job.name=fake_sweep",
         "sweep.controllers=[fixed,pid]",
         "sweep.targets=[0.05]",
         "sweep.seeds=[0,1]",
     ]
+    cmd = [sys.executable, "app.py", *args]
+
+    def calls() -> list[str]:
+        return (app / "calls.log").read_text().split() if (app / "calls.log").exists() else []
+
+    # 1. scancel one held job; release the other: the sweep ends with the cancelled one reported.
     proc = subprocess.Popen(cmd, cwd=app, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        sweeper_log = app / "calls.log"
-        deadline = time.time() + 120
-        while time.time() < deadline and (not sweeper_log.exists() or len(sweeper_log.read_text().split()) < 4):
-            time.sleep(0.5)  # every job has started (the two seed-1 jobs now sleep)
+        wait_for(lambda: len(calls()) == 4, what="all 4 jobs to start")
         sweep_dir = only_sweep_dir(app / "multirun")
-        running = subprocess.run(["squeue", "-h", "-n", "cancel_me", "-o", "%i"], capture_output=True, text=True)
-        ids = running.stdout.split()
-        assert len(ids) == 2, running.stdout  # the two seed-1 jobs, sleeping
-        subprocess.run(["scancel", *ids], check=True)
-        out, _ = proc.communicate(timeout=180)
+        ids = submitted_ids(sweep_dir)
+        subprocess.run(["scancel", ids["pid_kl0.05_s1"]], check=True)
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if "FAILED" in line and ids["pid_kl0.05_s1"] in line:
+                break
+        # submitit ignores the SIGTERM of scancel: the task lives until SLURM's SIGKILL (KillWait) and would
+        # finish its work if released before.
+        wait_for(lambda: not in_squeue(ids["pid_kl0.05_s1"]), what="the cancelled job to be gone")
+        hold.unlink()
+        out = line + proc.communicate(timeout=120)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0, out
-    assert "2 of 4 jobs failed (fixed_s1, pid_kl0.05_s1)" in out, out[-3000:]
-    assert (sweep_dir / "fixed_s0" / "summary.json").is_file() and (
-        sweep_dir / "pid_kl0.05_s0" / "summary.json"
-    ).is_file()
+    assert "1 of 4 jobs failed (pid_kl0.05_s1)" in out, out[-3000:]
+    for done in ("fixed_s0", "pid_kl0.05_s0", "fixed_s1"):
+        assert (sweep_dir / done / "summary.json").is_file()
     md = (sweep_dir / "report" / "report.md").read_text()
     assert "### pid_kl0.05_s1" in md and "CANCELLED" in md
+
+    # 2. Re-run (the cancelled job is held again), and kill the sweep's process while the job is on SLURM.
+    hold.touch()
+    proc = subprocess.Popen(cmd, cwd=app, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(calls()) == 5, what="the re-run job to start")
+    proc.kill()
+    proc.wait()
+    r = subprocess.run(cmd, cwd=app, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "still queued or running on SLURM (pid_kl0.05_s1)" in r.stderr, r.stderr[-2000:]
+    assert only_sweep_dir(app / "multirun") == sweep_dir
+
+    # 3. Once it has finished, the same command completes the sweep and runs nothing again.
+    hold.unlink()
+    wait_for(squeue_empty, what="the orphaned job to finish")
+    r = subprocess.run(cmd, cwd=app, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(calls()) == 5
+    assert "Jobs: 4, complete: 4, failed: 0" in (sweep_dir / "report" / "report.md").read_text()

@@ -243,6 +243,8 @@ def main(cfg):
     out = Path(HydraConfig.get().runtime.output_dir)
     with open(Path(cfg.log), "a") as f:
         f.write(out.name + "\\n")
+    while cfg.hold and cfg.seed == 1 and Path(cfg.hold).exists():  # held until the test removes the file
+        time.sleep(0.2)
     if cfg.controller.target_kl < 0:
         raise ValueError(f"controller.target_kl={cfg.controller.target_kl} is invalid")
     kl = cfg.controller.target_kl * 1.5 if cfg.controller.name != "fixed" else 0.3 / cfg.controller.init_kl_coef
@@ -266,6 +268,7 @@ defaults:
   - _self_
 seed: 0
 log: ???
+hold: null
 hydra:
   mode: MULTIRUN
   sweeper: {name: '${sweep.name}', controllers: '${sweep.controllers}', targets: '${sweep.targets}',

@@ -14,6 +14,7 @@ restarts with the same arguments, in the same run dir, and the trainer resumes f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -29,6 +30,7 @@ from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
+SUBMITTED = ".submitit/submitted.jsonl"
 # keys of our launcher configs that are not submitit parameters
 _OWN_KEYS = {"max_parallel"}
 
@@ -82,6 +84,7 @@ class _TolerantMixin:
             for i, job in zip(pending, executor.map_array(self, *zip(*args, strict=True)), strict=True):
                 running[i] = job
                 self.job_ids[i] = job.job_id
+            self._record(sweep_dir, job_overrides, pending)
             pending, limit = [], len(args)
         n_done = 0
         while pending or running:
@@ -89,6 +92,7 @@ class _TolerantMixin:
                 i = pending.pop(0)
                 running[i] = executor.submit(self, *args[i])
                 self.job_ids[i] = running[i].job_id
+                self._record(sweep_dir, job_overrides, [i])
             for i, job in list(running.items()):
                 if not job.done():
                     continue
@@ -102,6 +106,18 @@ class _TolerantMixin:
                 log.info(f"[{n_done}/{len(args)}] job #{initial_job_idx + i} ({job.job_id}): {status}")
             time.sleep(0.5 if self._EXECUTOR == "local" else 2.0)
         return results  # type: ignore[return-value]
+
+    def _record(self, sweep_dir: Path, job_overrides: Sequence[Sequence[str]], indices: Sequence[int]) -> None:
+        """Append each submitted job's run-dir name and submitit id to ``<sweep dir>/.submitit/submitted.jsonl``
+        as soon as it is submitted: a later run of the sweep checks there whether a job is still queued."""
+        path = sweep_dir / SUBMITTED
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for i in indices:
+                key = "hydra.sweep.subdir="
+                subdir = next((o[len(key) :] for o in job_overrides[i] if o.startswith(key)), None)
+                rec = {"subdir": subdir, "job_id": self.job_ids[i], "executor": self._EXECUTOR, "time": time.time()}
+                f.write(json.dumps(rec) + "\n")
 
 
 class LocalLauncher(_TolerantMixin, stock.LocalLauncher):

@@ -17,6 +17,11 @@ in the same second never share a dir). Unless ``fresh=true``, a sweep first look
 dir of the same name whose ``sweep.json`` has the same grid fingerprint (name + every job's overrides) and
 whose lock no running sweep holds, and resumes it: re-running the same command completes what is missing
 or failed. ``dir=<path>`` names the dir exactly (resumed if its fingerprint matches, an error otherwise).
+
+Resume never runs two copies of a job: a completed job (``summary.json``) is skipped; a job that an earlier
+run of the sweep submitted to SLURM and that ``squeue`` still lists (the sweep's own process died, the job did
+not) stops the re-run with its job id, to wait for it or ``scancel`` it. A job that was interrupted restarts
+in its run dir, where the trainer resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import fcntl
 import json
 import logging
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -107,6 +113,33 @@ def choose_sweep_dir(root: Path, name: str, fp: str, fresh: bool, exact: str | N
         assert lock is not None
         return d, lock, False
     raise RuntimeError(f"could not create a sweep dir under {base}")
+
+
+def queued_slurm_jobs(sweep_dir: Path, names: set[str]) -> dict[str, str]:
+    """Run-dir name -> SLURM job id, for the jobs among ``names`` that an earlier run of this sweep submitted
+    to SLURM and that ``squeue`` still lists (pending, running, requeued). Resubmitting them would run two
+    copies of a job in one run dir."""
+    from hydra_plugins.kl_research_sweeper.launchers import SUBMITTED
+
+    path = sweep_dir / SUBMITTED
+    if not path.is_file():
+        return {}
+    latest: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("executor") == "slurm" and rec.get("subdir") in names and rec.get("job_id"):
+            latest[rec["subdir"]] = str(rec["job_id"])
+    if not latest:
+        return {}
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning(f"cannot check whether earlier SLURM jobs of this sweep still run ({e}); resubmitting them")
+        return {}
+    queued = set(out.stdout.split())
+    # squeue shows a pending array's tasks as 123_[4-7]: match on the array id too.
+    queued_arrays = {q.split("_")[0] for q in queued if "[" in q}
+    return {n: i for n, i in latest.items() if i in queued or i.split("_")[0] in queued_arrays}
 
 
 def make_tolerant(launcher: Any) -> Any:
@@ -201,6 +234,14 @@ class KLGridSweeper(Sweeper):
 
         done = [j for j in jobs if (sweep_dir / j.name / "summary.json").exists()]
         todo = [j for j in jobs if j not in done]
+        if resumed:
+            still_queued = queued_slurm_jobs(sweep_dir, {j.name for j in todo})
+            if still_queued:
+                ids = " ".join(sorted(set(still_queued.values())))
+                raise RuntimeError(
+                    f"{len(still_queued)} jobs of an earlier run of this sweep are still queued or running on SLURM "
+                    f"({', '.join(sorted(still_queued))}); wait for them, or cancel them (scancel {ids}), then re-run"
+                )
         log.info(
             f"Sweep '{self.name}' {'resumed' if resumed else 'started'} in {sweep_dir}: {len(jobs)} jobs, "
             f"{len(done)} already complete, {len(todo)} to run"
