@@ -56,8 +56,12 @@ def resolve_cache_dir(cfg_cache_dir: str | None) -> Path:
     return (Path(base) / "kl-research").expanduser().resolve()
 
 
-def num_threads() -> int:
-    """CPU threads for torch: $SLURM_CPUS_PER_TASK if set, else the cores this process may run on."""
+def num_threads(configured: int | None = None) -> int:
+    """CPU threads for torch: the `threads` config key if set, else $SLURM_CPUS_PER_TASK, else the cores this
+    process may run on. One rule for the reference build and the trainer (sweep jobs side by side must not
+    oversubscribe the cores: OpenMP threads that outnumber the free cores slow torch down many times)."""
+    if configured:
+        return int(configured)
     slurm = os.environ.get("SLURM_CPUS_PER_TASK")
     if slurm and slurm.isdigit() and int(slurm) > 0:
         return int(slurm)
@@ -154,9 +158,9 @@ def _stream_nll(model, stream: torch.Tensor, block: int, batch: int, bf16: bool)
 
 def pretrain_tiny(cfg: DictConfig, corpus: Corpus, out_dir: Path) -> dict:
     """Train tokenizer + model on corpus.train, save both to out_dir, return the build metadata.
-    Uses num_threads() torch threads ($SLURM_CPUS_PER_TASK or all cores) and restores the previous count."""
+    Uses num_threads(cfg.threads) torch threads and restores the previous count."""
     t0 = time.time()
-    threads, threads_before = num_threads(), torch.get_num_threads()
+    threads, threads_before = num_threads(cfg.get("threads")), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         return _pretrain_tiny(cfg, corpus, out_dir, t0, threads)
