@@ -51,6 +51,7 @@ from hydra_plugins.kl_research_sweeper.grid import Job, expand_grid, fingerprint
 log = logging.getLogger(__name__)
 
 STATE_FILE = "sweep.json"
+INVOCATION_KEYS = ("sweep.fresh", "sweep.dir", "sweep.report", "sweep.fail_on_error")
 LOCK_FILE = ".sweep.lock"
 
 
@@ -197,6 +198,9 @@ class KLGridSweeper(Sweeper):
 
         assert self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        # How this invocation runs (not what the jobs compute) stays out of the jobs' configs, so that a
+        # re-run with e.g. sweep.report=false resumes a job's checkpoint with an identical config.
+        arguments = [a for a in arguments if a.partition("=")[0].lstrip("+~") not in INVOCATION_KEYS]
         parsed = parser.parse_overrides([*self.overrides, *arguments])
         swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
         combos = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0] if parsed else [[]]
