@@ -144,8 +144,13 @@ def plot_curves(history: list[dict[str, Any]], target: float, path: Path, title:
 
     steps = [r["step"] for r in history]
     fig, ax = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    ax[0, 0].plot(steps, [r["reward/mean"] for r in history])
-    ax[0, 0].set_ylabel("reward (mean)")
+    reward = np.array([r["reward/mean"] for r in history])
+    window = max(1, min(10, len(reward) // 5))
+    smooth = np.convolve(reward, np.ones(window) / window, mode="valid")
+    ax[0, 0].plot(steps, reward, alpha=0.35, lw=0.8, label="batch mean")
+    ax[0, 0].plot(steps[window - 1 :], smooth, label=f"{window}-step mean")
+    ax[0, 0].set_ylabel("reward")
+    ax[0, 0].legend(fontsize=8)
     ax[0, 1].plot(steps, [r["kl/exact"] for r in history], label="exact")
     ax[0, 1].plot(steps, [r["kl/k1"] for r in history], alpha=0.4, lw=0.8, label="k1")
     ax[0, 1].axhline(target, color="k", ls="--", lw=1, label="target")
@@ -157,7 +162,9 @@ def plot_curves(history: list[dict[str, Any]], target: float, path: Path, title:
     ax[1, 0].set_ylabel("β (kl/coef)")
     ev = [r for r in history if "eval/ppl_heldout" in r]
     if ev:
-        ax[1, 1].plot([r["step"] for r in ev], [r["eval/ppl_heldout"] for r in ev], "o-", label="policy")
+        # the policy starts as the reference: step 0 is the reference's perplexity
+        ev_steps = [0] + [r["step"] for r in ev]
+        ax[1, 1].plot(ev_steps, [ev[0]["eval/ppl_ref"]] + [r["eval/ppl_heldout"] for r in ev], "o-", label="policy")
         ax[1, 1].axhline(ev[-1]["eval/ppl_ref"], color="k", ls="--", lw=1, label="reference")
         ax[1, 1].legend(fontsize=8)
     ax[1, 1].set_ylabel("held-out perplexity")
