@@ -7,6 +7,7 @@ Everything it writes lives under out_dir: metrics.jsonl, summary.json, curves.pn
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import math
@@ -37,10 +38,31 @@ RESUMABLE_DIFFS = ("steps", "wandb", "threads", "checkpoint_every")
 
 # ------------------------------------------------------------------------------------------ environment
 def setup_threads(threads: int | None) -> int:
-    """Torch threads: the config's value, else SLURM_CPUS_PER_TASK, else torch's default (all cores)."""
-    n = threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or torch.get_num_threads()
+    """Torch threads by the project's one rule (reference.num_threads): the config's value, else
+    $SLURM_CPUS_PER_TASK, else the cores this process may use."""
+    from kl_research.reference import num_threads
+
+    n = num_threads(threads)
     torch.set_num_threads(n)
     return n
+
+
+def setup_allocator() -> bool:
+    """glibc malloc: serve every allocation from the heap and keep freed memory for reuse (no mmap/munmap).
+
+    A PPO step allocates and frees the same few 50-300 MB tensors (logits, the vocabulary gradient) every
+    minibatch; by default glibc maps each one fresh from the OS, and the page faults cost ~20% of the CPU time
+    of a GPT-2-shaped step (measured: sys time 13 s → 1.7 s in a 65 s run). The price: RSS stays at its high-water
+    mark. Process-wide, idempotent; a no-op (False) off glibc.
+    """
+    if os.environ.get("KL_RESEARCH_MALLOC", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -239,6 +261,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     threads = setup_threads(cfg.threads)
+    setup_allocator()
     device = resolve_device(cfg.device)
     amp = autocast(device, cfg.precision)
     pcfg = cfg.ppo
