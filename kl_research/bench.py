@@ -123,7 +123,15 @@ def bench(
     from kl_research import ppo
     from kl_research.kl import token_kl
     from kl_research.reference import compose_config
-    from kl_research.train import autocast, make_optimizer, ppo_update, resolve_device, rollout, setup_threads
+    from kl_research.train import (
+        autocast,
+        make_optimizer,
+        ppo_update,
+        resolve_device,
+        rollout,
+        setup_allocator,
+        setup_threads,
+    )
 
     overrides = [f"ppo.batch_size={batch_size}", f"ppo.response_length={response_len}", f"precision={precision}"]
     if epochs is not None:
@@ -133,6 +141,7 @@ def bench(
     cfg = compose_config(overrides)
     pcfg = cfg.ppo
     n_threads = setup_threads(threads)
+    malloc_tuned = setup_allocator()
     dev = resolve_device(device)
     amp = autocast(dev, precision)
     ref, policy, dims = build_models(shape, seed)
@@ -154,7 +163,7 @@ def bench(
 
     def step() -> dict[str, float]:
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batch = rollout(
             policy,
             ref,
@@ -182,6 +191,7 @@ def bench(
         t3 = time.perf_counter()
         g = timer.times[-1]
         return {
+            "cpu": time.process_time() - c0,
             "generate": g,
             "score": t1 - t0 - g,
             "advantages": t2 - t1,
@@ -194,6 +204,7 @@ def bench(
     runs = [step() for _ in range(steps)]
     med = {k: _median([r[k] for r in runs]) for k in runs[0]}
     med["score_and_update"] = _median([r["score"] + r["advantages"] + r["update"] for r in runs])
+    cpu = med.pop("cpu")  # process CPU seconds (all threads) per step: ≈ threads × total when the cores are ours
     rss = peak_rss_mb()
     n_mb = pcfg.epochs * -(-B // pcfg.minibatch_size)
     rec: dict[str, Any] = {
@@ -210,12 +221,14 @@ def bench(
         "steps": steps,
         "precision": precision,
         "seconds": {k: round(v, 4) for k, v in med.items()},
-        "seconds_all": {k: [round(r[k], 4) for r in runs] for k in runs[0]},
+        "cpu_seconds_per_step": round(cpu, 4),
+        "seconds_all": {k: [round(r[k], 4) for r in runs] for k in runs[0] if k != "cpu"},
         "gen_tokens_per_s": round(B * R / med["generate"], 1),
         "train_tokens_per_s": round(pcfg.epochs * B * (P + R) / med["update"], 1),
         "step_tokens_per_s": round(B * R / med["total"], 1),
         "peak_rss_mb": round(rss, 1),
         "threads": n_threads,
+        "malloc_tuned": malloc_tuned,
         "device": str(dev),
         "versions": versions(),
     }
