@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoints/last.pt"
 # Keys whose change does not change the trajectory: a restart may differ in these and still resume.
-RESUMABLE_DIFFS = ("steps", "wandb", "threads", "checkpoint_every")
+RESUMABLE_DIFFS = ("steps", "wandb", "threads", "checkpoint_every", "sweep")
 
 
 # ------------------------------------------------------------------------------------------ environment
