@@ -118,6 +118,30 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ rollout
+def token_stats(
+    logits: torch.Tensor, ref_logits: torch.Tensor, response: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log π(y), log π_ref(y), exact KL and entropy, each (B, R), from the (B, R, V) logits of π and π_ref.
+
+    The same numbers as ppo.gather_logprobs, kl.exact_token_kl and ppo.entropy_from_logits (the same ops in
+    the same order, row by row), but one log-softmax per model shared by all four instead of five, computed a
+    few sequences at a time so that the (b, R, V) temporaries stay cache-sized (~8 MB) instead of full-batch.
+    """
+    B, R, V = logits.shape
+    rows = max(1, (1 << 21) // (R * V))  # sequences per chunk
+    out = torch.empty(4, B, R, dtype=torch.float32, device=logits.device)
+    for s in range(0, B, rows):
+        lp = torch.log_softmax(logits[s : s + rows].float() / temperature, dim=-1)  # (b, R, V) log π
+        ref_lp = torch.log_softmax(ref_logits[s : s + rows].float() / temperature, dim=-1)  # (b, R, V) log π_ref
+        idx = response[s : s + rows].unsqueeze(-1)  # (b, R, 1)
+        out[0, s : s + rows] = lp.gather(-1, idx).squeeze(-1)
+        out[1, s : s + rows] = ref_lp.gather(-1, idx).squeeze(-1)
+        p = lp.exp()
+        out[3, s : s + rows] = -(p * lp).sum(-1)  # entropy
+        out[2, s : s + rows] = (p * lp.sub_(ref_lp)).sum(-1)  # Σ_v π(v)·(log π(v) − log π_ref(v)); lp spent
+    return out[0], out[1], out[2], out[3]
+
+
 @torch.inference_mode()
 def rollout(
     policy: PolicyWithValue,
@@ -158,18 +182,7 @@ def rollout(
     with amp:
         logits, values = policy.score(seqs, P)  # (B, R, V), (B, R)
         ref_logits, _ = score_lm(ref_model, seqs, P)  # (B, R, V)
-    # One log-softmax per model, shared by the log-probs, the exact KL and the entropy: the same numbers as
-    # ppo.gather_logprobs, kl.exact_token_kl and ppo.entropy_from_logits (same ops in the same order), but
-    # 2 passes over the (B, R, V) logits instead of 5, and the logits freed as soon as they are normalised.
-    lp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, R, V) log π
-    del logits
-    ref_lp = torch.log_softmax(ref_logits.float() / temperature, dim=-1)  # (B, R, V) log π_ref
-    del ref_logits
-    idx = response.unsqueeze(-1)  # (B, R, 1)
-    logp, ref_logp = lp.gather(-1, idx).squeeze(-1), ref_lp.gather(-1, idx).squeeze(-1)  # (B, R)
-    p = lp.exp()
-    entropy = -(p * lp).sum(-1)  # (B, R)
-    exact_kl = (p * lp.sub_(ref_lp)).sum(-1)  # (B, R) Σ_v π(v)·(log π(v) − log π_ref(v)); lp is spent here
+    logp, ref_logp, exact_kl, entropy = token_stats(logits, ref_logits, response, temperature)
     return {
         "seqs": seqs,
         "response": response,
