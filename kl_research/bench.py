@@ -391,10 +391,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-floors", action="store_true", help="skip the bare generate / forward / backward floors")
     ap.add_argument("--kl-noise", action="store_true", help="measure the bf16-vs-fp32 KL noise floor instead")
     ap.add_argument("--move", type=float, default=0.05, help="--kl-noise: weight perturbation (× weight std)")
+    ap.add_argument(
+        "--ref-path", default=None, help="--kl-noise: a saved causal LM as the reference (e.g. the tiny cache)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.kl_noise:
-        rec = kl_noise_floor(a.shape, a.batch, a.prompt_len, a.response_len, a.move, a.threads, a.seed)
+        ref = None
+        if a.ref_path:
+            from transformers import AutoModelForCausalLM
+
+            ref = AutoModelForCausalLM.from_pretrained(a.ref_path).eval().requires_grad_(False)
+        rec = kl_noise_floor(a.shape, a.batch, a.prompt_len, a.response_len, a.move, a.threads, a.seed, ref)
+        if a.ref_path:
+            rec["shape"] = a.ref_path
     else:
         rec = bench(
             a.shape,

@@ -54,3 +54,38 @@ def test_bf16_trunk_keeps_batch_kl(tiny_shape):
     rec = bench.kl_noise_floor(tiny_shape, batch_size=16, prompt_len=4, response_len=8, move=0.5, threads=1)
     assert rec["fp32"]["exact"] > 1e-3  # the policy has moved
     assert rec["abs_err"]["exact"] < 1e-3 and rec["abs_err"]["k1"] < 1e-3
+
+
+def test_rollout_scores_each_model_once(tiny_shape):
+    """No forward pass done twice: one full-sequence trunk pass each for policy (+values) and reference."""
+    import contextlib
+
+    from kl_research.train import rollout
+
+    ref, policy, dims = bench.build_models(tiny_shape)
+    P, R = 4, 6
+    seen = {"policy": [], "ref": []}
+
+    def hook(name):
+        def record(module, args, kwargs, out):
+            ids = args[0] if args else kwargs.get("input_ids")
+            seen[name].append(ids.shape[1])
+
+        return record
+
+    for name, lm in (("policy", policy.lm), ("ref", ref)):
+        lm.base_model.register_forward_hook(hook(name), with_kwargs=True)
+    prompts = torch.randint(1, dims["vocab_size"], (3, P))
+    rollout(
+        policy,
+        ref,
+        prompts,
+        response_length=R,
+        temperature=1.0,
+        eos_token_id=None,
+        pad_token_id=0,
+        amp=contextlib.nullcontext(),
+    )
+    assert seen["ref"] == [P + R]  # the reference scores the rollout once and never generates
+    assert seen["policy"].count(P + R) == 1  # generation (prompt, then 1 token per step with the KV cache) + 1 score
+    assert sorted(set(seen["policy"]) - {P + R}) == [1, P]
