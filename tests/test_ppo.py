@@ -96,3 +96,20 @@ def test_logprobs_and_entropy_use_the_temperature():
         p = torch.softmax(logits / t, -1)
         assert ppo.gather_logprobs(logits, tok, t).item() == pytest.approx(p[0, 0, 0].log().item())
         assert ppo.entropy_from_logits(logits, t).item() == pytest.approx(-(p * p.log()).sum().item(), rel=1e-5)
+
+
+def test_rollout_token_stats_equal_the_reference_functions():
+    """train.token_stats (one log-softmax per model, chunked) gives the numbers of the plain functions."""
+    from kl_research.kl import exact_token_kl
+    from kl_research.train import token_stats
+
+    torch.manual_seed(0)
+    B, R, V = 7, 5, 3001  # odd sizes: several chunks, a ragged last one
+    logits, ref = 3 * torch.randn(B, R, V), 3 * torch.randn(B, R, V)
+    tokens = torch.randint(V, (B, R))
+    for t in (1.0, 0.7):
+        logp, ref_logp, kl, ent = token_stats(logits, ref, tokens, t)
+        torch.testing.assert_close(logp, ppo.gather_logprobs(logits, tokens, t))
+        torch.testing.assert_close(ref_logp, ppo.gather_logprobs(ref, tokens, t))
+        torch.testing.assert_close(kl, exact_token_kl(logits, ref, t))
+        torch.testing.assert_close(ent, ppo.entropy_from_logits(logits, t))
