@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-trl}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import trl" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "from trl import PPOTrainer" 2>/dev/null; then
   python -m venv "$VENV"
   # torch pinned to the project's version: an unpinned torch pulls the CUDA build (GBs); with the CPU wheel in
   # pip's find-links (here /opt/wheels) `2.13.0+cpu` sorts above `2.13.0` and is taken
