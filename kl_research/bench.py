@@ -248,20 +248,12 @@ def bench(
 
 def floor_times(policy, ref, prompts, R, pcfg, n_minibatches, steps, warmup, amp, seed) -> dict[str, float]:
     """Median seconds of the bare HF calls doing the same work: generate, 2 forwards, forward+backward+AdamW."""
+    from kl_research.train import sampling_kwargs
+
     lm = policy.lm
     B = prompts.shape[0]
     mb = pcfg.minibatch_size
-    gen_kwargs = dict(
-        attention_mask=torch.ones_like(prompts),
-        do_sample=True,
-        temperature=pcfg.temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=R,
-        min_new_tokens=1,
-        pad_token_id=PAD,
-        use_cache=True,
-    )
+    gen_kwargs = sampling_kwargs(prompts, pcfg.temperature, R, None, PAD)  # exactly the trainer's settings
     with torch.inference_mode():
         seqs = lm.generate(input_ids=prompts, **gen_kwargs)
     seqs = seqs.clone()  # a normal tensor (inference tensors cannot be saved for backward)

@@ -21,6 +21,16 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _check_bounds(kl_coef_min: float, kl_coef_max: float) -> None:
+    _check(_finite(kl_coef_min) and kl_coef_min > 0, "kl_coef_min", kl_coef_min, "a finite float > 0")
+    _check(
+        _finite(kl_coef_max) and kl_coef_max >= kl_coef_min,
+        "kl_coef_max",
+        kl_coef_max,
+        f"a finite float >= kl_coef_min ({kl_coef_min})",
+    )
+
+
 class KLController:
     """Base class: holds β and the target, validates the shared parameters."""
 
@@ -120,13 +130,7 @@ class ExponentialController(KLController):
     ) -> None:
         super().__init__(init_kl_coef, target_kl)
         _check(_finite(gain) and gain > 0, "gain", gain, "a finite float > 0")
-        _check(_finite(kl_coef_min) and kl_coef_min > 0, "kl_coef_min", kl_coef_min, "a finite float > 0")
-        _check(
-            _finite(kl_coef_max) and kl_coef_max >= kl_coef_min,
-            "kl_coef_max",
-            kl_coef_max,
-            f"a finite float >= kl_coef_min ({kl_coef_min})",
-        )
+        _check_bounds(kl_coef_min, kl_coef_max)
         self.gain = float(gain)
         self.kl_coef_min = float(kl_coef_min)
         self.kl_coef_max = float(kl_coef_max)
@@ -174,13 +178,7 @@ class PIDController(KLController):
             _check(_finite(v) and v >= 0, key, v, "a finite float >= 0")
         _check(_finite(d_filter) and 0 <= d_filter < 1, "d_filter", d_filter, "a float in [0, 1)")
         _check(_finite(error_clip) and error_clip > 0, "error_clip", error_clip, "a finite float > 0")
-        _check(_finite(kl_coef_min) and kl_coef_min > 0, "kl_coef_min", kl_coef_min, "a finite float > 0")
-        _check(
-            _finite(kl_coef_max) and kl_coef_max >= kl_coef_min,
-            "kl_coef_max",
-            kl_coef_max,
-            f"a finite float >= kl_coef_min ({kl_coef_min})",
-        )
+        _check_bounds(kl_coef_min, kl_coef_max)
         _check(
             kl_coef_min <= init_kl_coef <= kl_coef_max,
             "init_kl_coef",

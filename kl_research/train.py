@@ -142,6 +142,25 @@ def token_stats(
     return out[0], out[1], out[2], out[3]
 
 
+def sampling_kwargs(
+    prompts: torch.Tensor, temperature: float, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int
+) -> dict[str, Any]:
+    """`generate` settings that sample exactly from softmax(logits/T): no top-k, no top-p (RESEARCH.md §2;
+    anything else makes the sampling distribution differ from the one the log-probs are scored with)."""
+    return dict(
+        attention_mask=torch.ones_like(prompts),  # prompts all have one length: no padding
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=1,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+
+
 @torch.inference_mode()
 def rollout(
     policy: PolicyWithValue,
@@ -162,17 +181,7 @@ def rollout(
     B, P = prompts.shape
     with amp:
         seqs = policy.lm.generate(
-            input_ids=prompts,
-            attention_mask=torch.ones_like(prompts),
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=response_length,
-            min_new_tokens=1,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            use_cache=True,
+            input_ids=prompts, **sampling_kwargs(prompts, temperature, response_length, eos_token_id, pad_token_id)
         )  # (B, P + R'), R' <= R when every sequence stopped early
     if seqs.shape[1] < P + response_length:  # pad to a fixed R so every rollout has one shape
         pad = torch.full((B, P + response_length - seqs.shape[1]), pad_token_id, dtype=seqs.dtype, device=seqs.device)
