@@ -84,8 +84,7 @@ class PPOSchema:
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"ppo.{key}={getattr(self, key)!r} is invalid; allowed: {allowed}")
+            _need(ok, "ppo", self, key, allowed)
 
         for key in ("batch_size", "minibatch_size", "epochs", "response_length"):
             need(getattr(self, key) > 0, key, "an int > 0")
