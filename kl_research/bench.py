@@ -243,7 +243,54 @@ def bench(
             "update": round(med["update"] / fl["update"], 3),
             "total": round(med["total"] / (fl["generate"] + fl["score"] + fl["update"]), 3),
         }
+        gf = gemm_floors(policy, ref, prompts, R, pcfg, optimizer, shuffle_gen, amp)
+        rec["gemm_floor_seconds"] = {k: round(v["seconds"], 4) for k, v in gf.items()}
+        rec["gemm_gflop"] = {k: round(v["gflop"], 2) for k, v in gf.items()}
+        rec["gemm_gflop_per_s"] = {k: round(v["gflop_per_s"], 1) for k, v in gf.items()}
+        rec["gemm_share"] = {  # fraction of our measured time that the GEMMs alone would take
+            k: round(gf[k]["seconds"] / med[k], 3) for k in ("generate", "score", "update")
+        }
+        rec["gemm_top_update"] = gf["update"]["by_shape"][:6]
     return rec
+
+
+def gemm_floors(policy, ref, prompts, R, pcfg, optimizer, shuffle_gen, amp) -> dict[str, dict[str, Any]]:
+    """The GEMMs one step of the real trainer dispatches (kl_research.gemm), timed alone, per phase.
+
+    Recorded on one extra step after the timed ones: the rollout, the bare `generate` alone (the same shapes:
+    EOS is off, so generation always runs R steps), score = rollout − generate, and one `ppo_update`.
+    """
+    from kl_research import ppo
+    from kl_research.gemm import GemmRecorder, gemm_floor
+    from kl_research.train import ppo_update, rollout, sampling_kwargs
+
+    B, P = prompts.shape
+    with GemmRecorder() as rec_roll:
+        batch = rollout(
+            policy,
+            ref,
+            prompts,
+            response_length=R,
+            temperature=pcfg.temperature,
+            eos_token_id=None,
+            pad_token_id=PAD,
+            amp=amp,
+        )
+    with GemmRecorder() as rec_gen, torch.inference_mode(), amp:
+        policy.lm.generate(input_ids=prompts, **sampling_kwargs(prompts, pcfg.temperature, R, None, PAD))
+    mask = batch["mask"]
+    advantages = ppo.masked_whiten(torch.randn(B, R, device=mask.device), mask)
+    returns = torch.randn(B, R, device=mask.device)
+    policy.train()
+    with GemmRecorder() as rec_upd:
+        ppo_update(policy, optimizer, batch, advantages, returns, P, pcfg, amp, shuffle_gen)
+    policy.eval()
+    score_calls = rec_roll.calls - rec_gen.calls
+    return {
+        "generate": gemm_floor(rec_gen.calls),
+        "score": gemm_floor(score_calls),
+        "update": gemm_floor(rec_upd.calls),
+    }
 
 
 def floor_times(policy, ref, prompts, R, pcfg, n_minibatches, steps, warmup, amp, seed) -> dict[str, float]:

@@ -292,6 +292,7 @@ def validate(cfg: DictConfig) -> None:
     """Run every schema's range checks. Raises ValueError naming the key, the value and what is allowed."""
     for section in ("controller", "ppo", "wandb", "model", "data", "reward"):
         OmegaConf.to_object(cfg[section])
+
     def need(ok: bool, key: str, allowed: str) -> None:
         if not ok:
             raise ValueError(f"{key}={cfg.get(key)!r} is invalid; allowed: {allowed}")

@@ -48,15 +48,22 @@ class PolicyWithValue(nn.Module):
 def score_lm(
     lm: PreTrainedModel, input_ids: torch.Tensor, prompt_len: int, v_head: nn.Module | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the trunk once, project only the R response-predicting positions to the vocabulary."""
-    hidden = lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, P+R, H)
-    hidden = hidden[:, prompt_len - 1 : -1].float()  # (B, R, H)
+    """Run the trunk once, project only the R response-predicting positions to the vocabulary.
+
+    The last token is not fed: its output would predict a token after the response, and under causal attention
+    no earlier position sees it, so dropping it changes no number we use and saves 1/(P+R) of the trunk's work.
+    """
+    hidden = lm.base_model(input_ids=input_ids[:, :-1], use_cache=False).last_hidden_state  # (B, P+R-1, H)
+    B, R = hidden.shape[0], hidden.shape[1] - prompt_len + 1
+    # One contiguous (B·R, H) matrix: the strided slice (B, R, H) would send F.linear to a batched matmul with
+    # the (H, V) weight expanded B times when the weight requires grad (measured 1.8 s vs 0.64 s at 64×24×50257).
+    hidden = hidden[:, prompt_len - 1 :].reshape(B * R, -1).float()  # (B·R, H)
     # The vocabulary projection and the value head run in fp32 even under bf16 autocast: KL targets of
     # 0.01 nats/token need log-probs far more precise than bf16 logits (8 bits of mantissa).
     with torch.autocast(hidden.device.type, enabled=False):
         head = lm.get_output_embeddings()
         logits = torch.nn.functional.linear(
             hidden, head.weight.float(), None if head.bias is None else head.bias.float()
-        )
-        values = v_head(hidden).squeeze(-1) if v_head is not None else None  # (B, R)
+        ).view(B, R, -1)
+        values = v_head(hidden).view(B, R) if v_head is not None else None  # (B, R)
     return logits, values  # logits (B, R, V) fp32

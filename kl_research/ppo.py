@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kl_research.kl import masked_mean
+from kl_research.kl import masked_mean, tempered
 
 
 def response_mask(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
@@ -96,11 +96,11 @@ def value_loss(
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits/T)[token] in fp32. logits (B, T, V), tokens (B, T) -> (B, T)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(tempered(logits, temperature), dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Entropy of softmax(logits/T) at each position, fp32. (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(tempered(logits, temperature), dim=-1)
     return -(logp.exp() * logp).sum(-1)

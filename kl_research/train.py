@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from kl_research import ppo
 from kl_research.config import validate
 from kl_research.controllers import KLController, build_controller
-from kl_research.kl import ESTIMATORS, masked_mean, token_kl
+from kl_research.kl import ESTIMATORS, masked_mean, tempered, token_kl
 from kl_research.policy import PolicyWithValue, disable_dropout, score_lm
 from kl_research.runlog import RunLogger, plot_curves, summarize
 
@@ -131,8 +131,8 @@ def token_stats(
     rows = max(1, (1 << 21) // (R * V))  # sequences per chunk
     out = torch.empty(4, B, R, dtype=torch.float32, device=logits.device)
     for s in range(0, B, rows):
-        lp = torch.log_softmax(logits[s : s + rows].float() / temperature, dim=-1)  # (b, R, V) log π
-        ref_lp = torch.log_softmax(ref_logits[s : s + rows].float() / temperature, dim=-1)  # (b, R, V) log π_ref
+        lp = torch.log_softmax(tempered(logits[s : s + rows], temperature), dim=-1)  # (b, R, V) log π
+        ref_lp = torch.log_softmax(tempered(ref_logits[s : s + rows], temperature), dim=-1)  # (b, R, V) log π_ref
         idx = response[s : s + rows].unsqueeze(-1)  # (b, R, 1)
         out[0, s : s + rows] = lp.gather(-1, idx).squeeze(-1)
         out[1, s : s + rows] = ref_lp.gather(-1, idx).squeeze(-1)

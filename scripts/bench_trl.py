@@ -15,8 +15,10 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-gemm-floor", dest="gemm_floor", action="store_false", help="skip the GEMM floor")
     a = ap.parse_args()
 
     import transformers
@@ -123,6 +126,14 @@ def main() -> None:
 
     timed(step, a.warmup)
     step_ts, _ = timed(step, a.steps)
+    gemm = None
+    if a.gemm_floor:  # the GEMMs one more step dispatches, each timed alone (kl_research/gemm.py: torch only)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from kl_research.gemm import GemmRecorder, gemm_floor
+
+        with GemmRecorder() as recorder:
+            step()
+        gemm = gemm_floor(recorder.calls)
     med = statistics.median
     rec = {
         "bench": "trl_ppo_step",
@@ -154,6 +165,11 @@ def main() -> None:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         },
     }
+    if gemm is not None:
+        rec["gemm_floor_seconds"] = {"step": round(gemm["seconds"], 4)}
+        rec["gemm_gflop"] = {"step": round(gemm["gflop"], 2)}
+        rec["gemm_gflop_per_s"] = {"step": round(gemm["gflop_per_s"], 1)}
+        rec["gemm_top_step"] = gemm["by_shape"][:6]
     print(json.dumps(rec), flush=True)
 
 

@@ -86,6 +86,60 @@ def test_rollout_scores_each_model_once(tiny_shape):
         pad_token_id=0,
         amp=contextlib.nullcontext(),
     )
-    assert seen["ref"] == [P + R]  # the reference scores the rollout once and never generates
-    assert seen["policy"].count(P + R) == 1  # generation (prompt, then 1 token per step with the KV cache) + 1 score
-    assert sorted(set(seen["policy"]) - {P + R}) == [1, P]
+    # the reference scores the rollout once (all but the last token, whose output predicts nothing we use)
+    assert seen["ref"] == [P + R - 1]
+    assert seen["policy"].count(P + R - 1) == 1  # generation (prompt, then 1 token per step, KV cache) + 1 score
+    assert sorted(set(seen["policy"]) - {P + R - 1}) == [1, P]
+
+
+def test_gemm_recorder_counts_and_times_the_matmuls():
+    """Every mm/addmm/bmm of forward and backward is recorded with its shape; the floor sums 2·m·k·n per call."""
+    from kl_research.gemm import GemmRecorder, gemm_floor
+
+    x = torch.randn(8, 5, requires_grad=True)
+    w = torch.randn(5, 3, requires_grad=True)
+    b = torch.randn(4, 6, 7)
+    with GemmRecorder() as rec:
+        (x @ w).sum().backward()  # forward mm + 2 backward mms (grad x, grad w)
+        torch.bmm(b, torch.randn(4, 7, 2))
+    floor = gemm_floor(rec.calls, repeats=2)
+    assert floor["calls"] == 4
+    assert floor["gflop"] * 1e9 == pytest.approx(3 * 2 * 8 * 5 * 3 + 2 * 4 * 6 * 7 * 2)
+    assert floor["seconds"] > 0 and len(floor["by_shape"]) == 4
+    assert x.grad is not None and w.grad.shape == (5, 3)  # the work itself ran normally
+
+
+def test_score_lm_equals_the_full_forward(tiny_shape):
+    """Dropping the last token and projecting only response positions leaves the numbers we use unchanged."""
+    ref, policy, dims = bench.build_models(tiny_shape)
+    P, R = 5, 7
+    seqs = torch.randint(1, dims["vocab_size"], (3, P + R))
+    with torch.no_grad():
+        logits, values = policy.score(seqs, P)
+        full = policy.lm(seqs)
+        ref_logits, no_values = bench_score(ref, seqs, P)
+    assert no_values is None
+    torch.testing.assert_close(logits, full.logits[:, P - 1 : -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref_logits, ref(seqs).logits[:, P - 1 : -1], rtol=1e-5, atol=1e-5)
+    assert values.shape == (3, R)
+
+
+def bench_score(lm, seqs, P):
+    from kl_research.policy import score_lm
+
+    return score_lm(lm, seqs, P)
+
+
+def test_temperature_one_skips_the_division_bit_for_bit():
+    from kl_research.kl import exact_token_kl, tempered
+
+    x = torch.randn(2, 3, 50)
+    assert tempered(x, 1.0) is x  # no pass over the logits at T = 1
+    torch.testing.assert_close(tempered(x, 0.7), x / 0.7, rtol=0, atol=0)
+    y = torch.randn(2, 3, 50)
+    assert torch.equal(
+        exact_token_kl(x, y, 1.0),
+        (torch.log_softmax(x / 1.0, -1).exp() * (torch.log_softmax(x / 1.0, -1) - torch.log_softmax(y / 1.0, -1))).sum(
+            -1
+        ),
+    )
