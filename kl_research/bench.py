@@ -55,7 +55,7 @@ def build_models(shape: str, seed: int = 0):
     """(reference, policy) — a random-init GPT2LMHeadModel and PolicyWithValue.from_reference(it), as train()."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from kl_research.policy import PolicyWithValue, disable_dropout
+    from kl_research.policy import PolicyWithValue, disable_dropout, fuse_activations
 
     torch.manual_seed(seed)
     dims = model_shape(shape)
@@ -64,6 +64,7 @@ def build_models(shape: str, seed: int = 0):
     ref.generation_config.eos_token_id = None
     ref.generation_config.bos_token_id = None
     disable_dropout(ref)
+    fuse_activations(ref)  # as the trainer's loader does (reference._finish): GPT-2's gelu_new as one kernel
     ref.eval().requires_grad_(False)
     policy = PolicyWithValue.from_reference(ref)
     policy.eval()
@@ -118,6 +119,7 @@ def bench(
     device: str = "cpu",
     floors: bool = True,
     seed: int = 0,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record."""
     from kl_research import ppo
@@ -147,6 +149,11 @@ def bench(
     ref, policy, dims = build_models(shape, seed)
     ref.to(dev)
     policy.to(dev)
+    if compile:
+        from kl_research.policy import compile_trunk
+
+        compile_trunk(policy.lm)
+        compile_trunk(ref)
     if prompt_len + response_len > dims["n_positions"]:
         raise ValueError(f"prompt_len + response_len = {prompt_len + response_len} > n_positions {dims['n_positions']}")
     optimizer = make_optimizer(policy, pcfg, dev)
@@ -199,8 +206,10 @@ def bench(
             "total": t3 - t0,
         }
 
+    t_warm = time.perf_counter()
     for _ in range(warmup):
         step()
+    warmup_s = time.perf_counter() - t_warm  # includes torch.compile's compilation with --compile
     runs = [step() for _ in range(steps)]
     med = {k: _median([r[k] for r in runs]) for k in runs[0]}
     med["score_and_update"] = _median([r["score"] + r["advantages"] + r["update"] for r in runs])
@@ -220,6 +229,8 @@ def bench(
         "warmup": warmup,
         "steps": steps,
         "precision": precision,
+        "compile": compile,
+        "warmup_seconds": round(warmup_s, 2),
         "seconds": {k: round(v, 4) for k, v in med.items()},
         "cpu_seconds_per_step": round(cpu, 4),
         "seconds_all": {k: [round(r[k], 4) for r in runs] for k in runs[0] if k != "cpu"},
@@ -434,6 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         "--ref-path", default=None, help="--kl-noise: a saved causal LM as the reference (e.g. the tiny cache)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the scoring/update trunk (compile=true)")
     a = ap.parse_args(argv)
     if a.kl_noise:
         ref = None
@@ -459,6 +471,7 @@ def main(argv: list[str] | None = None) -> None:
             a.device,
             not a.no_floors,
             a.seed,
+            a.compile,
         )
     print(json.dumps(rec), flush=True)
 

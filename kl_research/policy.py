@@ -17,6 +17,22 @@ def disable_dropout(model: nn.Module) -> None:
             m.p = 0.0
 
 
+def fuse_activations(model: nn.Module) -> int:
+    """Swap GPT-2's `gelu_new` for torch's fused tanh-GELU (transformers' GELUTanh). The same function (outputs
+    differ by ≤ 2e-7): `gelu_new` is written as ~8 elementwise ops, each a pass over the (B, T, 4H) activations
+    forward and backward; the fused kernel is one pass each way. Measured on the tiny shape (4×128, batch 64,
+    2 threads, interleaved A/B): PPO update 1.19 → 1.04 s, rollout 0.63 → 0.58 s. Returns the number swapped."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+                swapped += 1
+    return swapped
+
+
 class PolicyWithValue(nn.Module):
     def __init__(self, lm: PreTrainedModel):
         super().__init__()
@@ -45,6 +61,21 @@ class PolicyWithValue(nn.Module):
         return score_lm(self.lm, input_ids, prompt_len, self.v_head if with_values else None)
 
 
+def compile_trunk(lm: PreTrainedModel, **compile_kwargs) -> None:
+    """torch.compile the full-sequence trunk pass that scoring and the PPO update run through `score_lm`.
+
+    Generation keeps the eager model: with the KV cache its shapes change at every decoding step. Scoring and the
+    update see fixed shapes, (B, P+R−1) and (minibatch, P+R−1), so with `dynamic=False` each mode compiles once.
+    The model's parameters and state_dict are untouched (the compiled function is a plain attribute).
+    """
+    base = lm.base_model
+
+    def trunk(input_ids: torch.Tensor) -> torch.Tensor:
+        return base(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    lm._compiled_trunk = torch.compile(trunk, **{"dynamic": False, **compile_kwargs})
+
+
 def score_lm(
     lm: PreTrainedModel, input_ids: torch.Tensor, prompt_len: int, v_head: nn.Module | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -53,7 +84,9 @@ def score_lm(
     The last token is not fed: its output would predict a token after the response, and under causal attention
     no earlier position sees it, so dropping it changes no number we use and saves 1/(P+R) of the trunk's work.
     """
-    hidden = lm.base_model(input_ids=input_ids[:, :-1], use_cache=False).last_hidden_state  # (B, P+R-1, H)
+    trunk = getattr(lm, "_compiled_trunk", None)  # set by compile_trunk
+    ids = input_ids[:, :-1]
+    hidden = trunk(ids) if trunk is not None else lm.base_model(input_ids=ids, use_cache=False).last_hidden_state
     B, R = hidden.shape[0], hidden.shape[1] - prompt_len + 1
     # One contiguous (B·R, H) matrix: the strided slice (B, R, H) would send F.linear to a batched matmul with
     # the (H, V) weight expanded B times when the weight requires grad (measured 1.8 s vs 0.64 s at 64×24×50257).

@@ -325,6 +325,9 @@ def _finish(model, tokenizer):
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model = model.float().eval().to("cpu")
+    from kl_research.policy import fuse_activations
+
+    fuse_activations(model)  # the policy is a copy of this model, so it inherits the fused kernel
     return model, tokenizer
 
 

@@ -143,3 +143,19 @@ def test_temperature_one_skips_the_division_bit_for_bit():
             -1
         ),
     )
+
+
+def test_fused_gelu_is_gpt2_gelu_new(tiny_shape):
+    """The trainer's loader swaps gelu_new for the fused tanh-GELU: same outputs to fp32 rounding."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kl_research.policy import fuse_activations
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16)).eval()
+    x = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        before = model(x).logits
+        assert fuse_activations(model) == 2 and fuse_activations(model) == 0
+        after = model(x).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
