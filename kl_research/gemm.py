@@ -21,12 +21,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
-# op -> index of the two matrix operands in its args
+# op -> index of the two matrix operands in its args. `linear` reaches the dispatcher undecomposed under
+# inference_mode (the rollout's scoring pass); with autograd on it arrives as mm/addmm.
 GEMM_OPS = {
     aten.mm.default: (0, 1),
     aten.addmm.default: (1, 2),
     aten.bmm.default: (0, 1),
     aten.baddbmm.default: (1, 2),
+    aten.linear.default: (0, 1),
 }
 
 
@@ -38,6 +40,8 @@ def gemm_flops(op, args) -> int:
     """2·m·k·n (times the batch for bmm) for one call."""
     i, j = GEMM_OPS[op]
     a, b = args[i], args[j]
+    if op is aten.linear.default:  # input (..., K) · weight (N, K)ᵀ
+        return 2 * a.numel() * b.shape[0]
     batch = a.shape[0] if a.dim() == 3 else 1
     return 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
 

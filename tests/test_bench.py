@@ -102,10 +102,12 @@ def test_gemm_recorder_counts_and_times_the_matmuls():
     with GemmRecorder() as rec:
         (x @ w).sum().backward()  # forward mm + 2 backward mms (grad x, grad w)
         torch.bmm(b, torch.randn(4, 7, 2))
-    floor = gemm_floor(rec.calls, repeats=2)
-    assert floor["calls"] == 4
-    assert floor["gflop"] * 1e9 == pytest.approx(3 * 2 * 8 * 5 * 3 + 2 * 4 * 6 * 7 * 2)
-    assert floor["seconds"] > 0 and len(floor["by_shape"]) == 4
+    with GemmRecorder() as rec_inf, torch.inference_mode():  # linear is not decomposed here: still counted
+        torch.nn.functional.linear(torch.randn(2, 8, 5), torch.randn(3, 5))
+    floor = gemm_floor(rec.calls + rec_inf.calls, repeats=2)
+    assert floor["calls"] == 5
+    assert floor["gflop"] * 1e9 == pytest.approx(3 * 2 * 8 * 5 * 3 + 2 * 4 * 6 * 7 * 2 + 2 * 16 * 5 * 3)
+    assert floor["seconds"] > 0 and len(floor["by_shape"]) == 5
     assert x.grad is not None and w.grad.shape == (5, 3)  # the work itself ran normally
 
 
