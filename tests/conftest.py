@@ -28,6 +28,28 @@ TINY_OVERRIDES = [
 ]
 
 
+def tiny_job(reference_steps: int) -> list[str]:
+    """Overrides for a PPO job of a few steps on a 1-layer reference that builds in seconds (the trainer's and
+    the sweep's tests; the reference cache is keyed by its config, so `reference_steps` picks one of two)."""
+    return [
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.vocab_size=512",
+        f"model.steps={reference_steps}",
+        f"model.eval_every={reference_steps}",
+        "data.max_texts=1500",
+        "data.eval_texts=16",
+        "ppo.batch_size=8",
+        "ppo.minibatch_size=4",
+        "ppo.epochs=2",  # test_train's NaN-guard counts depend on epochs × minibatches
+        "ppo.response_length=8",
+        "eval_every=2",
+        "checkpoint_every=2",
+        "wandb.mode=disabled",
+    ]
+
+
 @pytest.fixture
 def compose():
     """compose(*overrides) -> the project config from conf/, validated (as train.py sees it)."""

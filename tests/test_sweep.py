@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import tiny_job
 from hydra import compose, initialize_config_dir
 
 import kl_research.config  # noqa: F401  (registers the schemas)
@@ -30,24 +31,8 @@ CONF = str(REPO / "conf")
 CONTROLLERS = ["fixed", "adaptive", "exponential", "pid"]
 TARGETS = [0.01, 0.02, 0.05, 0.10, 0.20]
 
-# The trainer's tiny test configuration (tests/test_train.py), with a reference that builds in seconds.
-TINY = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.vocab_size=512",
-    "model.steps=10",
-    "model.eval_every=10",
-    "data.max_texts=1500",
-    "data.eval_texts=16",
-    "ppo.batch_size=8",
-    "ppo.minibatch_size=4",
-    "ppo.epochs=2",
-    "ppo.response_length=8",
-    "eval_every=2",
-    "checkpoint_every=2",
-    "wandb.mode=disabled",
-]
+# The trainer's tiny test job (conftest.tiny_job), with a reference that builds in seconds.
+TINY = tiny_job(10)
 # Shared by this module and test_slurm.py: the reference is keyed by its config, so reuse is safe.
 CACHE = Path(tempfile.gettempdir()) / "kl-research-sweep-test-cache"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_job
 from hydra import compose, initialize_config_dir
 from transformers import AutoModelForCausalLM
 
@@ -20,25 +21,7 @@ from kl_research.train import train
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 # A reference that builds in seconds, and a PPO job of a few steps.
-TINY = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.vocab_size=512",
-    "model.steps=30",
-    "model.eval_every=30",
-    "data.max_texts=1500",
-    "data.eval_texts=16",
-    "ppo.batch_size=8",
-    "ppo.minibatch_size=4",
-    "ppo.epochs=2",
-    "ppo.response_length=8",
-    "eval_every=2",
-    "checkpoint_every=2",
-    "wandb.mode=disabled",
-    "wandb.samples_every=2",
-    "threads=1",
-]
+TINY = [*tiny_job(30), "wandb.samples_every=2", "threads=1"]
 
 METRICS = [
     "step",
