@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import platform
 import resource
@@ -123,6 +124,7 @@ def bench(
 ) -> dict[str, Any]:
     """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record."""
     from kl_research import ppo
+    from kl_research.gemm import gemm_fields
     from kl_research.kl import token_kl
     from kl_research.reference import compose_config
     from kl_research.train import (
@@ -168,19 +170,23 @@ def bench(
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    # the trainer's rollout on these prompts (EOS off: every response has R tokens)
+    roll = functools.partial(
+        rollout,
+        policy,
+        ref,
+        prompts,
+        response_length=R,
+        temperature=pcfg.temperature,
+        eos_token_id=None,
+        pad_token_id=PAD,
+        amp=amp,
+    )
+
     def step() -> dict[str, float]:
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        batch = rollout(
-            policy,
-            ref,
-            prompts,
-            response_length=R,
-            temperature=pcfg.temperature,
-            eos_token_id=None,
-            pad_token_id=PAD,
-            amp=amp,
-        )
+        batch = roll()
         sync()
         t1 = time.perf_counter()
         mask = batch["mask"]
@@ -254,10 +260,8 @@ def bench(
             "update": round(med["update"] / fl["update"], 3),
             "total": round(med["total"] / (fl["generate"] + fl["score"] + fl["update"]), 3),
         }
-        gf = gemm_floors(policy, ref, prompts, R, pcfg, optimizer, shuffle_gen, amp)
-        rec["gemm_floor_seconds"] = {k: round(v["seconds"], 4) for k, v in gf.items()}
-        rec["gemm_gflop"] = {k: round(v["gflop"], 2) for k, v in gf.items()}
-        rec["gemm_gflop_per_s"] = {k: round(v["gflop_per_s"], 1) for k, v in gf.items()}
+        gf = gemm_floors(roll, policy, prompts, R, pcfg, optimizer, shuffle_gen, amp)
+        rec.update(gemm_fields(gf))
         rec["gemm_share"] = {  # fraction of our measured time that the GEMMs alone would take
             k: round(gf[k]["seconds"] / med[k], 3) for k in ("generate", "score", "update")
         }
@@ -265,7 +269,7 @@ def bench(
     return rec
 
 
-def gemm_floors(policy, ref, prompts, R, pcfg, optimizer, shuffle_gen, amp) -> dict[str, dict[str, Any]]:
+def gemm_floors(roll, policy, prompts, R, pcfg, optimizer, shuffle_gen, amp) -> dict[str, dict[str, Any]]:
     """The GEMMs one step of the real trainer dispatches (kl_research.gemm), timed alone, per phase.
 
     Recorded on one extra step after the timed ones: the rollout, the bare `generate` alone (the same shapes:
@@ -273,20 +277,11 @@ def gemm_floors(policy, ref, prompts, R, pcfg, optimizer, shuffle_gen, amp) -> d
     """
     from kl_research import ppo
     from kl_research.gemm import GemmRecorder, gemm_floor
-    from kl_research.train import ppo_update, rollout, sampling_kwargs
+    from kl_research.train import ppo_update, sampling_kwargs
 
     B, P = prompts.shape
     with GemmRecorder() as rec_roll:
-        batch = rollout(
-            policy,
-            ref,
-            prompts,
-            response_length=R,
-            temperature=pcfg.temperature,
-            eos_token_id=None,
-            pad_token_id=PAD,
-            amp=amp,
-        )
+        batch = roll()
     with GemmRecorder() as rec_gen, torch.inference_mode(), amp:
         policy.lm.generate(input_ids=prompts, **sampling_kwargs(prompts, pcfg.temperature, R, None, PAD))
     mask = batch["mask"]

@@ -61,9 +61,14 @@ class GemmRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _is_tensor_sig(sig) -> bool:
+    """True for a recorded tensor (_sig's 4-tuple), False for a scalar argument (alpha, beta)."""
+    return isinstance(sig, tuple) and len(sig) == 4 and isinstance(sig[0], tuple)
+
+
 def _materialise(sig) -> Any:
-    if not (isinstance(sig, tuple) and len(sig) == 4 and isinstance(sig[0], tuple)):
-        return sig  # a scalar argument (alpha, beta)
+    if not _is_tensor_sig(sig):
+        return sig
     shape, stride, dtype, device = sig
     dtype = getattr(torch, dtype.removeprefix("torch."))
     # the storage the strides address (strides may be 0: autograd passes expanded gradients), filled, then viewed
@@ -96,7 +101,7 @@ def gemm_floor(calls: Counter, repeats: int = 5, warmup: int = 1) -> dict[str, A
         flop = gemm_flops(op, args)
         total_s += sec * count
         total_flop += flop * count
-        shapes = " x ".join("×".join(map(str, s[0])) for s in sigs if isinstance(s, tuple) and len(s) == 4)
+        shapes = " x ".join("×".join(map(str, s[0])) for s in sigs if _is_tensor_sig(s))
         rows.append(
             {
                 "op": str(op).split(".")[1],
@@ -113,4 +118,13 @@ def gemm_floor(calls: Counter, repeats: int = 5, warmup: int = 1) -> dict[str, A
         "gflop_per_s": total_flop / total_s / 1e9 if total_s else 0.0,
         "calls": sum(calls.values()),
         "by_shape": rows,
+    }
+
+
+def gemm_fields(floors: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The bench records' GEMM keys from {phase: gemm_floor(...)}: seconds, GFLOP and GFLOP/s per phase."""
+    return {
+        "gemm_floor_seconds": {k: round(v["seconds"], 4) for k, v in floors.items()},
+        "gemm_gflop": {k: round(v["gflop"], 2) for k, v in floors.items()},
+        "gemm_gflop_per_s": {k: round(v["gflop_per_s"], 1) for k, v in floors.items()},
     }

@@ -129,7 +129,7 @@ def main() -> None:
     gemm = None
     if a.gemm_floor:  # the GEMMs one more step dispatches, each timed alone (kl_research/gemm.py: torch only)
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from kl_research.gemm import GemmRecorder, gemm_floor
+        from kl_research.gemm import GemmRecorder, gemm_fields, gemm_floor
 
         with GemmRecorder() as recorder:
             step()
@@ -166,9 +166,7 @@ def main() -> None:
         },
     }
     if gemm is not None:
-        rec["gemm_floor_seconds"] = {"step": round(gemm["seconds"], 4)}
-        rec["gemm_gflop"] = {"step": round(gemm["gflop"], 2)}
-        rec["gemm_gflop_per_s"] = {"step": round(gemm["gflop_per_s"], 1)}
+        rec.update(gemm_fields({"step": gemm}))
         rec["gemm_top_step"] = gemm["by_shape"][:6]
     print(json.dumps(rec), flush=True)
 
