@@ -93,13 +93,17 @@ def peak_rss_mb() -> float:
 def versions() -> dict[str, str]:
     import transformers
 
-    return {
+    out = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu": platform.processor() or platform.machine(),
     }
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+        out["cuda"] = str(torch.version.cuda)
+    return out
 
 
 def _median(xs: list[float]) -> float:
@@ -120,7 +124,7 @@ def bench(
     device: str = "cpu",
     floors: bool = True,
     seed: int = 0,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> dict[str, Any]:
     """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record."""
     from kl_research import ppo
@@ -154,8 +158,9 @@ def bench(
     if compile:
         from kl_research.policy import compile_trunk
 
-        compile_trunk(policy.lm)
-        compile_trunk(ref)
+        kw = {} if compile is True or compile == "default" else {"mode": compile}  # e.g. reduce-overhead
+        compile_trunk(policy.lm, **kw)
+        compile_trunk(ref, **kw)
     if prompt_len + response_len > dims["n_positions"]:
         raise ValueError(f"prompt_len + response_len = {prompt_len + response_len} > n_positions {dims['n_positions']}")
     optimizer = make_optimizer(policy, pcfg, dev)
@@ -333,14 +338,20 @@ def floor_times(policy, ref, prompts, R, pcfg, n_minibatches, steps, warmup, amp
             opt.step()
         lm.eval()
 
+    def sync():
+        if prompts.is_cuda:
+            torch.cuda.synchronize()
+
     out = {}
     for name, fn in (("generate", gen_floor), ("score", score_floor), ("update", update_floor)):
         for _ in range(warmup):
             fn()
         ts = []
         for _ in range(steps):
+            sync()
             t = time.perf_counter()
             fn()
+            sync()
             ts.append(time.perf_counter() - t)
         out[name] = _median(ts)
     return out
@@ -356,6 +367,7 @@ def kl_noise_floor(
     threads: int | None = None,
     seed: int = 0,
     ref_model=None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Batch KL (nats/token, exact and k1) of a moved policy vs its reference, fp32 vs bf16 trunk, same rollouts.
 
@@ -365,9 +377,10 @@ def kl_noise_floor(
     from kl_research import ppo
     from kl_research.kl import exact_token_kl, masked_mean, token_kl
     from kl_research.policy import score_lm
-    from kl_research.train import setup_threads
+    from kl_research.train import resolve_device, setup_threads
 
     n_threads = setup_threads(threads)
+    dev = resolve_device(device)
     if ref_model is None:
         ref, policy, dims = build_models(shape, seed)
     else:
@@ -380,7 +393,9 @@ def kl_noise_floor(
         for p in policy.lm.parameters():
             if p.dim() == 2:
                 p.add_(torch.randn(p.shape, generator=g) * p.std() * move)
-    prompts = torch.randint(1, dims["vocab_size"], (batch_size, prompt_len), generator=g)
+    ref.to(dev).eval()
+    policy.to(dev).eval()
+    prompts = torch.randint(1, dims["vocab_size"], (batch_size, prompt_len), generator=g).to(dev)
     torch.manual_seed(seed)
     with torch.inference_mode():
         seqs = policy.lm.generate(
@@ -398,7 +413,7 @@ def kl_noise_floor(
     out: dict[str, Any] = {"bench": "kl_noise_floor", "shape": shape, "batch_size": batch_size, "move": move}
     for name, ctx in (
         ("fp32", contextlib.nullcontext()),
-        ("bf16", torch.autocast("cpu", dtype=torch.bfloat16)),
+        ("bf16", torch.autocast(dev.type, dtype=torch.bfloat16)),
     ):
         with torch.inference_mode(), ctx:
             logits, _ = score_lm(policy.lm, seqs, prompt_len)
@@ -416,6 +431,7 @@ def kl_noise_floor(
     out["abs_err"] = {k: abs(out["bf16"][k] - out["fp32"][k]) for k in ("exact", "k1")}
     out["max_abs_err_token_logp"] = float(d_tok.max())
     out["threads"] = n_threads
+    out["device"] = str(dev)
     out["versions"] = versions()
     return out
 
@@ -432,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="default: $SLURM_CPUS_PER_TASK, else all cores")
     ap.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16"))
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda when there is one)")
     ap.add_argument("--no-floors", action="store_true", help="skip the bare generate / forward / backward floors")
     ap.add_argument("--kl-noise", action="store_true", help="measure the bf16-vs-fp32 KL noise floor instead")
     ap.add_argument("--move", type=float, default=0.05, help="--kl-noise: weight perturbation (× weight std)")
@@ -440,7 +456,13 @@ def main(argv: list[str] | None = None) -> None:
         "--ref-path", default=None, help="--kl-noise: a saved causal LM as the reference (e.g. the tiny cache)"
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the scoring/update trunk (compile=true)")
+    ap.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=False,
+        help="torch.compile the scoring/update trunk; optional mode: default | reduce-overhead (CUDA graphs) | ...",
+    )
     a = ap.parse_args(argv)
     if a.kl_noise:
         ref = None
@@ -448,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
             from transformers import AutoModelForCausalLM
 
             ref = AutoModelForCausalLM.from_pretrained(a.ref_path).eval().requires_grad_(False)
-        rec = kl_noise_floor(a.shape, a.batch, a.prompt_len, a.response_len, a.move, a.threads, a.seed, ref)
+        rec = kl_noise_floor(a.shape, a.batch, a.prompt_len, a.response_len, a.move, a.threads, a.seed, ref, a.device)
         if a.ref_path:
             rec["shape"] = a.ref_path
     else:

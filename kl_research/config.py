@@ -288,6 +288,9 @@ def register_configs() -> None:
         cs.store(group="schema/reward", name=schema.name, node=schema)
 
 
+COMPILE_MODES = (False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def validate(cfg: DictConfig) -> None:
     """Run every schema's range checks. Raises ValueError naming the key, the value and what is allowed."""
     for section in ("controller", "ppo", "wandb", "model", "data", "reward"):
@@ -303,6 +306,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.get("precision") in ("auto", "fp32", "bf16"), "precision", "auto, fp32, bf16")
     device = str(cfg.get("device"))
     need(device in ("auto", "cpu") or device.startswith("cuda"), "device", "auto, cpu, cuda, cuda:N")
+    need(cfg.get("compile") in COMPILE_MODES, "compile", ", ".join(map(str, COMPILE_MODES)).lower())
 
 
 register_configs()

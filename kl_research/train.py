@@ -26,7 +26,7 @@ from kl_research import ppo
 from kl_research.config import validate
 from kl_research.controllers import KLController, build_controller
 from kl_research.kl import ESTIMATORS, masked_mean, tempered, token_kl
-from kl_research.policy import PolicyWithValue, disable_dropout, score_lm
+from kl_research.policy import PolicyWithValue, compile_trunk, disable_dropout, score_lm
 from kl_research.runlog import RunLogger, plot_curves, summarize
 
 log = logging.getLogger(__name__)
@@ -287,15 +287,22 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     amp = autocast(device, cfg.precision)
     pcfg = cfg.ppo
-    seed_everything(cfg.seed)
     log.info("run %s in %s on %s (%d threads)", run_name(cfg), out, device, threads)
 
     # 1. models, data, reward
     ref_model, tokenizer = load_reference(cfg)
+    # seeded after the reference is in hand: building it (first run on a fresh cache) draws from the global RNG,
+    # and a job must sample the same tokens whether its reference was built now or loaded from the cache
+    seed_everything(cfg.seed)
     disable_dropout(ref_model)
     ref_model.to(device).eval().requires_grad_(False)
     policy = PolicyWithValue.from_reference(ref_model).to(device)
     policy.eval()  # dropout is off anyway; eval() also keeps HF from any train-only behaviour
+    if cfg.compile:  # scoring and the update run through the compiled trunk; generation stays eager (KV cache)
+        kw = {} if cfg.compile == "default" else {"mode": cfg.compile}
+        compile_trunk(policy.lm, **kw)
+        compile_trunk(ref_model, **kw)
+        log.info("torch.compile(%s) of the scoring/update trunk: the first rollout and update compile", cfg.compile)
     optimizer = make_optimizer(policy, pcfg, device)
     corpus = load_corpus(cfg.data)
     prompts_all = build_prompts(corpus.train, tokenizer, cfg.data.prompt_tokens, cfg.data.num_prompts, cfg.seed)
@@ -319,7 +326,9 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     ppl_ref = None
     elapsed_before = 0.0
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # to the CPU first: the RNG states must be CPU byte tensors; load_state_dict copies weights and optimizer
+        # state onto the device (and a checkpoint written on a GPU resumes on a CPU-only machine too)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         diff = [
             k
             for k in config_diff(ckpt["config"], resolved)

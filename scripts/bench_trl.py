@@ -2,7 +2,8 @@
 random-init GPT-2 shapes as `python -m kl_research.bench`. Runs inside .venv-trl (see scripts/bench_trl.sh).
 
 Same work as our step: batch 64, 16-token queries, 24-token responses (fixed length), 4 PPO epochs,
-minibatch 16, gradient clipping at 1.0, no dropout anywhere, fp32, CPU. `PPOTrainer.step` gets the query and
+minibatch 16, gradient clipping at 1.0, no dropout anywhere, fp32, CPU (`--device auto --precision bf16`: a GPU
+with accelerate's bf16 autocast, for scripts/gpu_check.sh). `PPOTrainer.step` gets the query and
 response tensors and synthetic scores; it scores policy+values and reference once each, then trains.
 Generation is timed apart, as the bare `generate` of the policy's LM (the same call our floor times) and as
 TRL's own `PPOTrainer.generate`. Prints one JSON line.
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "auto"), help="auto: accelerate's choice (a GPU)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: accelerate's autocast")
     ap.add_argument("--no-gemm-floor", dest="gemm_floor", action="store_false", help="skip the GEMM floor")
     a = ap.parse_args()
 
@@ -88,11 +91,12 @@ def main() -> None:
         kl_penalty="kl",
         seed=a.seed,
         log_with=None,
+        accelerator_kwargs={"cpu": a.device == "cpu", "mixed_precision": "bf16" if a.precision == "bf16" else "no"},
     )
     trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tokenizer)  # ref = create_reference_model
     B, P, R = a.batch, a.prompt_len, a.response_len
     g = torch.Generator().manual_seed(a.seed)
-    prompts = torch.randint(1, dims["vocab_size"], (B, P), generator=g)
+    prompts = torch.randint(1, dims["vocab_size"], (B, P), generator=g).to(trainer.current_device)
     gen_kwargs = dict(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=R, min_new_tokens=R)
 
     def bare_generate():
@@ -106,11 +110,17 @@ def main() -> None:
     def trl_generate():
         return trainer.generate(list(prompts), batch_size=B, return_prompt=False, pad_token_id=PAD, **gen_kwargs)
 
+    def sync():
+        if trainer.current_device.type == "cuda":
+            torch.cuda.synchronize()
+
     def timed(fn, n):
         ts, out = [], None
         for _ in range(n):
+            sync()
             t = time.perf_counter()
             out = fn()
+            sync()
             ts.append(time.perf_counter() - t)
         return ts, out
 
@@ -156,13 +166,15 @@ def main() -> None:
         "train_tokens_per_s": round(a.epochs * B * (P + R) / med(step_ts), 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": torch.get_num_threads(),
-        "device": "cpu",
+        "device": str(trainer.current_device),
+        "precision": a.precision,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "trl": trl.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **({"gpu": torch.cuda.get_device_name()} if trainer.current_device.type == "cuda" else {}),
         },
     }
     if gemm is not None:

@@ -144,6 +144,7 @@ def test_resume_refuses_a_different_config(cache_dir, tmp_path, monkeypatch):
         ("controller.target_kl=-1", r"controller\.target_kl=-1\.0 is invalid"),
         ("steps=0", r"steps=0 is invalid"),
         ("precision=fp8", r"precision='fp8' is invalid; allowed: auto, fp32, bf16"),
+        ("compile=fast", r"compile='fast' is invalid; allowed: false, default, reduce-overhead"),
     ],
 )
 def test_bad_config_fails_before_anything_loads(cache_dir, tmp_path, monkeypatch, override, message):
@@ -155,6 +156,38 @@ def test_bad_config_fails_before_anything_loads(cache_dir, tmp_path, monkeypatch
     monkeypatch.setattr(reference, "load_reference", no_loading)
     with pytest.raises(ValueError, match=message):
         train(make_cfg(cache_dir, override), tmp_path)
+
+
+def test_same_trajectory_whether_the_reference_was_built_now_or_cached(tmp_path):
+    """Building the reference draws from the global RNG; the job is seeded after it, so the first run on a fresh
+    cache (builds) and the next (loads) sample the same tokens and log the same numbers."""
+    cache = tmp_path / "fresh_cache"
+    built, cached = tmp_path / "built", tmp_path / "cached"
+    train(make_cfg(cache, "steps=2"), built)
+    assert (built / "summary.json").exists() and any((cache / "reference").iterdir())
+    train(make_cfg(cache, "steps=2"), cached)
+    assert without_timing(read_metrics(built)) == without_timing(read_metrics(cached))
+
+
+@pytest.mark.slow
+def test_compiled_trunk_gives_the_eager_numbers(cache_dir, tmp_path, monkeypatch):
+    """compile=default: scoring and the update run through torch.compile's trunk (tens of seconds to compile on
+    a CPU) and give the eager run's first step: same sampled tokens and reward, log-probs to fp32 rounding."""
+    compiled = []
+    real = train_mod.compile_trunk
+    monkeypatch.setattr(train_mod, "compile_trunk", lambda lm, **kw: compiled.append(lm) or real(lm, **kw))
+    eager = read_metrics_of(train(make_cfg(cache_dir, "steps=1"), tmp_path / "eager"), tmp_path / "eager")
+    assert compiled == []
+    comp = read_metrics_of(train(make_cfg(cache_dir, "steps=1", "compile=default"), tmp_path / "c"), tmp_path / "c")
+    assert len(compiled) == 2  # policy and reference trunks
+    assert comp[0]["reward/mean"] == eager[0]["reward/mean"]  # generation is eager: the same tokens
+    for k in ("kl/exact", "kl/k1", "policy/entropy", "loss/policy", "loss/value", "policy/approx_kl"):
+        assert comp[0][k] == pytest.approx(eager[0][k], rel=1e-3, abs=1e-5), k
+
+
+def read_metrics_of(summary: dict, out: Path) -> list[dict]:
+    assert summary["status"] == "completed"
+    return read_metrics(out)
 
 
 def test_unknown_group_option_and_key_fail_at_compose(cache_dir):
