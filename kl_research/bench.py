@@ -29,6 +29,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,12 +42,17 @@ SHAPES: dict[str, dict[str, int]] = {
 PAD = 0
 
 
-def model_shape(shape: str) -> dict[str, int]:
-    if shape == "tiny":
-        from kl_research.reference import compose_config
+DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")
 
-        m = compose_config().model
-        return {k: int(m[k]) for k in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")}
+
+def model_shape(shape: str) -> dict[str, int]:
+    """The GPT-2 dimensions of a bench shape. Plain YAML and torch only: scripts/bench_trl.py imports this in
+    TRL's own venv (no hydra there), so the peer is timed on exactly these shapes."""
+    if shape == "tiny":
+        import yaml
+
+        m = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml").read_text())
+        return {k: int(m[k]) for k in DIMS}
     if shape not in SHAPES:
         raise ValueError(f"shape={shape!r}; valid: tiny, {', '.join(SHAPES)}")
     return dict(SHAPES[shape])

@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "vocab_size": 4096, "n_positions": 64},
-    "gpt2-mid": {"n_layer": 6, "n_head": 8, "n_embd": 512, "vocab_size": 50257, "n_positions": 1024},
-    "gpt2-small": {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "n_positions": 1024},
-}
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from kl_research.bench import SHAPES, model_shape  # noqa: E402  (torch + YAML only: runs in TRL's venv)
+
 PAD = 0
 
 
@@ -44,7 +43,7 @@ def word_tokenizer(vocab_size: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="tiny", choices=list(SHAPES))
+    ap.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--response-len", type=int, default=24)
@@ -69,7 +68,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    dims = SHAPES[a.shape]
+    dims = model_shape(a.shape)
     cfg = GPT2Config(**dims, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD)
     lm = GPT2LMHeadModel(cfg)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(lm, summary_dropout_prob=0.0)
@@ -138,7 +137,6 @@ def main() -> None:
     step_ts, _ = timed(step, a.steps)
     gemm = None
     if a.gemm_floor:  # the GEMMs one more step dispatches, each timed alone (kl_research/gemm.py: torch only)
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from kl_research.gemm import GemmRecorder, gemm_fields, gemm_floor
 
         with GemmRecorder() as recorder:
