@@ -255,6 +255,7 @@ def bench(
         "train_tokens_per_s": round(pcfg.epochs * B * (P + R) / med["update"], 1),
         "step_tokens_per_s": round(B * R / med["total"], 1),
         "peak_rss_mb": round(rss, 1),
+        **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)} if dev.type == "cuda" else {}),
         "threads": n_threads,
         "malloc_tuned": malloc_tuned,
         "device": str(dev),

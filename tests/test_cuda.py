@@ -95,7 +95,7 @@ def test_bench_times_a_gpu_step_against_its_floors():
     from kl_research.bench import bench
 
     rec = bench("tiny", batch_size=16, warmup=1, steps=2, device="auto", precision="auto")
-    assert rec["device"].startswith("cuda") and "gpu" in rec["versions"]
+    assert rec["device"].startswith("cuda") and "gpu" in rec["versions"] and rec["peak_gpu_mb"] > 0
     for k in ("generate", "score", "update", "total"):
         assert 0 < rec["seconds"][k] < 60, k
         assert 0 < rec["floor_seconds"].get(k, 1.0)
