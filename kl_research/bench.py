@@ -162,11 +162,9 @@ def bench(
     ref.to(dev)
     policy.to(dev)
     if compile:
-        from kl_research.policy import compile_trunk
+        from kl_research.policy import compile_trunks
 
-        kw = {} if compile is True or compile == "default" else {"mode": compile}  # e.g. reduce-overhead
-        compile_trunk(policy.lm, **kw)
-        compile_trunk(ref, **kw)
+        compile_trunks(compile, policy.lm, ref)
     if prompt_len + response_len > dims["n_positions"]:
         raise ValueError(f"prompt_len + response_len = {prompt_len + response_len} > n_positions {dims['n_positions']}")
     optimizer = make_optimizer(policy, pcfg, dev)

@@ -61,6 +61,14 @@ class PolicyWithValue(nn.Module):
         return score_lm(self.lm, input_ids, prompt_len, self.v_head if with_values else None)
 
 
+def compile_trunks(mode: bool | str, *lms: PreTrainedModel) -> None:
+    """compile_trunk on each model for the `compile` key / `bench --compile` value: "default" (or True) is
+    torch.compile's default mode; any other string is passed as its `mode` (reduce-overhead: CUDA graphs)."""
+    kw = {} if mode is True or mode == "default" else {"mode": mode}
+    for lm in lms:
+        compile_trunk(lm, **kw)
+
+
 def compile_trunk(lm: PreTrainedModel, **compile_kwargs) -> None:
     """torch.compile the full-sequence trunk pass that scoring and the PPO update run through `score_lm`.
 

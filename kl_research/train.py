@@ -26,7 +26,7 @@ from kl_research import ppo
 from kl_research.config import validate
 from kl_research.controllers import KLController, build_controller
 from kl_research.kl import ESTIMATORS, masked_mean, tempered, token_kl
-from kl_research.policy import PolicyWithValue, compile_trunk, disable_dropout, score_lm
+from kl_research.policy import PolicyWithValue, compile_trunks, disable_dropout, score_lm
 from kl_research.runlog import RunLogger, plot_curves, summarize
 
 log = logging.getLogger(__name__)
@@ -299,9 +299,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     policy = PolicyWithValue.from_reference(ref_model).to(device)
     policy.eval()  # dropout is off anyway; eval() also keeps HF from any train-only behaviour
     if cfg.compile:  # scoring and the update run through the compiled trunk; generation stays eager (KV cache)
-        kw = {} if cfg.compile == "default" else {"mode": cfg.compile}
-        compile_trunk(policy.lm, **kw)
-        compile_trunk(ref_model, **kw)
+        compile_trunks(cfg.compile, policy.lm, ref_model)
         log.info("torch.compile(%s) of the scoring/update trunk: the first rollout and update compile", cfg.compile)
     optimizer = make_optimizer(policy, pcfg, device)
     corpus = load_corpus(cfg.data)

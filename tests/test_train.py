@@ -174,8 +174,8 @@ def test_compiled_trunk_gives_the_eager_numbers(cache_dir, tmp_path, monkeypatch
     """compile=default: scoring and the update run through torch.compile's trunk (tens of seconds to compile on
     a CPU) and give the eager run's first step: same sampled tokens and reward, log-probs to fp32 rounding."""
     compiled = []
-    real = train_mod.compile_trunk
-    monkeypatch.setattr(train_mod, "compile_trunk", lambda lm, **kw: compiled.append(lm) or real(lm, **kw))
+    real = train_mod.compile_trunks
+    monkeypatch.setattr(train_mod, "compile_trunks", lambda mode, *lms: compiled.extend(lms) or real(mode, *lms))
     eager = read_metrics_of(train(make_cfg(cache_dir, "steps=1"), tmp_path / "eager"), tmp_path / "eager")
     assert compiled == []
     comp = read_metrics_of(train(make_cfg(cache_dir, "steps=1", "compile=default"), tmp_path / "c"), tmp_path / "c")
