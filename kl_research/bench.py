@@ -112,6 +112,12 @@ def versions() -> dict[str, str]:
     return out
 
 
+def sync_device(device: torch.device) -> None:
+    """Wait for the GPU's queued work before a clock is read (CUDA runs asynchronously); nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
@@ -175,9 +181,7 @@ def bench(
     timer = _Timer(policy.lm.generate)
     policy.lm.generate = timer  # instance attribute: rollout() calls it as policy.lm.generate(...)
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    sync = functools.partial(sync_device, dev)
 
     # the trainer's rollout on these prompts (EOS off: every response has R tokens)
     roll = functools.partial(
@@ -343,10 +347,7 @@ def floor_times(policy, ref, prompts, R, pcfg, n_minibatches, steps, warmup, amp
             opt.step()
         lm.eval()
 
-    def sync():
-        if prompts.is_cuda:
-            torch.cuda.synchronize()
-
+    sync = functools.partial(sync_device, prompts.device)
     out = {}
     for name, fn in (("generate", gen_floor), ("score", score_floor), ("update", update_floor)):
         for _ in range(warmup):

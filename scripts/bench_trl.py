@@ -12,6 +12,7 @@ TRL's own `PPOTrainer.generate`. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -25,7 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from kl_research.bench import SHAPES, model_shape  # noqa: E402  (torch + YAML only: runs in TRL's venv)
+from kl_research.bench import SHAPES, model_shape, sync_device  # noqa: E402  (torch + YAML only: runs in TRL's venv)
 
 PAD = 0
 
@@ -109,9 +110,7 @@ def main() -> None:
     def trl_generate():
         return trainer.generate(list(prompts), batch_size=B, return_prompt=False, pad_token_id=PAD, **gen_kwargs)
 
-    def sync():
-        if trainer.current_device.type == "cuda":
-            torch.cuda.synchronize()
+    sync = functools.partial(sync_device, trainer.current_device)
 
     def timed(fn, n):
         ts, out = [], None

@@ -9,9 +9,8 @@ import math
 import pytest
 import torch
 from conftest import tiny_job
-from test_train import METRICS, read_metrics, without_timing
+from test_train import METRICS, assert_kill_and_resume_continues_identical_trajectory, read_metrics
 
-import kl_research.train as train_mod
 from kl_research.reference import compose_config
 from kl_research.train import train
 
@@ -47,24 +46,7 @@ def test_train_runs_on_the_gpu_with_a_bf16_trunk(cache_dir, tmp_path):
 
 def test_gpu_kill_and_resume_continues_the_same_beta_trajectory(cache_dir, tmp_path, monkeypatch):
     cfg = gpu_cfg(cache_dir, "steps=5", "controller=adaptive", "controller.horizon=16")
-    train(cfg, tmp_path / "full")
-    real_rollout, calls = train_mod.rollout, {"n": 0}
-
-    def dying_rollout(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # the checkpoint is at step 2; step 3 was logged, not saved
-            raise KeyboardInterrupt("simulated kill")
-        return real_rollout(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "rollout", dying_rollout)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "crashed")
-    monkeypatch.setattr(train_mod, "rollout", real_rollout)
-    train(cfg, tmp_path / "crashed")
-    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "crashed")
-    assert [r["kl/coef"] for r in a] == [r["kl/coef"] for r in b]
-    assert len({r["kl/coef"] for r in a}) > 1
-    assert without_timing(a) == without_timing(b)
+    assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch)
 
 
 def test_gpu_scoring_matches_the_cpu_in_fp32_and_bf16_kl_error_is_far_below_the_smallest_target():

@@ -100,8 +100,9 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path):
     assert train(cfg, tmp_path) == summary
 
 
-def test_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, monkeypatch):
-    cfg = make_cfg(cache_dir, "steps=5", "controller=adaptive", "controller.horizon=16")
+def assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch) -> None:
+    """Run cfg (5 steps, checkpoint every 2) once whole, once killed at step 4 and resumed: identical records.
+    Shared with tests/test_cuda.py, which runs it on the GPU."""
     full = tmp_path / "full"
     train(cfg, full)
 
@@ -125,6 +126,11 @@ def test_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, mon
     assert [r["kl/coef"] for r in a] == [r["kl/coef"] for r in b]  # the same β trajectory, bit for bit
     assert len({r["kl/coef"] for r in a}) > 1  # ... and β did move
     assert without_timing(a) == without_timing(b)
+
+
+def test_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, monkeypatch):
+    cfg = make_cfg(cache_dir, "steps=5", "controller=adaptive", "controller.horizon=16")
+    assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch)
 
 
 def test_resume_refuses_a_different_config(cache_dir, tmp_path, monkeypatch):
