@@ -91,6 +91,8 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path):
     assert summary["steps"] == 3 and summary["tail_steps"] == 1
     assert summary["kl"] == pytest.approx(recs[-1]["kl/exact"])
     assert summary["final_beta"] == recs[-1]["kl/coef_next"]
+    assert summary["device"] == "cpu"
+    assert summary["precision"] == ("bf16" if train_mod.cpu_has_fast_bf16() else "fp32")  # precision=auto
     for f in ("summary.json", "curves.png", "samples.jsonl", "checkpoints/last.pt"):
         assert (tmp_path / f).exists(), f
     # the final policy loads with plain transformers
@@ -98,6 +100,33 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path):
     assert lm.config.n_layer == 1
     # re-running a finished run returns its summary without training again
     assert train(cfg, tmp_path) == summary
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # the cuda case builds a (disabled) autocast here
+@pytest.mark.parametrize(
+    ("device", "amx", "resolved"), [("cpu", False, "fp32"), ("cpu", True, "bf16"), ("cuda", False, "bf16")]
+)
+def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_fast(monkeypatch, device, amx, resolved):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    dev = torch.device(device)
+    assert train_mod.resolve_precision(dev, "auto") == resolved
+    assert [train_mod.resolve_precision(dev, p) for p in ("fp32", "bf16")] == ["fp32", "bf16"]  # explicit wins
+    amp = train_mod.autocast(dev, "auto")
+    assert isinstance(amp, torch.autocast) == (resolved == "bf16")
+    if resolved == "bf16":
+        assert amp.fast_dtype == torch.bfloat16
+
+
+def test_auto_precision_trains_a_bf16_trunk_on_an_amx_cpu(cache_dir, tmp_path, monkeypatch):
+    """On a CPU that reports AMX, precision=auto runs the job with a bf16 trunk and says so in its summary."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    seen = []
+    real_autocast = train_mod.autocast
+    monkeypatch.setattr(train_mod, "autocast", lambda d, p: seen.append(p) or real_autocast(d, p))
+    summary = train(make_cfg(cache_dir, "steps=2"), tmp_path)
+    assert seen == ["bf16"] and summary["precision"] == "bf16"
+    recs = read_metrics(tmp_path)
+    assert all(math.isfinite(r["kl/exact"]) for r in recs) and abs(recs[0]["kl/exact"]) < 1e-3
 
 
 def assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch) -> None:
