@@ -45,14 +45,21 @@ PAD = 0
 DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")
 
 
-def model_shape(shape: str) -> dict[str, int]:
-    """The GPT-2 dimensions of a bench shape. Plain YAML and torch only: scripts/bench_trl.py imports this in
+# The embedded default reference is a GPT-2 with exact GELU (reference.GPT2_ACTIVATION; GPT-2's own default is the
+# tanh approximation "gelu_new"). The bench's tiny shape is that model on both sides of the TRL comparison; the
+# literal is repeated here because this module must import without our dependencies in TRL's venv
+# (tests/test_bench.py checks that the two agree).
+TINY_ACTIVATION = "gelu"
+
+
+def model_shape(shape: str) -> dict[str, Any]:
+    """The GPT2Config arguments of a bench shape. Plain YAML and torch only: scripts/bench_trl.py imports this in
     TRL's own venv (no hydra there), so the peer is timed on exactly these shapes."""
     if shape == "tiny":
         import yaml
 
         m = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml").read_text())
-        return {k: int(m[k]) for k in DIMS}
+        return {**{k: int(m[k]) for k in DIMS}, "activation_function": TINY_ACTIVATION}
     if shape not in SHAPES:
         raise ValueError(f"shape={shape!r}; valid: tiny, {', '.join(SHAPES)}")
     return dict(SHAPES[shape])

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 FORMAT_VERSION = 2  # bump when the build procedure changes: old caches are then ignored, not reused
 EOS = "<|endoftext|>"
+# Exact GELU: one fused op on CPU (GPT-2's tanh "gelu_new" is ~5 ops). kl_research.bench.TINY_ACTIVATION repeats it.
+GPT2_ACTIVATION = "gelu"
+
 # Keys of the model group that do not change the weights (kept out of the cache key).
 NOT_IN_KEY = ("eval_every",)
 
@@ -200,7 +203,7 @@ def _pretrain_tiny(cfg: DictConfig, corpus: Corpus, out_dir: Path, t0: float, th
         resid_pdrop=m.dropout,
         embd_pdrop=m.dropout,
         attn_pdrop=m.dropout,
-        activation_function="gelu",  # exact GELU: one fused op on CPU (GPT-2's tanh "gelu_new" is ~5 ops)
+        activation_function=GPT2_ACTIVATION,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -9,7 +9,7 @@ OUT=${1:-results/perf_runs.jsonl}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 python scripts/compare_trl.py --shape tiny --rounds 3 --steps 3 --out "$OUT"
 python scripts/compare_trl.py --shape gpt2-mid --rounds 2 --steps 2 --out "$OUT"
-python scripts/compare_trl.py --shape gpt2-small --batch 64 --minibatch 16 --rounds 1 --steps 1 --out "$OUT"
+python scripts/compare_trl.py --shape gpt2-small --batch 64 --minibatch 16 --rounds 2 --steps 1 --out "$OUT"
 python scripts/compare_trl.py --shape gpt2-small --batch 16 --minibatch 4 --rounds 1 --steps 2 --out "$OUT"
 for B in 16 32 64; do for R in 12 24 48; do  # the cost table (tiny shape, minibatch = batch / 4)
   python -m kl_research.bench --batch "$B" --minibatch $((B / 4)) --response-len "$R" --threads 2 --steps 2 \

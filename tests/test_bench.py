@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,20 @@ def tiny_shape(monkeypatch):
     threads = torch.get_num_threads()
     yield "micro"
     torch.set_num_threads(threads)
+
+
+def test_bench_tiny_shape_is_the_embedded_default_reference():
+    """The bench's (and TRL's) tiny model has the architecture of the reference `python train.py` builds."""
+    import yaml
+
+    from kl_research.reference import GPT2_ACTIVATION
+
+    tiny = yaml.safe_load((Path(bench.__file__).resolve().parents[1] / "conf" / "model" / "tiny.yaml").read_text())
+    shape = bench.model_shape("tiny")
+    assert shape["activation_function"] == GPT2_ACTIVATION
+    assert {k: shape[k] for k in bench.DIMS} == {k: tiny[k] for k in bench.DIMS}
+    _, policy, _ = bench.build_models("tiny")
+    assert policy.lm.config.activation_function == GPT2_ACTIVATION and policy.lm.config.n_layer == tiny["n_layer"]
 
 
 def test_bench_cli_emits_one_json_line(tiny_shape, capsys):
