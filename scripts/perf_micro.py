@@ -3,6 +3,7 @@
     python scripts/perf_micro.py minibatch --shape gpt2-small   # one PPO minibatch of the real trainer, by part
     python scripts/perf_micro.py head                           # vocabulary head: (B·R,H)×(H,V) layouts, fwd+bwd
     python scripts/perf_micro.py gelu                           # tanh-GELU implementations, fwd and fwd+bwd
+    python scripts/perf_micro.py fusedhead --shape tiny         # chunked head + log-prob vs the trainer's, A/B
 
 Timings on a shared VM drift by ±20 % over minutes: compare rows of one invocation only.
 """
@@ -151,14 +152,112 @@ def gelu() -> None:
             )
 
 
+class ChunkedLinearLogProb(torch.autograd.Function):
+    """log softmax(h Wᵀ)[y] with the vocabulary in column chunks, forward and a hand-written backward
+    (∂/∂z = g·(onehot(y) − softmax(z)); ∂h = ∂z·W, ∂W = ∂zᵀ·h, written chunk by chunk into their own rows). No (N, V)
+    log-softmax output, no zero-filled gather gradient, and each GEMM runs on a cache-sized (N, chunk) block: alone,
+    the forward GEMM is 87 GFLOP/s at N=384, V=50257 as one GEMM and 133-159 GFLOP/s in 2048-column chunks."""
+
+    @staticmethod
+    def forward(ctx, h, W, y, chunk):
+        N, V = h.shape[0], W.shape[0]
+        zs = [F.linear(h, W[s : s + chunk]) for s in range(0, V, chunk)]  # (N, c) each
+        m = torch.stack([z.amax(-1) for z in zs]).amax(0)
+        lse = m + sum((z - m[:, None]).exp_().sum(-1) for z in zs).log()
+        rows, z_y = torch.arange(N), torch.empty(N, dtype=zs[0].dtype)
+        for i, z in enumerate(zs):
+            here = (y >= i * chunk) & (y < i * chunk + z.shape[1])
+            z_y[here] = z[rows[here], y[here] - i * chunk]
+        ctx.save_for_backward(h, W, y, lse, *zs)
+        ctx.chunk = chunk
+        return z_y - lse
+
+    @staticmethod
+    def backward(ctx, g):
+        h, W, y, lse, *zs = ctx.saved_tensors
+        c, rows = ctx.chunk, torch.arange(h.shape[0])
+        d_h, d_w = torch.zeros_like(h), torch.empty_like(W)
+        for i, z in enumerate(zs):
+            s, e = i * c, i * c + z.shape[1]
+            dz = (z - lse[:, None]).exp_().mul_(-g[:, None])
+            here = (y >= s) & (y < e)
+            dz[rows[here], y[here] - s] += g[here]
+            d_h.addmm_(dz, W[s:e])
+            torch.mm(dz.t(), h, out=d_w[s:e])
+        return d_h, d_w, None, None
+
+
+def fusedhead(shape: str, rounds: int = 6) -> None:
+    """One PPO minibatch of the real policy (16 × 40 tokens), the trainer's head (F.linear + log_softmax + gather)
+    against ChunkedLinearLogProb, interleaved in rounds; prints both and the median within-round ratio."""
+    from kl_research import ppo
+    from kl_research.bench import build_models
+    from kl_research.reference import compose_config
+    from kl_research.train import make_optimizer, setup_allocator
+
+    setup_allocator()
+    _, policy, dims = build_models(shape)
+    pcfg = compose_config([]).ppo
+    opt = make_optimizer(policy, pcfg, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    mb, P, R = 16, 16, 24
+    seqs = torch.randint(1, dims["vocab_size"], (mb, P + R), generator=g)
+    old, adv, ret, oldv = (torch.randn(mb, R, generator=g) for _ in range(4))
+    mask = torch.ones(mb, R, dtype=torch.bool)
+    W = policy.lm.get_output_embeddings().weight
+    y = seqs[:, P:].reshape(-1)
+    policy.train()
+
+    def logprobs(hs: torch.Tensor, fused: bool) -> torch.Tensor:
+        if fused:
+            return ChunkedLinearLogProb.apply(hs, W, y, 2048).view(mb, R)
+        return ppo.gather_logprobs(F.linear(hs, W).view(mb, R, -1), seqs[:, P:], 1.0)
+
+    hs0 = torch.randn(mb * R, dims["n_embd"], dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():  # the two compute one function: values, and the gradients through gradcheck (float64)
+        ref = torch.log_softmax(F.linear(hs0, W.double()), -1).gather(-1, y[:, None]).squeeze(-1)
+        assert torch.allclose(ChunkedLinearLogProb.apply(hs0, W.double(), y, 2048), ref, atol=1e-10)
+    h_small = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w_small = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    y_small = torch.tensor([0, 3, 4, 7, 10, 4])  # chunks of 4 columns: targets in all three, the last one partial
+    assert torch.autograd.gradcheck(lambda h, w: ChunkedLinearLogProb.apply(h, w, y_small, 4), (h_small, w_small))
+
+    def step(fused: bool) -> None:
+        opt.zero_grad(set_to_none=True)
+        hidden = policy.lm.base_model(input_ids=seqs[:, :-1], use_cache=False).last_hidden_state
+        hs = hidden[:, P - 1 :].reshape(mb * R, -1)
+        values = policy.v_head(hs).view(mb, R)
+        pg = ppo.policy_loss(logprobs(hs, fused), old - 10, adv, mask, pcfg.cliprange)[0]
+        (pg + pcfg.vf_coef * ppo.value_loss(values, oldv, ret, mask, pcfg.cliprange_value)[0]).backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), pcfg.max_grad_norm)
+        opt.step()
+
+    for fused in (False, True, False, True):
+        step(fused)
+    n = 20 if shape == "tiny" else 3
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(rounds):
+        for fused in (False, True) if r % 2 == 0 else (True, False):
+            t = time.perf_counter()
+            for _ in range(n):
+                step(fused)
+            times[fused].append((time.perf_counter() - t) / n)
+    ratio = statistics.median(a / b for a, b in zip(times[False], times[True], strict=True))
+    for fused, name in ((False, "trainer's head"), (True, "chunked fused head")):
+        print(f"{shape:10s} {name:20s} minibatch ms per round: {[round(t * 1e3) for t in times[fused]]}")
+    print(f"{shape:10s} trainer's / chunked fused, median of within-round ratios: {ratio:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("minibatch", "head", "gelu"))
+    ap.add_argument("what", choices=("minibatch", "head", "gelu", "fusedhead"))
     ap.add_argument("--shape", default="gpt2-small")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    {"minibatch": lambda: minibatch(a.shape), "head": head, "gelu": gelu}[a.what]()
+    {"minibatch": lambda: minibatch(a.shape), "head": head, "gelu": gelu, "fusedhead": lambda: fusedhead(a.shape)}[
+        a.what
+    ]()
 
 
 if __name__ == "__main__":
