@@ -64,11 +64,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--shape", default="tiny")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--minibatch", type=int, default=None, help="default: conf/ppo/default.yaml")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     layouts = [tuple(int(x) for x in lay.split("x")) for lay in a.layouts]
     bench_args = ["--shape", a.shape, "--batch", str(a.batch), "--steps", str(a.steps), "--no-floors"]
+    if a.minibatch:
+        bench_args += ["--minibatch", str(a.minibatch)]
     results: dict[str, list[dict]] = {}
     for r in range(a.rounds):
         for jobs, threads in layouts if r % 2 == 0 else layouts[::-1]:

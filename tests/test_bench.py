@@ -176,3 +176,23 @@ def test_fused_gelu_is_gpt2_gelu_new(tiny_shape):
         assert fuse_activations(model) == 2 and fuse_activations(model) == 0
         after = model(x).logits
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_side_by_side_reports_each_jobs_step_and_the_machine_throughput(tmp_path):
+    """scripts/side_by_side.py: J bench processes at once with T threads each; throughput = Σ 60 / (s per step)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "sbs.jsonl"
+    argv = ["--layouts", "2x1", "--rounds", "1", "--batch", "8", "--minibatch", "4", "--steps", "1", "--out", str(out)]
+    res = subprocess.run(
+        [sys.executable, "scripts/side_by_side.py", *argv], cwd=root, capture_output=True, text=True, check=True
+    )
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    (steps,) = summary["layouts"]["2x1"]["step_s"]
+    assert len(steps) == 2 and all(s > 0 for s in steps)
+    assert summary["layouts"]["2x1"]["steps_per_min"][0] == pytest.approx(sum(60 / s for s in steps), rel=1e-2)
+    jobs = [json.loads(line) for line in out.read_text().splitlines()[:-1]]
+    assert [(j["threads"], j["batch_size"], j["layout"]) for j in jobs] == [(1, 8, "2x1")] * 2
