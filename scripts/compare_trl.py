@@ -22,9 +22,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def offline_env() -> dict[str, str]:
+    """This process's environment for a bench subprocess: no hub, no W&B network calls."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+def emit(summary: dict, out: str | None) -> None:
+    """Print the summary as one JSON line, and append it to `out` (after the per-run lines) when given."""
+    line = json.dumps(summary)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+    print(line, flush=True)
+
+
 def run_json(cmd: list[str]) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, cwd=ROOT, env=offline_env(), check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -82,11 +95,7 @@ def main() -> None:
         "ours_gemm_floor_seconds": first_o["gemm_floor_seconds"],
         "generate_bare_trl_s": first_t["seconds"]["generate_bare"],
     }
-    line = json.dumps(summary)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(line + "\n")
-    print(line, flush=True)
+    emit(summary, a.out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -34,28 +35,56 @@ def timed(fn, n: int = 7, warmup: int = 2) -> float:
     return statistics.median(ts)
 
 
-def minibatch(shape: str) -> None:
-    """fwd+bwd+clip+AdamW of one 16-sequence minibatch (16+24 tokens), and each part alone."""
-    from kl_research import ppo
+def synthetic_minibatch(shape: str) -> SimpleNamespace:
+    """The real policy at a bench shape, the trainer's optimizer and allocator setting, and one synthetic PPO
+    minibatch: 16 sequences of 16 prompt + 24 response tokens with old log-probs, advantages, returns, values."""
     from kl_research.bench import build_models
     from kl_research.reference import compose_config
-    from kl_research.train import make_optimizer
+    from kl_research.train import make_optimizer, setup_allocator
 
+    setup_allocator()
     _, policy, dims = build_models(shape)
     pcfg = compose_config([]).ppo
-    opt = make_optimizer(policy, pcfg, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     mb, P, R = 16, 16, 24
     seqs = torch.randint(1, dims["vocab_size"], (mb, P + R), generator=g)
     old, adv, ret, oldv = (torch.randn(mb, R, generator=g) for _ in range(4))
-    mask = torch.ones(mb, R, dtype=torch.bool)
     policy.train()
+    return SimpleNamespace(
+        policy=policy,
+        dims=dims,
+        pcfg=pcfg,
+        opt=make_optimizer(policy, pcfg, torch.device("cpu")),
+        mb=mb,
+        P=P,
+        R=R,
+        seqs=seqs,
+        old=old - 10,  # far from the new log-probs: every ratio is clipped the same way in both arms of an A/B
+        adv=adv,
+        ret=ret,
+        oldv=oldv,
+        mask=torch.ones(mb, R, dtype=torch.bool),
+    )
+
+
+def ppo_loss(x: SimpleNamespace, logp: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The trainer's minibatch loss (clipped policy loss + vf_coef × clipped value loss) on x's synthetic batch."""
+    from kl_research import ppo
+
+    pg = ppo.policy_loss(logp, x.old, x.adv, x.mask, x.pcfg.cliprange)[0]
+    return pg + x.pcfg.vf_coef * ppo.value_loss(values, x.oldv, x.ret, x.mask, x.pcfg.cliprange_value)[0]
+
+
+def minibatch(shape: str) -> None:
+    """fwd+bwd+clip+AdamW of one 16-sequence minibatch (16+24 tokens), and each part alone."""
+    from kl_research import ppo
+
+    x = synthetic_minibatch(shape)
+    policy, pcfg, opt, seqs, P = x.policy, x.pcfg, x.opt, x.seqs, x.P
 
     def loss():
         logits, values = policy.score(seqs, P)
-        logp = ppo.gather_logprobs(logits, seqs[:, P:], 1.0)
-        pg = ppo.policy_loss(logp, old - 10, adv, mask, pcfg.cliprange)[0]
-        return pg + pcfg.vf_coef * ppo.value_loss(values, oldv, ret, mask, pcfg.cliprange_value)[0]
+        return ppo_loss(x, ppo.gather_logprobs(logits, seqs[:, P:], 1.0), values)
 
     def fwd_bwd():
         opt.zero_grad(set_to_none=True)
@@ -191,29 +220,18 @@ def fusedhead(shape: str, rounds: int = 6) -> None:
     """One PPO minibatch of the real policy (16 × 40 tokens), the trainer's head (F.linear + log_softmax + gather)
     against ChunkedLinearLogProb, interleaved in rounds; prints both and the median within-round ratio."""
     from kl_research import ppo
-    from kl_research.bench import build_models
-    from kl_research.reference import compose_config
-    from kl_research.train import make_optimizer, setup_allocator
 
-    setup_allocator()
-    _, policy, dims = build_models(shape)
-    pcfg = compose_config([]).ppo
-    opt = make_optimizer(policy, pcfg, torch.device("cpu"))
-    g = torch.Generator().manual_seed(0)
-    mb, P, R = 16, 16, 24
-    seqs = torch.randint(1, dims["vocab_size"], (mb, P + R), generator=g)
-    old, adv, ret, oldv = (torch.randn(mb, R, generator=g) for _ in range(4))
-    mask = torch.ones(mb, R, dtype=torch.bool)
+    x = synthetic_minibatch(shape)
+    policy, opt, seqs, mb, P, R = x.policy, x.opt, x.seqs, x.mb, x.P, x.R
     W = policy.lm.get_output_embeddings().weight
     y = seqs[:, P:].reshape(-1)
-    policy.train()
 
     def logprobs(hs: torch.Tensor, fused: bool) -> torch.Tensor:
         if fused:
             return ChunkedLinearLogProb.apply(hs, W, y, 2048).view(mb, R)
         return ppo.gather_logprobs(F.linear(hs, W).view(mb, R, -1), seqs[:, P:], 1.0)
 
-    hs0 = torch.randn(mb * R, dims["n_embd"], dtype=torch.float64, requires_grad=True)
+    hs0 = torch.randn(mb * R, x.dims["n_embd"], dtype=torch.float64, requires_grad=True)
     with torch.no_grad():  # the two compute one function: values, and the gradients through gradcheck (float64)
         ref = torch.log_softmax(F.linear(hs0, W.double()), -1).gather(-1, y[:, None]).squeeze(-1)
         assert torch.allclose(ChunkedLinearLogProb.apply(hs0, W.double(), y, 2048), ref, atol=1e-10)
@@ -227,9 +245,8 @@ def fusedhead(shape: str, rounds: int = 6) -> None:
         hidden = policy.lm.base_model(input_ids=seqs[:, :-1], use_cache=False).last_hidden_state
         hs = hidden[:, P - 1 :].reshape(mb * R, -1)
         values = policy.v_head(hs).view(mb, R)
-        pg = ppo.policy_loss(logprobs(hs, fused), old - 10, adv, mask, pcfg.cliprange)[0]
-        (pg + pcfg.vf_coef * ppo.value_loss(values, oldv, ret, mask, pcfg.cliprange_value)[0]).backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), pcfg.max_grad_norm)
+        ppo_loss(x, logprobs(hs, fused), values).backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), x.pcfg.max_grad_norm)
         opt.step()
 
     for fused in (False, True, False, True):

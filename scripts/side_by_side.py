@@ -20,13 +20,12 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from compare_trl import ROOT, emit, offline_env
 
 
 def run_layout(jobs: int, threads: int, bench_args: list[str]) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env = offline_env()
     env.pop("OMP_NUM_THREADS", None)  # the bench sets torch's threads itself (--threads)
     t0 = time.perf_counter()
     procs = [
@@ -100,11 +99,7 @@ def main() -> None:
             for k, vs in results.items()
         },
     }
-    line = json.dumps(summary)
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(line + "\n")
-    print(line, flush=True)
+    emit(summary, a.out)
 
 
 if __name__ == "__main__":
