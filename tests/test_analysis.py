@@ -456,3 +456,19 @@ def test_tiny_real_sweep_analysed_and_notebook_executes(tmp_path, monkeypatch):
     assert not any(o.output_type == "error" for c in nb.cells for o in c.get("outputs", []))
     print(f"tiny sweep {t_sweep:.0f} s, notebook {time.time() - t1:.0f} s")
     assert os.environ["SWEEP_DIR"] == str(sweep_dir)
+
+
+def test_report_says_which_device_and_precision_the_runs_had(tmp_path):
+    from kl_research.report import write_report
+
+    sweep = synthetic_sweep(tmp_path)
+    report = (write_report(sweep) / "report.md").read_text()
+    assert "Runs by" not in report  # summaries from before the keys existed: nothing to say
+    for f in sorted(sweep.glob("*/summary.json")):
+        f.write_text(json.dumps({**json.loads(f.read_text()), "device": "cpu", "precision": "fp32"}))
+    report = (write_report(sweep) / "report.md").read_text()
+    assert "Runs by device / precision: cpu / fp32: 6." in report and "Mixed" not in report
+    last = sorted(sweep.glob("*/summary.json"))[-1]
+    last.write_text(json.dumps({**json.loads(last.read_text()), "device": "cuda", "precision": "bf16"}))
+    report = (write_report(sweep) / "report.md").read_text()
+    assert "cpu / fp32: 5, cuda / bf16: 1. **Mixed**" in report
