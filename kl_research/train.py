@@ -366,6 +366,16 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         start_step, history, drift = ckpt["step"], ckpt["history"], ckpt["drift"]
         ppl_ref, elapsed_before = ckpt["ppl_ref"], ckpt["elapsed_s"]
         log.info("resumed from %s at step %d (β = %.4g)", ckpt_path, start_step, controller.value)
+        ran = (ckpt.get("device_type", device.type), ckpt.get("precision", precision))
+        if ran != (device.type, precision):
+            log.warning(
+                "resumed on %s with a %s trunk; steps 1-%d ran on %s with a %s trunk (precision=auto resolves per "
+                "machine): from here the trajectory is not bit-identical to an uninterrupted run",
+                device.type,
+                precision,
+                start_step,
+                *ran,
+            )
     if ppl_ref is None:
         ppl_ref = evaluate_ppl(ref_model)
 
@@ -383,6 +393,8 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 "drift": drift,
                 "ppl_ref": ppl_ref,
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                "device_type": device.type,
+                "precision": precision,
                 "config": resolved,
             },
             ckpt_path,

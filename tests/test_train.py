@@ -129,6 +129,19 @@ def test_auto_precision_trains_a_bf16_trunk_on_an_amx_cpu(cache_dir, tmp_path, m
     assert all(math.isfinite(r["kl/exact"]) for r in recs) and abs(recs[0]["kl/exact"]) < 1e-3
 
 
+def test_resume_on_a_machine_with_another_precision_warns(cache_dir, tmp_path, monkeypatch, caplog):
+    """A checkpoint written with an fp32 trunk, resumed where precision=auto resolves to bf16: it resumes (the key
+    is "auto" in both), and the log says the trajectory is no longer the uninterrupted one."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    train(make_cfg(cache_dir, "steps=2", "checkpoint_every=1"), tmp_path)
+    (tmp_path / "summary.json").unlink()  # as if killed after its last checkpoint
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    with caplog.at_level("WARNING", logger="kl_research.train"):
+        summary = train(make_cfg(cache_dir, "steps=3", "checkpoint_every=1"), tmp_path)
+    assert summary["steps"] == 3 and summary["precision"] == "bf16"
+    assert "resumed on cpu with a bf16 trunk; steps 1-2 ran on cpu with a fp32 trunk" in caplog.text
+
+
 def assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch) -> None:
     """Run cfg (5 steps, checkpoint every 2) once whole, once killed at step 4 and resumed: identical records.
     Shared with tests/test_cuda.py, which runs it on the GPU."""
