@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every number in results/perf.md, from one run: ours vs TRL (alternating, with floors) at three shapes, then the
-# cost table. ~45 min on the 2-core VM; run it on an otherwise idle machine (check `uptime`).
+# cost table. ~55 min on the 2-core VM (53 min in session 4); run it on an otherwise idle machine (check `uptime`).
 #   bash scripts/perf_all.sh [results/perf_runs.jsonl]
 set -euo pipefail
 cd "$(dirname "$0")/.."
