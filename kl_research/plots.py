@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from kl_research.analysis import BAND, UNTARGETED
+from kl_research.analysis import BAND, TARGETED, UNTARGETED
 
 COLORS = {"fixed": "0.45", "adaptive": "C0", "exponential": "C2", "pid": "C3"}
 LABELS = {
@@ -31,21 +31,25 @@ def _targets(curves: pd.DataFrame) -> list[float | None]:
     return sorted({float(t) for t in tracked}) or [None]
 
 
-def _mean_band(ax, g: pd.DataFrame, key: str, label: str, color: str, ls: str = "-") -> None:
-    """Mean over seeds per step, shaded between the seeds' min and max."""
+def _mean_band(ax, g: pd.DataFrame, key: str, label: str, color: str, ls: str = "-", log: bool = False) -> None:
+    """Mean over seeds per step, shaded ±1 sd across seeds (sd with ddof 1; on a log axis the lower edge is
+    clipped to a tenth of the mean, where mean − sd ≤ 0)."""
     g = g.dropna(subset=[key])
     if g.empty:
         return
-    s = g.groupby("step")[key].agg(["mean", "min", "max"])
+    s = g.groupby("step")[key].agg(["mean", "std"])
     ax.plot(s.index, s["mean"], color=color, ls=ls, lw=1.3, label=label, marker="o" if len(s) < 12 else None, ms=3)
     if g["run"].nunique() > 1:
-        ax.fill_between(s.index, s["min"], s["max"], color=color, alpha=0.15, lw=0)
+        lo, hi = s["mean"] - s["std"], s["mean"] + s["std"]
+        if log:
+            lo = lo.where(lo > 0, s["mean"] / 10)
+        ax.fill_between(s.index, lo, hi, color=color, alpha=0.15, lw=0)
 
 
 def curves_by_target(
     curves: pd.DataFrame, keys: Sequence[str] = ("reward/mean", "kl/exact", "kl/coef"), panel: float = 3.2
 ) -> plt.Figure:
-    """One column per target, one row per metric: each controller's mean over seeds (band: seeds' range); the
+    """One column per target, one row per metric: each controller's mean over seeds (band: ±1 sd); the
     ``fixed`` runs (one line per β) in every column, since their β ignores the target. KL rows show the
     target (dashed) and the [0.5, 2]× band."""
     targets = _targets(curves)
@@ -63,12 +67,12 @@ def curves_by_target(
             styles = ["-", "--", ":", "-."]
             for k, beta in enumerate(betas):
                 g = fixed[fixed["init_kl_coef"] == beta]
-                _mean_band(ax, g, key, f"fixed β={beta:g}", _color("fixed"), styles[k % len(styles)])
+                _mean_band(ax, g, key, f"fixed β={beta:g}", _color("fixed"), styles[k % len(styles)], key in LOG_Y)
             sub = curves[~curves["controller"].isin(UNTARGETED)]
             if t is not None:
                 sub = sub[np.isclose(sub["target_kl"].astype(float), t)]
             for c, g in sub.groupby("controller"):
-                _mean_band(ax, g, key, str(c), _color(str(c)))
+                _mean_band(ax, g, key, str(c), _color(str(c)), log=key in LOG_Y)
             if t is not None and key.startswith("kl/") and key != "kl/coef":
                 ax.axhline(t, color="k", ls="--", lw=0.9)
                 ax.axhspan(BAND[0] * t, BAND[1] * t, color="g", alpha=0.07)
@@ -87,7 +91,53 @@ def curves_by_target(
                 handles.append(h)
                 labels.append(lab)
     fig.legend(handles, labels, fontsize=8, loc="upper right", ncol=min(4, len(labels)))
+    fig.suptitle("mean over seeds; shaded: ±1 sd across seeds", x=0.01, ha="left", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
+    return fig
+
+
+def _seeds_label(runs: pd.DataFrame) -> str:
+    n = runs.groupby([c for c in ("controller", "target_kl", "init_kl_coef") if c in runs])["seed"].nunique()
+    lo, hi = (int(n.min()), int(n.max())) if len(n) else (0, 0)
+    return f"n = {lo} seeds" if lo == hi else f"n = {lo}–{hi} seeds"
+
+
+def kl_curves(curves: pd.DataFrame, controllers: Sequence[str] = TARGETED, panel: float = 3.4) -> plt.Figure:
+    """curves.png: one column per target. Top row: the exact KL (nats/token, log y) against rollout for each
+    controller, the mean across seeds with a shaded ±1 sd band, the target (dashed) and the [0.5, 2]× band
+    (green); bottom row: β (log y) the same way. Rollout 1 has KL = 0 (the policy starts as its reference) and
+    does not show on the log axis."""
+    sub = curves[curves["controller"].isin(controllers)]
+    targets = _targets(sub) if len(sub) else [None]
+    fig, axes = plt.subplots(2, len(targets), figsize=(panel * len(targets), 6), sharex=True, squeeze=False)
+    for j, t in enumerate(targets):
+        g_t = sub if t is None else sub[np.isclose(sub["target_kl"].astype(float), t)]
+        for i, key in enumerate(("kl/exact", "kl/coef")):
+            ax = axes[i, j]
+            for c in controllers:
+                g = g_t[g_t["controller"] == c]
+                if len(g) and key in g:
+                    label = f"{c} ({g['seed'].nunique()} seeds): mean ± 1 sd"
+                    _mean_band(ax, g[g[key] > 0] if key == "kl/exact" else g, key, label, _color(c), log=True)
+            if i == 0 and t is not None:
+                ax.axhline(t, color="k", ls="--", lw=0.9, label="target")
+                ax.axhspan(BAND[0] * t, BAND[1] * t, color="g", alpha=0.08, label=f"[{BAND[0]:g}, {BAND[1]:g}]× target")
+            if (key in g_t and (g_t[key].dropna() > 0).any()) or (i == 0 and t is not None):
+                ax.set_yscale("log")
+            if i == 0:
+                ax.set_title(f"target KL {t:g} nats/token" if t is not None else "")
+            else:
+                ax.set_xlabel("rollout (PPO step)")
+            if j == 0:
+                ax.set_ylabel("KL exact (nats/token)" if i == 0 else "β (kl/coef)")
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, fontsize=8, loc="upper right", ncol=min(3, max(1, len(labels))))
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig
 
 
@@ -111,55 +161,108 @@ def ppl_vs_kl(curves: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def frontier_plot(front: pd.DataFrame, cells: pd.DataFrame) -> plt.Figure:
-    """Tail reward against tail KL: the fixed-β frontier (mean and 95 % intervals across seeds, labelled by β)
-    and each other controller's cells (one point per target, colour = target), with the targets dotted."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def _err(mean, lo, hi):
+    """Error-bar lengths from interval bounds; 0 where the bound is NaN (one seed: no interval)."""
+    mean, lo, hi = (np.asarray(x, dtype=float) for x in (mean, lo, hi))
+    return [np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)]
+
+
+MARKERS = {"adaptive": "o", "exponential": "^", "pid": "s"}
+
+
+def frontier_plot(front: pd.DataFrame, cells: pd.DataFrame, targets: Sequence[float] | None = None) -> plt.Figure:
+    """frontier.png: tail reward against tail KL (nats/token, log x). The fixed-β runs (mean and 95 % Student-t
+    interval across seeds on both axes, β annotated), each targeted controller's cells overlaid (one marker
+    and colour per controller, one point per target, the same error bars), the targets as faint vertical lines.
+    The seed counts are in the legend."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    others = cells[~cells["controller"].isin(UNTARGETED)] if len(cells) else cells
+    targets = sorted(others["target_kl"].unique()) if targets is None and len(others) else list(targets or [])
+    for t in targets:
+        ax.axvline(t, color="0.5", ls="-", lw=0.6, alpha=0.35)
     if len(front):
+        seeds = f"{int(front['n_seeds'].min())}" if "n_seeds" in front else "?"
+        if "n_seeds" in front and front["n_seeds"].min() != front["n_seeds"].max():
+            seeds += f"–{int(front['n_seeds'].max())}"
         ax.errorbar(
             front["kl_mean"],
             front["reward_mean"],
-            xerr=[front["kl_mean"] - front["kl_lo"], front["kl_hi"] - front["kl_mean"]],
-            yerr=[front["reward_mean"] - front["reward_lo"], front["reward_hi"] - front["reward_mean"]],
+            xerr=_err(front["kl_mean"], front["kl_lo"], front["kl_hi"]),
+            yerr=_err(front["reward_mean"], front["reward_lo"], front["reward_hi"]),
             fmt="k.-",
             lw=1,
             capsize=2,
-            label="fixed β (frontier)",
+            label=f"fixed β (frontier), n = {seeds} seeds",
         )
         for row in front.itertuples():
-            ax.annotate(f"β={row.init_kl_coef:g}", (row.kl_mean, row.reward_mean), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")  # fmt: skip
-    others = cells[~cells["controller"].isin(UNTARGETED)]
-    targets = sorted(others["target_kl"].unique())
-    cmap = plt.get_cmap("viridis")
-
-    def tcolor(t: float):
-        return cmap(targets.index(t) / max(1, len(targets) - 1))
-
-    for t in targets:
-        ax.axvline(t, color=tcolor(t), ls=":", lw=0.8)
-    markers = {"adaptive": "o", "exponential": "^", "pid": "s"}
-    for c, g in others.groupby("controller"):
-        for row in g.itertuples():
-            ax.errorbar(
-                row.kl_mean,
-                row.reward_mean,
-                xerr=[[row.kl_mean - row.kl_lo], [row.kl_hi - row.kl_mean]],
-                yerr=[[row.reward_mean - row.reward_lo], [row.reward_hi - row.reward_mean]],
-                fmt=markers.get(str(c), "D"),
-                color=tcolor(row.target_kl),
-                mec="k",
-                capsize=2,
-                lw=0.8,
+            ax.annotate(
+                f"β={row.init_kl_coef:g}",
+                (row.kl_mean, row.reward_mean),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
             )
-        ax.plot([], [], markers.get(str(c), "D"), color="w", mec="k", label=str(c))
-    kl = pd.concat([front.get("kl_mean", pd.Series(dtype=float)), others["kl_mean"]])
-    if (kl > 0).all() and len(kl):
+    for c, g in others.groupby("controller"):
+        seeds = g["n_seeds"] if "n_seeds" in g else g["n"]
+        n = f"{int(seeds.min())}" + (f"–{int(seeds.max())}" if seeds.min() != seeds.max() else "")
+        ax.errorbar(
+            g["kl_mean"],
+            g["reward_mean"],
+            xerr=_err(g["kl_mean"], g["kl_lo"], g["kl_hi"]),
+            yerr=_err(g["reward_mean"], g["reward_lo"], g["reward_hi"]),
+            fmt=MARKERS.get(str(c), "D"),
+            color=_color(str(c)),
+            mec="k",
+            capsize=2,
+            lw=0.8,
+            ls="none",
+            label=f"{c}, one point per target, n = {n} seeds",
+        )
+    kl = pd.concat([front.get("kl_mean", pd.Series(dtype=float)), others.get("kl_mean", pd.Series(dtype=float))])
+    if len(kl.dropna()) and (kl.dropna() > 0).all():
         ax.set_xscale("log")
-    ax.set_xlabel("tail KL (exact, nats/token); dotted: targets (colour)")
+    ax.set_xlabel("tail KL (exact, nats/token); faint vertical lines: targets")
     ax.set_ylabel("tail reward")
     ax.legend(fontsize=8)
-    ax.set_title("reward–KL: cells, mean and 95 % bootstrap interval over seeds")
+    ax.set_title("reward–KL: mean and 95 % Student-t interval over seeds", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def controllability_plot(table: pd.DataFrame, targets: Sequence[float]) -> plt.Figure:
+    """controllability.png: tail KL (nats/token) against β, log-log, mean and 95 % Student-t interval over
+    seeds (a lower bound ≤ 0 is drawn to the axis' bottom), with the targets as horizontal lines and their
+    [0.5, 2]× bands: can a fixed β reach every target, with margin?"""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    cmap = plt.get_cmap("viridis")
+    for i, t in enumerate(sorted(targets)):
+        color = cmap(i / max(1, len(targets) - 1))
+        ax.axhline(t, color=color, lw=1, ls="--", label=f"target {t:g}")
+    if len(table):
+        t = table.sort_values("init_kl_coef")
+        mean, lo, hi = (t[c].to_numpy(float) for c in ("kl_mean", "kl_lo", "kl_hi"))
+        floor = np.nanmin(mean[mean > 0]) / 10 if (mean > 0).any() else 1e-6
+        lo = np.where(np.isnan(lo), mean, np.maximum(lo, floor))
+        n = t["n_seeds"] if "n_seeds" in t else pd.Series([0])
+        seeds = f"{int(n.min())}" + (f"–{int(n.max())}" if n.min() != n.max() else "")
+        ax.errorbar(
+            t["init_kl_coef"],
+            mean,
+            yerr=[mean - lo, np.nan_to_num(hi - mean)],
+            fmt="ko-",
+            capsize=3,
+            lw=1,
+            ms=4,
+            label=f"fixed β: tail KL, n = {seeds} seeds",
+        )
+        if (t["init_kl_coef"] > 0).all():
+            ax.set_xscale("log")
+        if (mean > 0).all():
+            ax.set_yscale("log")
+    ax.set_xlabel("β (fixed)")
+    ax.set_ylabel("tail KL (exact, nats/token)")
+    ax.set_title("controllability: tail KL vs β, mean and 95 % Student-t interval", fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -1,5 +1,6 @@
 """A sweep's report: ``<sweep dir>/report/`` with ``summaries.csv`` (one row per completed run, exactly its
-summary.json), ``cells.csv`` (mean, sd and n over seeds per controller × target, and per β for ``fixed``),
+summary.json), ``cells.csv`` (mean, sd, 95 % Student-t interval and n over seeds per controller × target, and
+per β for ``fixed``),
 ``report.md`` (both tables, the failed jobs with the tail of their logs, the plots) and the plots
 ``frontier.png`` (tail reward against tail KL), ``kl.png`` and ``beta.png`` (KL and β over training).
 
@@ -17,30 +18,61 @@ from pathlib import Path
 
 import pandas as pd
 
-from kl_research.analysis import load_curves, load_summaries
+from kl_research.analysis import POOL_KEYS, load_configs, load_curves, load_summaries, t_interval
 
 # Per-run metrics of RESEARCH.md §5 shown in the tables, in this order (those present in the summaries).
-METRICS = ["reward", "kl", "tracking_error", "in_band", "iae", "final_beta", "ppl_change", "wall_time_s"]
+METRICS = [
+    "reward",
+    "kl",
+    "tracking_error",
+    "in_band",
+    "iae",
+    "settle_step",
+    "overshoot",
+    "kl_step2",
+    "approx_kl_mean",
+    "final_beta",
+    "ppl_change",
+    "wall_time_s",
+]
 
 
-def cell_table(summaries: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sd and number of seeds of each metric per cell: (controller, target) for the controllers that
-    track a target, (fixed, β₀) for ``fixed``, whose target is only logged. Columns ``<metric>_mean``,
-    ``<metric>_sd``, ``n``."""
+def cell_table(summaries: pd.DataFrame, configs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Mean, sd, 95 % Student-t interval of the mean and number of seeds of each metric per cell: (controller,
+    target) for the controllers that track a target, (fixed, β₀) for ``fixed``, whose target is only logged;
+    split by each :data:`kl_research.analysis.POOL_KEYS` setting (``ppo.kl_mode``, ``ppo.kl_penalty``) found in
+    ``configs`` (a sweep's :func:`kl_research.analysis.load_configs`), so runs that differ in them are never
+    pooled. Columns ``<metric>_mean``, ``<metric>_sd``, ``<metric>_lo``, ``<metric>_hi`` (NaN with one seed),
+    ``n``, ``n_seeds``."""
     if summaries.empty:
         return pd.DataFrame()
     df = summaries.copy()
     fixed = df["controller"] == "fixed"
     df["cell_target"] = df["target_kl"].where(~fixed)
     df["cell_beta0"] = df["init_kl_coef"].where(fixed)
+    pool = []
+    if configs is not None and len(configs) and "run" in configs:
+        by_run = configs.set_index("run")
+        for k in POOL_KEYS:
+            if k in by_run:
+                df[k] = df["run"].map(by_run[k].to_dict()).astype(object)
+                df[k] = df[k].where(df[k].notna(), "unrecorded")
+                pool.append(k)
     metrics = [m for m in METRICS if m in df.columns]
-    keys = ["controller", "cell_target", "cell_beta0"]
-    g = df.groupby(keys, dropna=False, sort=True)[metrics]
-    out = g.mean().add_suffix("_mean").join(g.std(ddof=1).add_suffix("_sd"))
-    out["n"] = g.size()
-    cols = [f"{m}_{s}" for m in metrics for s in ("mean", "sd")] + ["n"]
-    out = out[cols].reset_index().rename(columns={"cell_target": "target_kl", "cell_beta0": "init_kl_coef"})
-    return out
+    keys = ["controller", "cell_target", "cell_beta0", *pool]
+    rows = []
+    for key, g in df.groupby(keys, dropna=False, sort=True):
+        row = dict(zip(keys, key, strict=True))
+        for m in metrics:
+            mean, lo, hi, sd, _ = t_interval(g[m].astype(float))
+            row[f"{m}_mean"], row[f"{m}_sd"], row[f"{m}_lo"], row[f"{m}_hi"] = mean, sd, lo, hi
+        row["n"] = len(g)
+        row["n_seeds"] = g["seed"].nunique() if "seed" in g else len(g)
+        rows.append(row)
+    cols = [*keys, *(f"{m}_{s}" for m in metrics for s in ("mean", "sd")), "n"]
+    cols += [c for c in rows[0] if c not in cols]
+    out = pd.DataFrame(rows)[cols]
+    return out.rename(columns={"cell_target": "target_kl", "cell_beta0": "init_kl_coef"})
 
 
 def _fmt(x: object) -> str:
@@ -62,13 +94,14 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def _cells_for_markdown(cells: pd.DataFrame) -> pd.DataFrame:
-    """mean ± sd in one column per metric."""
-    out = cells[["controller", "target_kl", "init_kl_coef", "n"]].copy()
+    """'mean [lo, hi]' (95 % Student-t interval) in one column per metric; the mean alone with one seed."""
+    keys = [c for c in ["controller", "target_kl", "init_kl_coef", *POOL_KEYS, "n"] if c in cells]
+    out = cells[keys].copy()
     for m in METRICS:
         if f"{m}_mean" in cells:
             out[m] = [
-                _fmt(a) if (isinstance(b, float) and math.isnan(b)) else f"{_fmt(a)} ± {_fmt(b)}"
-                for a, b in zip(cells[f"{m}_mean"], cells[f"{m}_sd"], strict=True)
+                _fmt(a) if (isinstance(lo, float) and math.isnan(lo)) else f"{_fmt(a)} [{_fmt(lo)}, {_fmt(hi)}]"
+                for a, lo, hi in zip(cells[f"{m}_mean"], cells[f"{m}_lo"], cells[f"{m}_hi"], strict=True)
             ]
     return out
 
@@ -190,7 +223,7 @@ def write_report(
         jobs = [j["name"] for j in state.get("jobs", [])]
     summaries = load_summaries(sweep_dir)
     summaries.to_csv(out / "summaries.csv", index=False)
-    cells = cell_table(summaries)
+    cells = cell_table(summaries, load_configs(sweep_dir))
     cells.to_csv(out / "cells.csv", index=False)
     complete = set(summaries["run"]) if not summaries.empty else set()
     missing = {j: "no summary.json" for j in jobs if j not in complete}
@@ -212,7 +245,7 @@ def write_report(
         md += [f"KL in {', '.join(sorted(set(summaries['kl_unit'].dropna())))}; tail = last steps per run.", ""]
     md += ran_on(summaries)
     cell_md = markdown_table(_cells_for_markdown(cells)) if len(cells) else "_(none)_\n"
-    md += ["## Per cell (mean ± sd over seeds)", "", cell_md]
+    md += ["## Per cell (mean [95 % Student-t interval] over seeds)", "", cell_md]
     cols = [c for c in ["run", "controller", "target_kl", "init_kl_coef", "seed", *METRICS] if c in summaries]
     md += ["## Per run (summary.json)", "", markdown_table(summaries[cols]) if len(summaries) else "_(none)_\n"]
     md += ["## Failed jobs", ""]

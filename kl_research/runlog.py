@@ -102,13 +102,19 @@ class RunLogger:
 
 
 def summarize(history: list[dict[str, Any]], cfg: DictConfig, wall_time_s: float) -> dict[str, Any]:
-    """Tail-window statistics of RESEARCH.md §5 (last 25 % of steps), KL measured by `kl/exact`."""
+    """Tail-window statistics of RESEARCH.md §5 (last 25 % of steps), KL measured by `kl/exact`. The control
+    metrics (tracking error, in-band fraction, IAE, settle step, overshoot, KL after the first update, mean
+    approx-KL per rollout) come from :func:`kl_research.analysis.control_metrics`, the same function that
+    rescores runs in the analysis, so summary.json and the analysis can never disagree."""
+    from kl_research.analysis import control_metrics  # analysis imports this module: import on use
+
     target = float(cfg.controller.target_kl)
     n_tail = max(1, math.ceil(TAIL_FRACTION * len(history)))
     tail = history[-n_tail:]
     kl_all = np.array([r["kl/exact"] for r in history])
-    kl_tail = kl_all[-n_tail:]
-    rel = np.abs(kl_all - target) / target
+    approx = [r.get("policy/approx_kl", float("nan")) for r in history]
+    steps = [r["step"] for r in history] if all("step" in r for r in history) else None
+    ctl = control_metrics(kl_all, target, steps, approx, tail_fraction=TAIL_FRACTION)
     evals = [r for r in history if "eval/ppl_heldout" in r]
     ppl_final = evals[-1]["eval/ppl_heldout"] if evals else float("nan")
     ppl_ref = evals[-1]["eval/ppl_ref"] if evals else float("nan")
@@ -121,10 +127,15 @@ def summarize(history: list[dict[str, Any]], cfg: DictConfig, wall_time_s: float
         "steps": len(history),
         "tail_steps": n_tail,
         "reward": float(np.mean([r["reward/mean"] for r in tail])),
-        "kl": float(kl_tail.mean()),
-        "tracking_error": float(rel[-n_tail:].mean()),
-        "in_band": float(np.mean((kl_tail >= 0.5 * target) & (kl_tail <= 2 * target))),
-        "iae": float(rel.sum()),
+        "kl": float(kl_all[-n_tail:].mean()),
+        "tracking_error": ctl["tracking_error"],
+        "in_band": ctl["in_band"],
+        "iae": ctl["iae"],
+        "settle_step": ctl["settle_step"],
+        "settled": ctl["settled"],
+        "overshoot": ctl["overshoot"],
+        "kl_step2": ctl["kl_step2"],
+        "approx_kl_mean": ctl["approx_kl_mean"],
         "final_beta": float(history[-1]["kl/coef_next"]),
         "ppl_final": float(ppl_final),
         "ppl_ref": float(ppl_ref),

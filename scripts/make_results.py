@@ -5,9 +5,14 @@ the exact commands and the versions. Every number comes from kl_research.analysi
     python scripts/make_results.py multirun/kl_grid/<time> --frontier multirun/frontier/<time> --out results
     python scripts/make_results.py --wandb <entity>/kl-research --group kl_grid   # runs logged online
 
-Writes <out>/: results.md, verdict.{csv,json}, pid_vs_adaptive.csv, cells.csv, scores.csv, frontier.csv,
-estimators.csv, estimators_by_cell.csv, summaries.{csv,json}, curves.png, ppl.png, ppl_vs_kl.png, frontier.png,
-command.txt, versions.json.
+Writes <out>/: results.md (controllability first), controllability.csv (per β) and controllability_checks.csv,
+verdict.{csv,json}, band.csv (does each controller hold the band?), pid_vs_adaptive.csv (Welch's t-test per
+metric), cells.csv, scores.csv, frontier.csv, estimators.csv, estimators_by_cell.csv, summaries.{csv,json},
+frontier.png, curves.png (KL and β per target), controllability.png, training.png (reward, KL, β), ppl.png,
+ppl_vs_kl.png, command.txt, versions.json. Intervals: 95 % Student-t of the mean over seeds.
+
+A sweep that mixes ``ppo.kl_mode`` or ``ppo.kl_penalty`` settings is refused (runs that differ in them are
+never pooled); ``--select ppo.kl_mode=loss`` (repeatable) analyses one setting.
 """
 
 from __future__ import annotations
@@ -41,10 +46,13 @@ PACKAGES = ["torch", "transformers", "tokenizers", "numpy", "pandas", "hydra-cor
 
 
 def ci(mean: float, lo: float, hi: float) -> str:
-    """'mean [lo, hi]' to 3 significant digits; '—' for NaN."""
+    """'mean [lo, hi]' to 3 significant digits; '—' for a NaN mean; the mean alone without an interval (NaN
+    bounds: one seed) or a zero-width one."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "—"
-    return f"{mean:.3g} [{lo:.3g}, {hi:.3g}]" if lo != hi or lo != mean else f"{mean:.3g}"
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi) or (lo == hi == mean):
+        return f"{mean:.3g}"
+    return f"{mean:.3g} [{lo:.3g}, {hi:.3g}]"
 
 
 def ci_table(df: pd.DataFrame, keys: list[str], metrics: list[str], prefix: str = "") -> pd.DataFrame:
@@ -84,36 +92,73 @@ def sweep_commands(sweep_dir: Path | None) -> list[str]:
     return [shlex.join(["python", *a.get("argv", [])]) for a in state.get("attempts", [])]
 
 
+def checks_table(c: A.Controllability) -> pd.DataFrame:
+    out = c.checks.copy()
+    if len(out):
+        out["passed"] = out["passed"].map(lambda x: "yes" if bool(x) else "**no**")
+        out["required"] = out["required"].map(lambda x: "yes" if x else "no (for the reader)")
+    return out
+
+
 def write_results(a: A.Analysis, out: Path, commands: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     s = a.sweep
+    ctl = a.controllability
     s.summaries.to_csv(out / "summaries.csv", index=False)
     (out / "summaries.json").write_text(s.summaries.to_json(orient="records", indent=1))
     a.scores.to_csv(out / "scores.csv", index=False)
     a.cells.to_csv(out / "cells.csv", index=False)
     a.frontier.to_csv(out / "frontier.csv", index=False)
+    ctl.table.to_csv(out / "controllability.csv", index=False)
+    ctl.checks.to_csv(out / "controllability_checks.csv", index=False)
     a.estimators.to_csv(out / "estimators.csv", index=False)
     a.estimators_by_cell.to_csv(out / "estimators_by_cell.csv", index=False)
     a.verdict.to_csv(out / "verdict.csv", index=False)
+    a.band.to_csv(out / "band.csv", index=False)
     (out / "verdict.json").write_text(
-        json.dumps({"text": a.text, "rows": json.loads(a.verdict.to_json(orient="records"))}, indent=1)
+        json.dumps(
+            {
+                "text": a.text,
+                "controllability": ctl.text,
+                "controllable": ctl.passed,
+                "rows": json.loads(a.verdict.to_json(orient="records")),
+                "band": json.loads(a.band.to_json(orient="records")),
+            },
+            indent=1,
+        )
     )
     a.pid_vs_adaptive.to_csv(out / "pid_vs_adaptive.csv", index=False)
     (out / "command.txt").write_text("\n".join(commands) + "\n")
     (out / "versions.json").write_text(json.dumps(versions(), indent=1))
 
+    targets = [float(t) for t in sorted(a.band["target_kl"].unique())] if len(a.band) else list(A.GRID_TARGETS)
     plots = []
+    if len(a.frontier) or len(a.cells):
+        P.save(P.frontier_plot(a.frontier, a.cells, targets), out / "frontier.png")
+        plots.append("frontier.png")
     if len(s.curves):
-        P.save(P.curves_by_target(s.curves), out / "curves.png")
+        P.save(P.kl_curves(s.curves), out / "curves.png")
+        plots.append("curves.png")
+    if len(a.frontier):
+        P.save(P.controllability_plot(ctl.table, targets), out / "controllability.png")
+        plots.append("controllability.png")
+    if len(s.curves):
+        P.save(P.curves_by_target(s.curves), out / "training.png")
         P.save(P.curves_by_target(s.curves, ["eval/ppl_heldout"]), out / "ppl.png")
         P.save(P.ppl_vs_kl(s.curves), out / "ppl_vs_kl.png")
-        plots += ["curves.png", "ppl.png", "ppl_vs_kl.png"]
-    if len(a.cells):
-        P.save(P.frontier_plot(a.frontier, a.cells), out / "frontier.png")
-        plots.append("frontier.png")
+        plots += ["training.png", "ppl.png", "ppl_vs_kl.png"]
 
-    cmp_metrics = ["reward", "tracking_error", "overshoot", "settling_step"]
-    cell_metrics = ["reward", "kl", "tracking_error", "in_band", "iae", "overshoot", "settling_step", "ppl_change"]
+    ctl_tab = (
+        ci_table(ctl.table, ["init_kl_coef", "n_seeds", "steps"], ["kl", "reward"])
+        .assign(kl_step2=ctl.table["kl_step2_mean"] if "kl_step2_mean" in ctl.table else math.nan)
+        .assign(approx_kl_mean=ctl.table.get("approx_kl_mean_mean", math.nan))
+        if len(ctl.table)
+        else pd.DataFrame()
+    )
+    cmp_metrics = ["reward", "tracking_error", "in_band", "overshoot", "settle_step"]
+    cell_metrics = ["reward", "kl", "tracking_error", "in_band", "settle_step", "settled", "overshoot", "iae",
+                    "ppl_change"]  # fmt: skip
+    band_metrics = ["kl", "in_band", "settle_step", "settled", "overshoot", "tracking_error", "reward", "ppl_change"]
     v_keys = ["target_kl", "controller", "static_beta", "n", "static_n"]
     v_tab = ci_table(a.verdict, v_keys, ["reward", "tracking_error"]) if len(a.verdict) else pd.DataFrame()
     if len(a.verdict):
@@ -122,40 +167,86 @@ def write_results(a: A.Analysis, out: Path, commands: list[str]) -> Path:
         for b in ("reward_similar_or_better", "kl_closer", "on_or_above_frontier", "claim_holds"):
             if b in a.verdict:
                 v_tab[b] = a.verdict[b].astype(str)
+    band_tab = (
+        ci_table(a.band, ["target_kl", "controller", "n_seeds"], band_metrics).assign(
+            holds_band=a.band["holds_band"].astype(str)
+        )
+        if len(a.band)
+        else pd.DataFrame()
+    )
+    cmp = a.pid_vs_adaptive
+    if len(cmp):
+        cmp_tab = cmp[["target_kl", "n_a", "n_b"]].copy()
+        for m in cmp_metrics:
+            if f"p_{m}" in cmp:
+                cmp_tab[f"pid {m}"] = ci_table(cmp, [], [m], "a_")[m]
+                cmp_tab[f"adaptive {m}"] = ci_table(cmp, [], [m], "b_")[m]
+                cmp_tab[f"Δ {m} (Welch p)"] = [
+                    "—" if math.isnan(d) else f"{ci(d, lo, hi)} (p={p:.2g}{', sig.' if sig else ''})"
+                    for d, lo, hi, p, sig in zip(
+                        cmp[f"diff_{m}"],
+                        cmp[f"diff_{m}_lo"],
+                        cmp[f"diff_{m}_hi"],
+                        cmp[f"p_{m}"],
+                        cmp[f"significant_{m}"],
+                        strict=True,
+                    )
+                ]
     md = [
         "# Results: KL control sweep",
         "",
         f"Source: `{s.source}`  ",
         f"Runs: {s.summaries.shape[0]} completed; KL in nats per response token (exact, RESEARCH.md §2); "
-        "statistics over the last 25 % of steps; intervals: 95 % percentile bootstrap across seeds.",
+        "statistics over the last 25 % of steps; intervals: 95 % Student-t interval of the mean across seeds "
+        "(mean ± t₀.₉₇₅,ₙ₋₁·sd/√n; none with one seed).",
         "",
-        "## Verdict (computed, kl_research.analysis.verdict)",
+        "## 1. Can the experiment answer? Controllability of the fixed-β frontier (analysis.controllability)",
+        "",
+        ctl.text,
+        "",
+        markdown_table(checks_table(ctl)) if len(ctl.checks) else "",
+        "Per β: tail KL and tail reward, mean [95 % Student-t interval]; kl_step2 = KL after the first update "
+        "(rollout 2), approx_kl_mean = mean approx-KL per rollout (the update size), both means over seeds.",
+        "",
+        markdown_table(ctl_tab) if len(ctl_tab) else "_(no fixed-β runs)_\n",
+        "## 2. Verdict (computed, kl_research.analysis.verdict, hold_band, compare_controllers)",
         "",
         a.text,
         "",
-        markdown_table(v_tab),
-        "## Per cell: mean [95 % interval] over seeds (fixed runs scored against every target)",
+        "### The seed's claim, per target",
         "",
-        markdown_table(ci_table(a.cells, [*A.CELL_KEYS, "n"], cell_metrics)) if len(a.cells) else "_(none)_\n",
-        "## pid vs adaptive",
+        markdown_table(v_tab),
+        f"### Holding the band: tail-KL interval inside [{A.BAND[0]:g}, {A.BAND[1]:g}]× target and in-band "
+        f"fraction ≥ {A.HOLD_IN_BAND:g}",
+        "",
+        "settle_step: first rollout from which KL stays in the band, mean over the runs that settled (settled: the "
+        "fraction that did); overshoot: max KL/target − 1 after KL first reached the target.",
+        "",
+        markdown_table(band_tab) if len(band_tab) else "_(no targeted controller cells)_\n",
+        "## 3. pid vs adaptive (Welch's t-test per metric, significant at 5 %)",
+        "",
+        markdown_table(cmp_tab) if len(cmp) else "_(no pid and adaptive cells)_\n",
+        "## 4. Per cell: mean [95 % Student-t interval] over seeds (fixed runs scored against every target)",
         "",
         markdown_table(
-            a.pid_vs_adaptive[["target_kl"]]
-            .join(ci_table(a.pid_vs_adaptive, [], cmp_metrics, "a_").add_prefix("pid "))
-            .join(ci_table(a.pid_vs_adaptive, [], cmp_metrics, "b_").add_prefix("adaptive "))
-            .assign(
-                equal_reward=a.pid_vs_adaptive["equal_reward"].astype(str),
-                pid_better_at_equal_reward=a.pid_vs_adaptive["a_better_at_equal_reward"].astype(str),
+            ci_table(
+                a.cells,
+                [*[k for k in a.cells.columns if k in A.CELL_KEYS or k in A.POOL_KEYS], "n_seeds"],
+                cell_metrics,
             )
         )
-        if len(a.pid_vs_adaptive)
-        else "_(no pid and adaptive cells)_\n",
-        "## Fixed-β frontier",
+        if len(a.cells)
+        else "_(none)_\n",
+        "## 5. Fixed-β frontier",
         "",
-        markdown_table(ci_table(a.frontier, ["init_kl_coef", "n"], ["reward", "kl", "ppl_change"]))
+        markdown_table(
+            ci_table(
+                a.frontier, ["init_kl_coef", "n_seeds"], ["reward", "kl", "ppl_change", "kl_step2", "approx_kl_mean"]
+            )
+        )
         if len(a.frontier)
         else "_(none)_\n",
-        "## Estimators against exact (pooled over every step of every run)",
+        "## 6. Estimators against exact (pooled over every step of every run)",
         "",
         markdown_table(a.estimators) if len(a.estimators) else "_(none)_\n",
         "## Plots",
@@ -180,8 +271,14 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("sweep_dir", nargs="?", help="sweep dir (default: the latest under multirun/)")
     p.add_argument("--frontier", help="a frontier sweep dir (python sweep.py sweep=frontier) to add its fixed runs")
     p.add_argument("--out", default="results", help="output dir (default: results)")
-    p.add_argument("--B", type=int, default=10_000, help="bootstrap resamples (default 10000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed (default 0)")
+    p.add_argument(
+        "--select",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep only runs with this config value, e.g. ppo.kl_mode=loss (repeatable); needed when a sweep "
+        "mixes ppo.kl_mode or ppo.kl_penalty settings",
+    )
     p.add_argument("--static-beta", default="matched", help="matched | closest | a β (see analysis.verdict)")
     p.add_argument("--wandb", help="entity/project: load the runs from W&B instead of a sweep dir")
     p.add_argument("--group", help="W&B group (the sweep's name) with --wandb")
@@ -200,7 +297,13 @@ def main(argv: list[str] | None = None) -> Path:
         sweep = A.add_frontier_runs(sweep, A.load_sweep(args.frontier))
         commands += [f"# frontier: {c}" for c in sweep_commands(Path(args.frontier))]
     static = args.static_beta if args.static_beta in ("matched", "closest") else float(args.static_beta)
-    a = A.analyse(sweep, B=args.B, seed=args.seed, static_beta=static)
+    select = {}
+    for item in args.select:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--select {item}: expected KEY=VALUE")
+        select[key] = value
+    a = A.analyse(sweep, static_beta=static, select=select or None)
     commands.append(shlex.join(["python", "scripts/make_results.py", *(argv if argv is not None else sys.argv[1:])]))
     md = write_results(a, Path(args.out), commands)
     print(a.text)
