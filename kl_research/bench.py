@@ -149,11 +149,10 @@ def bench(
     compile: bool | str = False,
 ) -> dict[str, Any]:
     """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record."""
-    from kl_research import ppo
     from kl_research.gemm import gemm_fields
-    from kl_research.kl import token_kl
     from kl_research.reference import compose_config
     from kl_research.train import (
+        advantages_and_returns,
         autocast,
         make_optimizer,
         ppo_update,
@@ -206,6 +205,7 @@ def bench(
         eos_token_id=None,
         pad_token_id=PAD,
         amp=amp,
+        keep_ref_logprobs=pcfg.kl_mode == "loss" and pcfg.kl_penalty == "exact",
     )
 
     def step() -> dict[str, float]:
@@ -214,16 +214,12 @@ def bench(
         batch = roll()
         sync()
         t1 = time.perf_counter()
-        mask = batch["mask"]
         scores = torch.randn(B, generator=gen).to(dev)  # synthetic task score (the reward model is not timed)
-        kl_tokens = token_kl(batch["logp"], batch["ref_logp"], pcfg.kl_penalty)
-        rewards = ppo.shaped_rewards(scores, kl_tokens, 0.1, mask)
-        advantages, returns = ppo.gae(rewards, batch["values"], mask, pcfg.gamma, pcfg.lam)
-        advantages = ppo.masked_whiten(advantages, mask)
+        advantages, returns = advantages_and_returns(batch, scores, 0.1, pcfg)
         sync()
         t2 = time.perf_counter()
         policy.train()
-        ppo_update(policy, optimizer, batch, advantages, returns, P, pcfg, amp, shuffle_gen)
+        ppo_update(policy, optimizer, batch, advantages, returns, P, pcfg, amp, shuffle_gen, 0.1)
         policy.eval()
         sync()
         t3 = time.perf_counter()

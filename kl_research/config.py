@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from kl_research.controllers import build_controller
-from kl_research.kl import ESTIMATORS, SIGNAL_ESTIMATORS, check_estimator
+from kl_research.kl import SIGNAL_ESTIMATORS, check_estimator, check_penalty
 
 
 # --------------------------------------------------------------------------------------------- controller
@@ -37,7 +37,10 @@ class FixedSchema(ControllerSchema):
 @dataclass
 class AdaptiveSchema(ControllerSchema):
     name: str = "adaptive"
-    horizon: float = 512.0  # samples
+    horizon: float = 256.0  # samples
+    error_clip: float = 0.2  # Ziegler's ±0.2
+    kl_coef_min: float = 1e-4
+    kl_coef_max: float = 10.0
 
 
 @dataclass
@@ -52,12 +55,12 @@ class ExponentialSchema(ControllerSchema):
 @dataclass
 class PIDSchema(ControllerSchema):
     name: str = "pid"
-    horizon: float = 512.0
-    kp: float = 0.5
+    horizon: float = 256.0
+    kp: float = 1.0
     ki: float = 1.0
-    kd: float = 0.0
+    kd: float = 2.0
     d_filter: float = 0.8
-    error_clip: float = 1.0
+    error_clip: float = 0.2
     kl_coef_min: float = 1e-4
     kl_coef_max: float = 10.0
 
@@ -67,7 +70,7 @@ class PIDSchema(ControllerSchema):
 class PPOSchema:
     batch_size: int = 64  # sequences per rollout (= n_steps of the controller update)
     minibatch_size: int = 16  # sequences per gradient step
-    epochs: int = 4  # passes over each rollout
+    epochs: int = 2  # passes over each rollout
     response_length: int = 24  # max new tokens per response
     temperature: float = 1.0  # sampling and scoring temperature (RESEARCH.md §2)
     cliprange: float = 0.2  # policy ratio clip
@@ -75,12 +78,15 @@ class PPOSchema:
     vf_coef: float = 0.1
     gamma: float = 1.0
     lam: float = 0.95
-    lr: float = 1e-4
+    lr: float = 5e-5
     adam_eps: float = 1e-5
     max_grad_norm: float = 1.0
-    kl_penalty: str = "k1"  # estimator of the per-token penalty −β·k
+    kl_mode: str = "loss"  # loss: + β·KL in the policy loss | reward: −β·k per token in the reward
+    kl_penalty: str = "exact"  # the KL the penalty uses: loss → exact | k2; reward → k1 (kl.PENALTY_MODES)
     kl_signal: str = "exact"  # estimator of the batch KL fed to the controller
     whiten_rewards: bool = False
+    detach_value_head: bool = True  # value head on a detached trunk: the value loss never moves π
+    target_approx_kl: float | None = None  # stop an update's epochs once an epoch's mean approx-KL exceeds it
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, allowed: str) -> None:
@@ -102,7 +108,8 @@ class PPOSchema:
         need(self.lr > 0, "lr", "a float > 0")
         need(self.adam_eps > 0, "adam_eps", "a float > 0")
         need(self.max_grad_norm > 0, "max_grad_norm", "a float > 0")
-        check_estimator(self.kl_penalty, ESTIMATORS, "ppo.kl_penalty")
+        check_penalty(self.kl_mode, self.kl_penalty)
+        need(self.target_approx_kl is None or self.target_approx_kl > 0, "target_approx_kl", "null or a float > 0")
         check_estimator(self.kl_signal, SIGNAL_ESTIMATORS, "ppo.kl_signal")
 
 
@@ -307,6 +314,15 @@ def validate(cfg: DictConfig) -> None:
     device = str(cfg.get("device"))
     need(device in ("auto", "cpu") or device.startswith("cuda"), "device", "auto, cpu, cuda, cuda:N")
     need(cfg.get("compile") in COMPILE_MODES, "compile", ", ".join(map(str, COMPILE_MODES)).lower())
+    c = cfg.controller
+    if c.name == "adaptive" and c.horizon <= c.error_clip * cfg.ppo.batch_size:
+        # β ← β·(1 + e·n/horizon) with e ≥ −error_clip and n = ppo.batch_size: non-positive once e·n/horizon ≤ −1
+        raise ValueError(
+            f"controller.horizon={c.horizon!r} is invalid with ppo.batch_size={cfg.ppo.batch_size} and "
+            f"controller.error_clip={c.error_clip}: adaptive's β·(1 + e·batch_size/horizon) reaches β ≤ 0 at "
+            f"e = -error_clip; allowed: controller.horizon > error_clip × ppo.batch_size = "
+            f"{c.error_clip * cfg.ppo.batch_size:g}"
+        )
 
 
 register_configs()

@@ -90,23 +90,49 @@ class FixedController(KLController):
 
 
 class AdaptiveController(KLController):
-    """Ziegler et al. (2019): e = clip(KL/target − 1, ±0.2); β ← β·(1 + e·n_steps/horizon).
+    """Ziegler et al. (2019): e = clip(KL/target − 1, ±error_clip); β ← clamp(β·(1 + e·n_steps/horizon), bounds).
 
     Integral-only action on log β (to first order). `horizon` is in samples: β can change by at most
-    20 %·n_steps/horizon per rollout, so horizon must be sized to the run's length.
+    error_clip·n_steps/horizon per rollout, so horizon must be sized to the run's length. error_clip = 0.2 is
+    Ziegler's; the bounds (absent in the anchors) are the ones `pid` uses, so that the two differ only in pid's
+    P (and D) term. β stays positive only if horizon > error_clip·n_steps (config.validate checks it).
     """
 
     name = "adaptive"
-    error_clip = 0.2
 
-    def __init__(self, init_kl_coef: float, target_kl: float, horizon: float) -> None:
+    def __init__(
+        self,
+        init_kl_coef: float,
+        target_kl: float,
+        horizon: float,
+        error_clip: float = 0.2,
+        kl_coef_min: float = 1e-4,
+        kl_coef_max: float = 10.0,
+    ) -> None:
         super().__init__(init_kl_coef, target_kl)
         _check(_finite(horizon) and horizon > 0, "horizon", horizon, "a finite number of samples > 0")
+        _check(_finite(error_clip) and 0 < error_clip < 1, "error_clip", error_clip, "a float in (0, 1)")
+        _check_bounds(kl_coef_min, kl_coef_max)
+        _check(
+            kl_coef_min <= init_kl_coef <= kl_coef_max,
+            "init_kl_coef",
+            init_kl_coef,
+            f"within [kl_coef_min, kl_coef_max] = [{kl_coef_min}, {kl_coef_max}]",
+        )
         self.horizon = float(horizon)
+        self.error_clip = float(error_clip)
+        self.kl_coef_min = float(kl_coef_min)
+        self.kl_coef_max = float(kl_coef_max)
 
     def _step(self, kl: float, n_steps: int) -> float:
         e = min(max(self.relative_error(kl), -self.error_clip), self.error_clip)
-        return self.beta * (1.0 + e * n_steps / self.horizon)
+        factor = 1.0 + e * n_steps / self.horizon
+        if factor <= 0:
+            raise ValueError(
+                f"adaptive controller: horizon={self.horizon:g} with n_steps={n_steps} makes β non-positive; "
+                f"allowed: horizon > error_clip × n_steps = {self.error_clip * n_steps:g}"
+            )
+        return min(max(self.beta * factor, self.kl_coef_min), self.kl_coef_max)
 
 
 class ExponentialController(KLController):
@@ -143,17 +169,19 @@ class ExponentialController(KLController):
 
 
 class PIDController(KLController):
-    """PI(D) control of log β on the clipped relative error (after Stooke et al. 2020).
+    """PI(D) control of log β on the relative error (after Stooke et al. 2020).
 
-        e_t   = clip(KL/target − 1, ±error_clip)
-        I_t   = I_{t−1} + e_t · n_steps/horizon          (time measured in samples, as Ziegler's rule)
-        D_t   = d_filter·D_{t−1} + (1 − d_filter)·(e_t − e_{t−1})     (filtered derivative, 0 at t=1)
+        e_t   = clip(KL/target − 1, ±error_clip)                 (the error adaptive uses, same clip)
+        I_t   = I_{t−1} + e_t · n_steps/horizon                  (time in samples, as Ziegler's rule)
+        D_t   = d_filter·D_{t−1} + (1 − d_filter)·(u_t − u_{t−1}),  u_t = KL_t/target − 1 unclipped (0 at t=1)
         log β = log β₀ + kp·e_t + ki·I_t + kd·D_t,   clamped to [kl_coef_min, kl_coef_max]
 
-    With kp = kd = 0, ki = 1 this is Ziegler's rule in log form; kp adds the proportional action that
-    damps the overshoot of pure integral control. Anti-windup: the integral is frozen (conditional
-    integration): on a step whose error pushes the output past a bound, the integral moves only as far
-    as that bound, so it never winds up while β is saturated and leaves the bound as soon as e changes sign.
+    With kp = kd = 0, ki = 1 this is Ziegler's rule (`adaptive`) in log form, with the same clip, horizon, β₀ and
+    bounds: pid differs from adaptive only in its P and D terms. The derivative reads the *unclipped* relative error:
+    while KL is far from target the clipped error is constant and carries no trend, yet that is when a KL running
+    away (or rising towards the target on its own) must be seen. Anti-windup: conditional integration: on a step
+    whose error pushes the output past a bound, the integral moves only as far as that bound, so it never winds up
+    while β is saturated and leaves the bound as soon as e changes sign.
     """
 
     name = "pid"
@@ -167,7 +195,7 @@ class PIDController(KLController):
         ki: float = 1.0,
         kd: float = 0.0,
         d_filter: float = 0.8,
-        error_clip: float = 1.0,
+        error_clip: float = 0.2,
         kl_coef_min: float = 1e-4,
         kl_coef_max: float = 10.0,
     ) -> None:
@@ -196,10 +224,11 @@ class PIDController(KLController):
         self.prev_error: float | None = None
 
     def _step(self, kl: float, n_steps: int) -> float:
-        e = min(max(self.relative_error(kl), -self.error_clip), self.error_clip)
+        raw = self.relative_error(kl)
+        e = min(max(raw, -self.error_clip), self.error_clip)
         if self.prev_error is not None:
-            self.derivative = self.d_filter * self.derivative + (1 - self.d_filter) * (e - self.prev_error)
-        self.prev_error = e
+            self.derivative = self.d_filter * self.derivative + (1 - self.d_filter) * (raw - self.prev_error)
+        self.prev_error = raw
         lo, hi = math.log(self.kl_coef_min), math.log(self.kl_coef_max)
         base = math.log(self.init_kl_coef) + self.kp * e + self.kd * self.derivative
         integral = self.integral + e * n_steps / self.horizon

@@ -20,6 +20,42 @@ import torch.nn.functional as F
 ESTIMATORS = ("k1", "k2", "k3", "seed")
 SIGNAL_ESTIMATORS = (*ESTIMATORS, "exact")
 
+# Where an estimator may act on π is a question of its *gradient* (RESEARCH.md §2). A per-token reward reaches π
+# only through the score-function term E_π[k·∇log π]: that is ∇KL for k1 alone. A loss term is differentiated
+# through log π: on-policy E_π[∇½d²] = E_π[d·∇log π] = ∇KL, and the exact full-vocabulary KL differentiated
+# analytically is ∇KL itself with no sampling noise. tests/test_kl.py checks each pair on a small categorical in
+# float64 (cosine with ∇KL > 0.99 for the allowed pairs, < 0.99 for the refused ones).
+PENALTY_MODES: dict[str, tuple[str, ...]] = {"loss": ("exact", "k2"), "reward": ("k1",)}
+_REFUSED_WHY = {
+    ("reward", "k2"): "as a per-token reward only its score-function term E[k2·∇log π] reaches π, and that is a "
+    "small fraction of ∇KL in a direction barely correlated with it",
+    ("reward", "k3"): "as a per-token reward only its score-function term E[k3·∇log π] reaches π, and that is a "
+    "small fraction of ∇KL in a direction barely correlated with it",
+    ("reward", "seed"): "the seed's exp(d)·d is biased (importance-weighted the wrong way) and so is its gradient; "
+    "it stays available as an estimator (kl/seed) and as a controller signal (ppo.kl_signal=seed)",
+    ("loss", "k1"): "the expected gradient of k1 = d through log π is E_π[∇log π] = 0: it pulls nothing",
+    ("loss", "k3"): "through log π, k3's expected gradient is that of the reverse KL(π_ref‖π), not KL(π‖π_ref)",
+    ("loss", "seed"): "the seed's exp(d)·d is biased and so is its gradient",
+    ("reward", "exact"): "the exact KL is a sum over the vocabulary, not a sampled token's value; as a loss it "
+    "is differentiated analytically",
+}
+
+
+def check_penalty(mode: str, estimator: str) -> None:
+    """Refuse a (ppo.kl_mode, ppo.kl_penalty) pair whose expected gradient is not ∇KL(π‖π_ref), naming the pair
+    that does what the user wants."""
+    if mode not in PENALTY_MODES:
+        raise ValueError(f"ppo.kl_mode={mode!r} is invalid; allowed: {', '.join(PENALTY_MODES)}")
+    if estimator in PENALTY_MODES[mode]:
+        return
+    allowed = "; ".join(f"ppo.kl_mode={m} with ppo.kl_penalty={'|'.join(e)}" for m, e in PENALTY_MODES.items())
+    why = _REFUSED_WHY.get((mode, estimator), "it is not a KL estimator")
+    raise ValueError(
+        f"ppo.kl_penalty={estimator!r} with ppo.kl_mode={mode!r} is refused: {why}. A low-variance pull back to the "
+        f"reference is ppo.kl_mode=loss ppo.kl_penalty=exact (or k2); the classic reward shaping is "
+        f"ppo.kl_mode=reward ppo.kl_penalty=k1. Allowed: {allowed}"
+    )
+
 
 def check_estimator(name: str, allowed: tuple[str, ...] = ESTIMATORS, key: str = "estimator") -> str:
     """Return `name` if it is a known estimator, else raise ValueError naming the key and the choices."""

@@ -33,21 +33,45 @@ def fuse_activations(model: nn.Module) -> int:
     return swapped
 
 
+class FP32Head(nn.Linear):
+    """The vocabulary projection in fp32 whatever the autocast: `generate` samples from these logits, and the
+    scoring pass (score_lm) computes its log-probs in fp32 too, so sampling draws from the π that is scored
+    (RESEARCH.md §4: a bf16 head during generation would sample from another distribution)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
+def fp32_head(lm: PreTrainedModel) -> bool:
+    """Make the LM's output projection an FP32Head in place (same parameters, same state_dict). False if the output
+    embedding is not a plain nn.Linear (then it is left alone)."""
+    head = lm.get_output_embeddings()
+    if type(head) is nn.Linear:
+        head.__class__ = FP32Head
+        return True
+    return isinstance(head, FP32Head)
+
+
 class PolicyWithValue(nn.Module):
-    def __init__(self, lm: PreTrainedModel):
+    def __init__(self, lm: PreTrainedModel, detach_value_head: bool = False):
         super().__init__()
         self.lm = lm
+        # True: the value head reads a detached trunk, so the value loss trains the head alone and never moves π
+        self.detach_value_head = detach_value_head
         hidden = lm.config.get_text_config().hidden_size
         self.v_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.v_head.weight)
         nn.init.zeros_(self.v_head.bias)
 
     @classmethod
-    def from_reference(cls, reference: PreTrainedModel) -> PolicyWithValue:
+    def from_reference(cls, reference: PreTrainedModel, detach_value_head: bool = False) -> PolicyWithValue:
         lm = copy.deepcopy(reference)
         disable_dropout(lm)
+        fp32_head(lm)
         lm.requires_grad_(True)
-        return cls(lm)
+        return cls(lm, detach_value_head)
 
     def score(
         self, input_ids: torch.Tensor, prompt_len: int, with_values: bool = True
@@ -58,7 +82,9 @@ class PolicyWithValue(nn.Module):
         Returns logits (B, R, V) and values (B, R) in fp32: position t is the state before response
         token t. Causal attention: tokens after EOS cannot affect earlier positions, so no mask needed.
         """
-        return score_lm(self.lm, input_ids, prompt_len, self.v_head if with_values else None)
+        return score_lm(
+            self.lm, input_ids, prompt_len, self.v_head if with_values else None, detach_values=self.detach_value_head
+        )
 
 
 def compile_trunks(mode: bool | str, *lms: PreTrainedModel) -> None:
@@ -85,7 +111,11 @@ def compile_trunk(lm: PreTrainedModel, **compile_kwargs) -> None:
 
 
 def score_lm(
-    lm: PreTrainedModel, input_ids: torch.Tensor, prompt_len: int, v_head: nn.Module | None = None
+    lm: PreTrainedModel,
+    input_ids: torch.Tensor,
+    prompt_len: int,
+    v_head: nn.Module | None = None,
+    detach_values: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the trunk once, project only the R response-predicting positions to the vocabulary.
 
@@ -107,5 +137,8 @@ def score_lm(
         logits = torch.nn.functional.linear(
             hidden, head.weight.float(), None if head.bias is None else head.bias.float()
         ).view(B, R, -1)
-        values = v_head(hidden).view(B, R) if v_head is not None else None  # (B, R)
+        if v_head is not None:
+            values = v_head(hidden.detach() if detach_values else hidden).view(B, R)  # (B, R)
+        else:
+            values = None
     return logits, values  # logits (B, R, V) fp32

@@ -94,6 +94,23 @@ def value_loss(
     return loss, clipfrac
 
 
+def exact_kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over response positions of the full-vocabulary KL(π_θ(·|s_t) ‖ π_ref(·|s_t)), differentiable in π_θ.
+
+    logprobs: (B, T, V) log-softmax of the policy (with grad); ref_logprobs: (B, T, V) of the reference (no grad).
+    Autograd of this sum is the analytic gradient of the per-position KL: no token is sampled, so no score-function
+    noise. The states s_t are the rollout's (sampled from π_old): the usual on-policy approximation, one update old.
+    """
+    kl = (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)  # (B, T)
+    return masked_mean(kl, mask)
+
+
+def k2_kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over response tokens of ½(log π_θ(y) − log π_ref(y))² at the sampled tokens, differentiable in log π_θ.
+    On-policy its expected gradient is E_π[d·∇log π] = ∇KL(π‖π_ref) (not so for k1 or k3 as a loss). (B, T)."""
+    return masked_mean(0.5 * (logp - ref_logp).square(), mask)
+
+
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits/T)[token] in fp32. logits (B, T, V), tokens (B, T) -> (B, T)."""
     logp = torch.log_softmax(tempered(logits, temperature), dim=-1)

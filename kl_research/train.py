@@ -138,13 +138,18 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ rollout
 def token_stats(
-    logits: torch.Tensor, ref_logits: torch.Tensor, response: torch.Tensor, temperature: float
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    response: torch.Tensor,
+    temperature: float,
+    ref_logprobs_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """log π(y), log π_ref(y), exact KL and entropy, each (B, R), from the (B, R, V) logits of π and π_ref.
 
     The same numbers as ppo.gather_logprobs, kl.exact_token_kl and ppo.entropy_from_logits (the same ops in
     the same order, row by row), but one log-softmax per model shared by all four instead of five, computed a
     few sequences at a time so that the (b, R, V) temporaries stay cache-sized (~8 MB) instead of full-batch.
+    ref_logprobs_out: an optional (B, R, V) fp32 buffer that receives log π_ref (the KL-loss mode needs it).
     """
     B, R, V = logits.shape
     rows = max(1, (1 << 21) // (R * V))  # sequences per chunk
@@ -152,6 +157,8 @@ def token_stats(
     for s in range(0, B, rows):
         lp = torch.log_softmax(tempered(logits[s : s + rows], temperature), dim=-1)  # (b, R, V) log π
         ref_lp = torch.log_softmax(tempered(ref_logits[s : s + rows], temperature), dim=-1)  # (b, R, V) log π_ref
+        if ref_logprobs_out is not None:
+            ref_logprobs_out[s : s + rows] = ref_lp
         idx = response[s : s + rows].unsqueeze(-1)  # (b, R, 1)
         out[0, s : s + rows] = lp.gather(-1, idx).squeeze(-1)
         out[1, s : s + rows] = ref_lp.gather(-1, idx).squeeze(-1)
@@ -164,8 +171,9 @@ def token_stats(
 def sampling_kwargs(
     prompts: torch.Tensor, temperature: float, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int
 ) -> dict[str, Any]:
-    """`generate` settings that sample exactly from softmax(logits/T): no top-k, no top-p (RESEARCH.md §2;
-    anything else makes the sampling distribution differ from the one the log-probs are scored with)."""
+    """`generate` settings that sample exactly from softmax(logits/T): no top-k, no top-p, no min_new_tokens
+    (RESEARCH.md §2, §4: any logits processor makes the sampling distribution differ from the one the log-probs are
+    scored with; a response that is only EOS is fine, its mask has one token)."""
     return dict(
         attention_mask=torch.ones_like(prompts),  # prompts all have one length: no padding
         do_sample=True,
@@ -173,7 +181,6 @@ def sampling_kwargs(
         top_k=0,
         top_p=1.0,
         max_new_tokens=max_new_tokens,
-        min_new_tokens=1,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         use_cache=True,
@@ -191,11 +198,13 @@ def rollout(
     eos_token_id: int | None,
     pad_token_id: int,
     amp,
+    keep_ref_logprobs: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Sample responses with the KV cache, then score policy (+values) and reference once each.
 
     prompts: (B, P) token ids, all of length P. Returns response ids (B, R), mask (B, R), and fp32
-    logp, ref_logp, values (B, R), exact KL, entropy (B, R).
+    logp, ref_logp, values (B, R), exact KL, entropy (B, R); with keep_ref_logprobs also the reference's
+    full-vocabulary log-probs (B, R, V), which the exact-KL loss reuses in every minibatch.
     """
     B, P = prompts.shape
     with amp:
@@ -210,8 +219,11 @@ def rollout(
     with amp:
         logits, values = policy.score(seqs, P)  # (B, R, V), (B, R)
         ref_logits, _ = score_lm(ref_model, seqs, P)  # (B, R, V)
-    logp, ref_logp, exact_kl, entropy = token_stats(logits, ref_logits, response, temperature)
+    ref_logprobs = torch.empty_like(ref_logits) if keep_ref_logprobs else None
+    logp, ref_logp, exact_kl, entropy = token_stats(logits, ref_logits, response, temperature, ref_logprobs)
+    extra = {"ref_logprobs": ref_logprobs} if keep_ref_logprobs else {}
     return {
+        **extra,
         "seqs": seqs,
         "response": response,
         "mask": mask,
@@ -231,6 +243,26 @@ def make_optimizer(policy: torch.nn.Module, pcfg: DictConfig, device: torch.devi
     return torch.optim.AdamW(policy.parameters(), lr=pcfg.lr, eps=pcfg.adam_eps, weight_decay=0.0, fused=fused)
 
 
+def advantages_and_returns(
+    batch: dict[str, torch.Tensor], scores: torch.Tensor, beta: float, pcfg: DictConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards → GAE → whitened advantages, and the value targets. (B, R) each.
+
+    kl_mode=reward: −β·k1 on every response token plus the score at the last one (lm-human-preferences, TRL).
+    kl_mode=loss: the score alone; the KL acts through ppo_update's β·KL loss term instead.
+    """
+    mask = batch["mask"]
+    if pcfg.kl_mode == "reward":
+        kl_tokens = token_kl(batch["logp"], batch["ref_logp"], pcfg.kl_penalty)
+    else:
+        kl_tokens = torch.zeros_like(batch["logp"])
+    rewards = ppo.shaped_rewards(scores, kl_tokens, beta if pcfg.kl_mode == "reward" else 0.0, mask)
+    if pcfg.whiten_rewards:
+        rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = ppo.gae(rewards, batch["values"], mask, pcfg.gamma, pcfg.lam)
+    return ppo.masked_whiten(advantages, mask), returns
+
+
 def ppo_update(
     policy: PolicyWithValue,
     optimizer: torch.optim.Optimizer,
@@ -241,26 +273,42 @@ def ppo_update(
     pcfg: DictConfig,
     amp,
     generator: torch.Generator,
+    beta: float = 0.0,
 ) -> dict[str, float]:
-    """epochs × minibatches of clipped policy + value loss, with gradient clipping."""
+    """epochs × minibatches of clipped policy + value loss (+ β·KL with kl_mode=loss), with gradient clipping.
+
+    With ppo.target_approx_kl set, the epochs stop early once an epoch's mean approx-KL(π_old‖π) exceeds it.
+    """
     B = batch["seqs"].shape[0]
-    stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "vclipfrac", "approx_kl", "gnorm")}
+    kl_loss = pcfg.kl_mode == "loss"
+    keys = ("pg", "vf", "kl", "clipfrac", "vclipfrac", "approx_kl", "gnorm")
+    stats: dict[str, list[float]] = {k: [] for k in keys}
+    epoch_kl = 0.0
+    epochs_run = 0
     for _ in range(pcfg.epochs):
         order = torch.randperm(B, generator=generator)
+        epoch_approx = []
         for start in range(0, B, pcfg.minibatch_size):
             idx = order[start : start + pcfg.minibatch_size]
             mask = batch["mask"][idx]
             with amp:
                 logits, values = policy.score(batch["seqs"][idx], prompt_len)
-            logp = ppo.gather_logprobs(logits, batch["response"][idx], pcfg.temperature)
+            logprobs = torch.log_softmax(tempered(logits, pcfg.temperature), dim=-1)  # (b, R, V)
+            logp = logprobs.gather(-1, batch["response"][idx].unsqueeze(-1)).squeeze(-1)  # (b, R)
             pg_loss, clipfrac, approx_kl = ppo.policy_loss(
                 logp, batch["logp"][idx], advantages[idx], mask, pcfg.cliprange
             )
             vf_loss, vclipfrac = ppo.value_loss(values, batch["values"][idx], returns[idx], mask, pcfg.cliprange_value)
-            loss = pg_loss + pcfg.vf_coef * vf_loss
+            if kl_loss and pcfg.kl_penalty == "exact":
+                kl_term = ppo.exact_kl_loss(logprobs, batch["ref_logprobs"][idx], mask)
+            elif kl_loss:
+                kl_term = ppo.k2_kl_loss(logp, batch["ref_logp"][idx], mask)
+            else:
+                kl_term = torch.zeros((), device=logp.device)
+            loss = pg_loss + pcfg.vf_coef * vf_loss + (beta * kl_term if kl_loss else 0.0)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()}); "
+                    f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()}, KL {kl_term.item()}); "
                     "stopping; the last good checkpoint is kept"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -270,13 +318,22 @@ def ppo_update(
             for k, v in (
                 ("pg", pg_loss),
                 ("vf", vf_loss),
+                ("kl", kl_term),
                 ("clipfrac", clipfrac),
                 ("vclipfrac", vclipfrac),
                 ("approx_kl", approx_kl),
                 ("gnorm", gnorm),
             ):
                 stats[k].append(float(v.detach()))
-    return {k: float(np.mean(v)) for k, v in stats.items()}
+            epoch_approx.append(stats["approx_kl"][-1])
+        epochs_run += 1
+        epoch_kl = float(np.mean(epoch_approx))
+        if pcfg.target_approx_kl is not None and epoch_kl > pcfg.target_approx_kl:
+            break
+    out = {k: float(np.mean(v)) for k, v in stats.items()}
+    out["approx_kl_last_epoch"] = epoch_kl
+    out["epochs"] = float(epochs_run)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- job
@@ -316,7 +373,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     seed_everything(cfg.seed)
     disable_dropout(ref_model)
     ref_model.to(device).eval().requires_grad_(False)
-    policy = PolicyWithValue.from_reference(ref_model).to(device)
+    policy = PolicyWithValue.from_reference(ref_model, detach_value_head=pcfg.detach_value_head).to(device)
     policy.eval()  # dropout is off anyway; eval() also keeps HF from any train-only behaviour
     if cfg.compile:  # scoring and the update run through the compiled trunk; generation stays eager (KV cache)
         compile_trunks(cfg.compile, policy.lm, ref_model)
@@ -422,6 +479,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 eos_token_id=eos,
                 pad_token_id=pad,
                 amp=amp,
+                keep_ref_logprobs=pcfg.kl_mode == "loss" and pcfg.kl_penalty == "exact",
             )
             t_gen_score = time.perf_counter()
             mask = batch["mask"]
@@ -441,21 +499,19 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             if not all(math.isfinite(v) for v in kls.values()):
                 raise FloatingPointError(f"non-finite KL at step {step}: {kls}; the last good checkpoint is kept")
 
-            # 3d. shaped rewards, GAE, whitened advantages
-            kl_tokens = token_kl(batch["logp"], batch["ref_logp"], pcfg.kl_penalty)
-            rewards = ppo.shaped_rewards(scores, kl_tokens, beta, mask)
-            if pcfg.whiten_rewards:
-                rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = ppo.gae(rewards, batch["values"], mask, pcfg.gamma, pcfg.lam)
-            advantages = ppo.masked_whiten(advantages, mask)
+            # 3d. rewards (−β·k1 per token with kl_mode=reward, else the score alone), GAE, whitened advantages
+            advantages, returns = advantages_and_returns(batch, scores, beta, pcfg)
 
-            # 3e. PPO epochs
+            # 3e. PPO epochs (+ β·KL in the loss with kl_mode=loss)
             policy.train()
-            upd = ppo_update(policy, optimizer, batch, advantages, returns, P, pcfg, amp, shuffle_gen)
+            upd = ppo_update(policy, optimizer, batch, advantages, returns, P, pcfg, amp, shuffle_gen, beta)
             policy.eval()
 
-            # 3f. exactly one controller update per rollout: per-token batch KL, n_steps = sequences
-            controller.update(signal, pcfg.batch_size)
+            # 3f. exactly one controller update per rollout: per-token batch KL, n_steps = sequences. Not after
+            # rollout 1: it is sampled from π = π_ref (the policy starts as the reference), so its KL is 0 by
+            # construction and carries no information; fed to a controller it would read as a −100 % error.
+            if step > 0:
+                controller.update(signal, pcfg.batch_size)
 
             # 3g. drift diagnostic (the seed's): recent-window mean KL outside [0.5, 2] × target
             drift["window"] = (drift["window"] + [signal])[-cfg.drift_window :]
@@ -488,6 +544,9 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 "kl/drift_warnings": drift["warnings"],
                 "policy/entropy": float(masked_mean(batch["entropy"], mask)),
                 "policy/approx_kl": upd["approx_kl"],
+                "policy/approx_kl_last_epoch": upd["approx_kl_last_epoch"],
+                "policy/epochs": upd["epochs"],
+                "loss/kl": upd["kl"],
                 "policy/clipfrac": upd["clipfrac"],
                 "loss/policy": upd["pg"],
                 "loss/value": upd["vf"],
@@ -517,7 +576,9 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         wall = elapsed_before + time.perf_counter() - t_start
         policy.lm.save_pretrained(out / "policy")
         tokenizer.save_pretrained(out / "policy")
-        torch.save(policy.v_head.state_dict(), out / "policy" / "value_head.pt")
+        from safetensors.torch import save_file
+
+        save_file(policy.v_head.state_dict(), str(out / "policy" / "value_head.safetensors"))
         summary = {**summarize(history, cfg, wall), "device": str(device), "precision": precision}
         plot_curves(history, target, out / "curves.png", title=run_name(cfg))
         logger.summary(summary)
