@@ -38,27 +38,56 @@ def test_fixed_never_moves():
 
 
 def test_pid_hand_computed_and_reduces_to_ziegler():
-    c = build_controller({"name": "pid", **BASE, "horizon": 100, "kp": 0.5, "ki": 1.0, "kd": 0.0})
+    c = build_controller({"name": "pid", **BASE, "horizon": 100, "kp": 0.5, "ki": 1.0, "kd": 0.0, "error_clip": 1.0})
     # e = 0.5, I = 0.5·10/100 = 0.05, log β = log 0.2 + 0.25 + 0.05
     assert c.update(0.15, 10) == pytest.approx(0.2 * math.exp(0.3))
     # e = -0.5, I = 0.05 - 0.05 = 0, log β = log 0.2 - 0.25
     assert c.update(0.05, 10) == pytest.approx(0.2 * math.exp(-0.25))
     # kp = 0, error clip 0.2: integral-only, log-form Ziegler. Matches adaptive to first order.
     z = build_controller({"name": "adaptive", **BASE, "horizon": 1000})
-    p = build_controller({"name": "pid", **BASE, "horizon": 1000, "kp": 0.0, "error_clip": 0.2})
+    p = build_controller({"name": "pid", **BASE, "horizon": 1000, "kp": 0.0, "kd": 0.0, "error_clip": 0.2})
     for kl in (0.2, 0.15, 0.12, 0.05, 0.09):
         assert p.update(kl, 64) == pytest.approx(z.update(kl, 64), rel=2e-3)
+
+
+def test_pid_and_adaptive_yamls_differ_only_in_p_and_d():
+    """The fair comparison (RESEARCH.md §5): the two default configs share error clip, horizon, β₀ and bounds; with
+    pid's P and D terms switched off, the two follow the same β trajectory (to the first order of log(1+x) ≈ x)."""
+    from kl_research.reference import compose_config
+
+    ada = compose_config(["controller=adaptive"]).controller
+    pid = compose_config(["controller=pid"]).controller
+    for key in ("init_kl_coef", "target_kl", "horizon", "error_clip", "kl_coef_min", "kl_coef_max"):
+        assert ada[key] == pid[key], key
+    assert pid.ki == 1.0 and (pid.kp > 0 or pid.kd > 0)
+    a = build_controller(dict(ada))
+    p = build_controller({**dict(pid), "kp": 0.0, "kd": 0.0})
+    rng = random.Random(0)
+    for _ in range(60):  # every step moves log β by the same amount, to second order in e·n/horizon
+        kl = rng.uniform(0.0, 0.2)
+        pa, pp = a.value, p.value
+        da, dp = math.log(a.update(kl, 64) / pa), math.log(p.update(kl, 64) / pp)
+        assert dp == pytest.approx(da, abs=2e-3)
+
+
+def test_adaptive_bounds_and_non_positive_guard():
+    c = build_controller({"name": "adaptive", **BASE, "horizon": 100, "kl_coef_max": 0.21})
+    assert c.update(10.0, 64) == 0.21  # clamped to the bound pid also uses
+    c = build_controller({"name": "adaptive", **BASE, "horizon": 10})
+    with pytest.raises(ValueError, match="non-positive"):
+        c.update(0.0, 64)  # 1 + (-0.2)·64/10 < 0
 
 
 def test_pid_derivative_is_filtered():
     c = build_controller({"name": "pid", **BASE, "horizon": 1e9, "kp": 0.0, "kd": 1.0, "d_filter": 0.5})
     c.update(0.1, 1)  # e = 0, D = 0 on the first step
-    # e = 1 (clipped), D = 0.5·0 + 0.5·(1 - 0) = 0.5
-    assert c.update(0.5, 1) == pytest.approx(0.2 * math.exp(0.5), rel=1e-6)
+    # D reads the unclipped relative error: 0.5/0.1 - 1 = 4; D = 0.5·0 + 0.5·(4 - 0) = 2 (the clipped e = 0.2
+    # would have given 0.1): a KL far off target still shows its trend
+    assert c.update(0.5, 1) == pytest.approx(0.2 * math.exp(2.0), rel=1e-6)
 
 
 def test_pid_anti_windup():
-    c = build_controller({"name": "pid", **BASE, "horizon": 10, "kp": 0.0, "kl_coef_max": 0.5})
+    c = build_controller({"name": "pid", **BASE, "horizon": 10, "kp": 0.0, "kd": 0.0, "kl_coef_max": 0.5})
     for _ in range(100):  # KL far above target for a long time: β pinned at its bound
         assert c.update(10.0, 10) <= 0.5
     assert c.value == 0.5

@@ -107,3 +107,91 @@ def test_monte_carlo_bias(case):
     assert s.mean().item() > exact  # biased upwards, as RESEARCH.md §1 says
     # k3 has lower variance than k1 at these distances (Schulman's note)
     assert samples["k3"].std() < samples["k1"].std()
+
+
+# ------------------------------------------------------------------------------ which penalty may act where
+def _expected_gradients(z: torch.Tensor, z_ref: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """∇_z KL(π‖π_ref) and, for every (kl_mode, estimator) pair, the expected gradient that pair applies to π, summed
+    exactly over the V outcomes y ~ π of a categorical with logits z (float64, no sampling).
+
+    reward: the penalty enters as a per-token reward, so only its score-function term reaches π: E_π[k(y)·∇log π(y)]
+    with k held constant. loss: it is differentiated through log π: E_π[∇k(y)], and `exact` is the analytic gradient
+    of the full sum (kl_research.ppo.exact_kl_loss)."""
+    from kl_research import ppo
+
+    V = z.shape[0]
+    ref_lp = torch.log_softmax(z_ref, -1)
+    zz = z.clone().requires_grad_(True)
+    lp = torch.log_softmax(zz, -1)
+    true = torch.autograd.grad((lp.exp() * (lp - ref_lp)).sum(), zz)[0]
+    p = lp.exp().detach()
+    out = {}
+    one = torch.ones(1, 1, dtype=torch.bool)
+    for mode, estimators in (("reward", ("k1", "k2", "k3", "seed")), ("loss", ("k1", "k2", "k3", "seed"))):
+        for est in estimators:
+            g = torch.zeros(V, dtype=torch.float64)
+            for y in range(V):
+                zy = z.clone().requires_grad_(True)
+                lpy = torch.log_softmax(zy, -1)
+                k = token_kl(lpy[y], ref_lp[y], est).double()
+                obj = k.detach() * lpy[y] if mode == "reward" else k
+                if mode == "loss" and est == "k2":  # the trainer's function itself
+                    obj = ppo.k2_kl_loss(lpy[y].view(1, 1), ref_lp[y].view(1, 1), one)
+                g += p[y] * torch.autograd.grad(obj, zy)[0]
+            out[(mode, est)] = g
+    zy = z.clone().requires_grad_(True)
+    lpy = torch.log_softmax(zy, -1)
+    obj = ppo.exact_kl_loss(lpy.view(1, 1, V), ref_lp.view(1, 1, V), one)
+    out[("loss", "exact")] = torch.autograd.grad(obj, zy)[0]
+    return true, out
+
+
+def _matches(g: torch.Tensor, true: torch.Tensor) -> bool:
+    cos = float(torch.nn.functional.cosine_similarity(g, true, 0))
+    return cos > 0.99 and 0.9 < float(g.norm() / true.norm()) < 1.1
+
+
+def test_allowed_penalty_modes_have_gradient_of_kl_and_refused_ones_do_not():
+    """RESEARCH.md §2: the allowed (kl_mode, kl_penalty) pairs of kl.PENALTY_MODES apply ∇KL(π‖π_ref) in expectation
+    (cosine > 0.99, norm within 10 %) on every one of several small categoricals at KL 0.1-0.5 nats; every refused
+    pair misses it on at least one."""
+    from kl_research.kl import PENALTY_MODES
+
+    gen = torch.Generator().manual_seed(0)
+    cases = []
+    for _ in range(4):
+        z = torch.randn(12, generator=gen, dtype=torch.float64)
+        cases.append((z, z + torch.randn(12, generator=gen, dtype=torch.float64)))
+    results = [_expected_gradients(z, zr) for z, zr in cases]
+    pairs = set(results[0][1])
+    allowed = {(m, e) for m, es in PENALTY_MODES.items() for e in es}
+    assert allowed <= pairs and len(pairs - allowed) >= 5
+    for pair in pairs:
+        ok = [_matches(out[pair], true) for true, out in results]
+        if pair in allowed:
+            assert all(ok), pair
+        else:
+            assert not all(ok), pair
+
+
+@pytest.mark.parametrize(
+    ("mode", "est", "hint"),
+    [
+        ("reward", "k3", "score-function"),
+        ("reward", "k2", "score-function"),
+        ("reward", "seed", "biased"),
+        ("loss", "k1", "pulls nothing"),
+        ("loss", "k3", "reverse"),
+        ("reward", "exact", "vocabulary"),
+    ],
+)
+def test_refused_penalty_names_the_mode_that_works(mode, est, hint):
+    from kl_research.kl import check_penalty
+
+    with pytest.raises(ValueError, match=rf"ppo\.kl_penalty='{est}' with ppo\.kl_mode='{mode}' is refused") as err:
+        check_penalty(mode, est)
+    assert hint in str(err.value) and "ppo.kl_mode=loss ppo.kl_penalty=exact" in str(err.value)
+    for m, e in (("loss", "exact"), ("loss", "k2"), ("reward", "k1")):
+        check_penalty(m, e)  # no error
+    with pytest.raises(ValueError, match=r"ppo\.kl_mode='lose' is invalid"):
+        check_penalty("lose", "exact")
