@@ -298,6 +298,42 @@ def register_configs() -> None:
 COMPILE_MODES = (False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def model_context(model: DictConfig) -> int | None:
+    """The model's context length, known before any weights load: the tiny reference's n_positions, or
+    max_position_embeddings / n_positions from a local pretrained directory's config.json (None when unknown, e.g.
+    a hub id not downloaded yet: the loader checks it then)."""
+    if model.name == "tiny":
+        return int(model.n_positions)
+    import json
+    from pathlib import Path
+
+    config = Path(str(model.get("path", ""))) / "config.json"
+    if config.is_file():
+        c = json.loads(config.read_text())
+        n = c.get("max_position_embeddings", c.get("n_positions"))
+        return int(n) if n else None
+    return None
+
+
+def check_context(cfg: DictConfig) -> None:
+    """Every length that must fit the model's context, checked before anything loads: prompt + response (a rollout)
+    and a scored held-out text."""
+    n = model_context(cfg.model)
+    if n is None:
+        return
+    P, R = cfg.data.prompt_tokens, cfg.ppo.response_length
+    if P + R > n:
+        raise ValueError(
+            f"data.prompt_tokens + ppo.response_length = {P} + {R} = {P + R} is invalid: the model's context is {n} "
+            f"tokens; allowed: data.prompt_tokens + ppo.response_length <= {n}"
+        )
+    if cfg.data.eval_max_length > n:
+        raise ValueError(
+            f"data.eval_max_length={cfg.data.eval_max_length} is invalid: the model's context is {n} tokens; "
+            f"allowed: data.eval_max_length <= {n}"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Run every schema's range checks. Raises ValueError naming the key, the value and what is allowed."""
     for section in ("controller", "ppo", "wandb", "model", "data", "reward"):
@@ -314,6 +350,11 @@ def validate(cfg: DictConfig) -> None:
     device = str(cfg.get("device"))
     need(device in ("auto", "cpu") or device.startswith("cuda"), "device", "auto, cpu, cuda, cuda:N")
     need(cfg.get("compile") in COMPILE_MODES, "compile", ", ".join(map(str, COMPILE_MODES)).lower())
+    if device.startswith("cuda"):
+        import torch
+
+        need(torch.cuda.is_available(), "device", "auto or cpu on this machine: torch sees no CUDA device")
+    check_context(cfg)
     c = cfg.controller
     if c.name == "adaptive" and c.horizon <= c.error_clip * cfg.ppo.batch_size:
         # β ← β·(1 + e·n/horizon) with e ≥ −error_clip and n = ppo.batch_size: non-positive once e·n/horizon ≤ −1

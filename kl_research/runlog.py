@@ -131,7 +131,7 @@ def summarize(history: list[dict[str, Any]], cfg: DictConfig, wall_time_s: float
         "tracking_error": ctl["tracking_error"],
         "in_band": ctl["in_band"],
         "iae": ctl["iae"],
-        "settle_step": ctl["settle_step"],
+        "settle_step": None if math.isnan(ctl["settle_step"]) else ctl["settle_step"],  # null: never settled
         "settled": ctl["settled"],
         "overshoot": ctl["overshoot"],
         "kl_step2": ctl["kl_step2"],

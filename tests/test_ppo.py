@@ -113,3 +113,122 @@ def test_rollout_token_stats_equal_the_reference_functions():
         torch.testing.assert_close(ref_logp, ppo.gather_logprobs(ref, tokens, t))
         torch.testing.assert_close(kl, exact_token_kl(logits, ref, t))
         torch.testing.assert_close(ent, ppo.entropy_from_logits(logits, t))
+        buf = torch.empty(B, R, V)
+        token_stats(logits, ref, tokens, t, buf)  # the KL-loss mode keeps the reference's log-probs
+        torch.testing.assert_close(buf, torch.log_softmax(ref / t, -1))
+
+
+def test_exact_kl_loss_is_the_masked_mean_of_exact_kl_and_k2_loss_of_half_d_squared():
+    from kl_research.kl import exact_token_kl
+
+    torch.manual_seed(1)
+    logits, ref = torch.randn(3, 4, 11), torch.randn(3, 4, 11)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    lp, ref_lp = torch.log_softmax(logits, -1), torch.log_softmax(ref, -1)
+    want = exact_token_kl(logits, ref)[mask].mean()
+    torch.testing.assert_close(ppo.exact_kl_loss(lp, ref_lp, mask), want)
+    d = torch.randn(3, 4)
+    torch.testing.assert_close(ppo.k2_kl_loss(d, torch.zeros(3, 4), mask), (0.5 * d.square())[mask].mean())
+
+
+def _perturbed_policy(model, scale=0.3, seed=0):
+    from kl_research.policy import PolicyWithValue
+
+    policy = PolicyWithValue.from_reference(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.lm.parameters():
+            p.add_(scale * p.std().nan_to_num(0.0) * torch.randn(p.shape, generator=g))
+    return policy
+
+
+@pytest.mark.parametrize("penalty", ["exact", "k2"])
+def test_kl_loss_mode_pulls_the_policy_back_and_beta_sets_how_hard(tiny_reference, penalty):
+    """kl_mode=loss: with no task signal (zero advantages), PPO epochs on β·KL move a perturbed policy back towards
+    the reference, and more so at a larger β; with β = 0 they leave it where it is. The KL is measured exactly on
+    the rollout's sequences before and after the update."""
+    import contextlib
+
+    from omegaconf import OmegaConf
+
+    from kl_research.policy import score_lm
+    from kl_research.train import make_optimizer, ppo_update, rollout, token_stats
+
+    cfg, model, _, _ = tiny_reference
+    model.eval()
+    pcfg = OmegaConf.merge(cfg.ppo, {"kl_mode": "loss", "kl_penalty": penalty, "batch_size": 16, "minibatch_size": 8})
+    prompts = torch.randint(1, 500, (16, 4), generator=torch.Generator().manual_seed(0))
+    amp = contextlib.nullcontext()
+    kls = {}
+    for beta in (0.0, 1.0, 10.0):
+        policy = _perturbed_policy(model)
+        torch.manual_seed(0)
+        batch = rollout(
+            policy,
+            model,
+            prompts,
+            response_length=8,
+            temperature=1.0,
+            eos_token_id=None,
+            pad_token_id=0,
+            amp=amp,
+            keep_ref_logprobs=True,
+        )
+        before = float(batch["exact_kl"].mean())
+        zeros = torch.zeros_like(batch["logp"])
+        opt = make_optimizer(policy, OmegaConf.merge(pcfg, {"lr": 1e-3}), torch.device("cpu"))
+        policy.train()
+        for _ in range(3):
+            gen = torch.Generator().manual_seed(0)
+            ppo_update(policy, opt, batch, zeros, batch["values"], 4, pcfg, amp, gen, beta)
+        with torch.no_grad():
+            logits, _ = policy.score(batch["seqs"], 4)
+            ref_logits, _ = score_lm(model, batch["seqs"], 4)
+            after = float(token_stats(logits, ref_logits, batch["response"], 1.0)[2].mean())
+        kls[beta] = (before, after)
+    assert kls[0.0][1] == pytest.approx(kls[0.0][0], rel=0.05)  # no KL term, no signal: (almost) no move
+    assert kls[1.0][1] < 0.9 * kls[1.0][0]
+    assert kls[10.0][1] < kls[1.0][1]
+
+
+def test_fp32_head_under_bf16_autocast_matches_the_fp32_projection(tiny_reference):
+    """Generation samples from the logits of FP32Head; under a bf16 autocast they stay fp32 and equal the fp32
+    projection of the same hidden state (what score_lm computes), so sampling draws from the π that is scored."""
+    from kl_research.policy import FP32Head, PolicyWithValue
+
+    _, model, _, _ = tiny_reference
+    policy = PolicyWithValue.from_reference(model)
+    head = policy.lm.get_output_embeddings()
+    assert isinstance(head, FP32Head)
+    assert head.weight is policy.lm.get_input_embeddings().weight  # still tied, same parameters
+    assert set(policy.lm.state_dict()) == set(model.state_dict())
+    x = torch.randn(2, 3, head.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x.bfloat16())
+        plain = torch.nn.functional.linear(x.bfloat16(), head.weight)  # what a plain nn.Linear would give
+    assert out.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    torch.testing.assert_close(out, torch.nn.functional.linear(x.bfloat16().float(), head.weight))
+
+
+def test_sampling_draws_from_the_scored_distribution(tiny_reference):
+    """generate with the trainer's settings samples the first response token from exactly softmax of the logits
+    the scoring pass computes, EOS included (a min_new_tokens processor would make EOS impossible there)."""
+    from kl_research.policy import PolicyWithValue
+    from kl_research.train import sampling_kwargs
+
+    _, model, tok, _ = tiny_reference
+    policy = PolicyWithValue.from_reference(model).eval()
+    n = 4000
+    prompt = torch.randint(1, 500, (1, 4), generator=torch.Generator().manual_seed(3)).repeat(n, 1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        seqs = policy.lm.generate(input_ids=prompt, **sampling_kwargs(prompt, 1.0, 1, tok.eos_token_id, 0))
+        logits, _ = policy.score(seqs[:1], 4)
+    p = torch.softmax(logits[0, 0], -1)
+    counts = torch.bincount(seqs[:, 4], minlength=p.numel()).double()
+    eos = tok.eos_token_id
+    top = sorted(set(p.topk(5).indices.tolist()) | {eos})
+    assert p[eos] > 0.002  # EOS is a real option at this position
+    for v in top:
+        sd = (p[v] * (1 - p[v]) / n).sqrt()
+        assert abs(counts[v] / n - p[v]) < 4.5 * sd + 1e-4, (v, float(counts[v] / n), float(p[v]))

@@ -35,15 +35,22 @@ METRICS = [
     "kl/seed",
     "kl/target",
     "kl/coef",
+    "kl/coef_next",
     "kl/error",
     "kl/drift_warnings",
     "policy/entropy",
     "policy/approx_kl",
+    "policy/approx_kl_last_epoch",
+    "policy/epochs",
     "policy/clipfrac",
     "loss/policy",
     "loss/value",
+    "loss/value_clipfrac",
+    "loss/grad_norm",
+    "loss/kl",
     "response/length",
     "time/step_s",
+    "time/rollout_s",
     "throughput/tokens_per_s",
 ]
 EVAL_METRICS = ["eval/ppl_heldout", "eval/ppl_ref", "eval/distinct_2"]
@@ -85,8 +92,12 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path):
     assert "eval/ppl_heldout" not in recs[0]
     # policy starts as the reference: first-rollout KL is ~0 by every unbiased measure
     assert abs(recs[0]["kl/exact"]) < 1e-4 and abs(recs[0]["kl/k1"]) < 1e-4
-    assert recs[0]["kl/coef"] == 0.2  # β₀ used for the first rollout
-    assert recs[1]["kl/coef"] == recs[0]["kl/coef_next"]  # one update between rollouts
+    assert recs[0]["kl/coef"] == 0.5  # β₀ used for the first rollout
+    # rollout 1 is sampled from π = π_ref (KL 0 by construction): it updates no controller, although pid at a
+    # 0.05 target would read it as a −100 % error and lower β
+    assert recs[0]["kl/coef_next"] == recs[0]["kl/coef"] == recs[1]["kl/coef"]
+    assert recs[2]["kl/coef"] == recs[1]["kl/coef_next"] != recs[1]["kl/coef"]  # one update between rollouts
+    assert recs[0]["policy/epochs"] == 2 and recs[0]["loss/kl"] >= 0  # exact KL in the loss (the default mode)
     assert summary["status"] == "completed" and summary["controller"] == "pid"
     assert summary["steps"] == 3 and summary["tail_steps"] == 1
     assert summary["kl"] == pytest.approx(recs[-1]["kl/exact"])
@@ -187,7 +198,19 @@ def test_resume_refuses_a_different_config(cache_dir, tmp_path, monkeypatch):
     [
         ("ppo.minibatch_size=3", r"ppo\.minibatch_size=3 is invalid; allowed: a divisor of ppo\.batch_size=8"),
         ("ppo.response_length=0", r"ppo\.response_length=0 is invalid"),
-        ("ppo.kl_penalty=k9", r"ppo\.kl_penalty='k9' is not a KL estimator; valid: k1, k2, k3, seed"),
+        ("ppo.kl_penalty=k9", r"ppo\.kl_penalty='k9' with ppo\.kl_mode='loss' is refused: it is not a KL estimator"),
+        ("ppo.kl_penalty=k3", r"ppo\.kl_penalty='k3' with ppo\.kl_mode='loss' is refused.*ppo\.kl_penalty=exact"),
+        ("ppo.kl_mode=reward", r"ppo\.kl_penalty='exact' with ppo\.kl_mode='reward' is refused.*kl_penalty=k1"),
+        ("ppo.target_approx_kl=0", r"ppo\.target_approx_kl=0\.0 is invalid"),
+        (
+            "ppo.response_length=60",
+            r"data\.prompt_tokens \+ ppo\.response_length = 8 \+ 60 = 68 is invalid: the model's context is 64 tokens",
+        ),
+        ("data.eval_max_length=128", r"data\.eval_max_length=128 is invalid: the model's context is 64 tokens"),
+        (
+            "controller=adaptive controller.horizon=1.5",
+            r"controller\.horizon=1\.5 is invalid with ppo\.batch_size=8.*allowed: controller\.horizon > ",
+        ),
         ("ppo.kl_signal=nope", r"ppo\.kl_signal='nope'.*exact"),
         ("controller.target_kl=-1", r"controller\.target_kl=-1\.0 is invalid"),
         ("steps=0", r"steps=0 is invalid"),
@@ -203,7 +226,22 @@ def test_bad_config_fails_before_anything_loads(cache_dir, tmp_path, monkeypatch
 
     monkeypatch.setattr(reference, "load_reference", no_loading)
     with pytest.raises(ValueError, match=message):
-        train(make_cfg(cache_dir, override), tmp_path)
+        train(make_cfg(cache_dir, *override.split()), tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: device=cuda is valid here")
+def test_device_cuda_without_cuda_fails_before_anything_loads(cache_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"device='cuda' is invalid; allowed: auto or cpu on this machine"):
+        train(make_cfg(cache_dir, "device=cuda"), tmp_path)
+
+
+def test_pretrained_context_is_read_from_a_local_config_before_loading(compose, tmp_path):
+    """model=gpt2 with a local directory: its config.json's context is checked before any weights load (there are
+    none in this directory: the error must come first)."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 16}))
+    with pytest.raises(ValueError, match=r"8 \+ 24 = 32 is invalid: the model's context is 16 tokens"):
+        train(compose("model=gpt2", f"model.path={tmp_path / 'm'}", "ppo.response_length=24"), tmp_path / "out")
 
 
 def test_same_trajectory_whether_the_reference_was_built_now_or_cached(tmp_path):
