@@ -37,6 +37,7 @@ class RunLogger:
                     project=cfg.wandb.project,
                     entity=cfg.wandb.entity,
                     group=cfg.wandb.group,
+                    job_type="train",
                     name=name,
                     tags=list(cfg.wandb.tags),
                     config=resolved,

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kl_research import ppo
 from kl_research.config import validate
@@ -460,9 +462,19 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     # 3. the loop
     logger = RunLogger(cfg, out, resolved, name=run_name(cfg), resume=start_step > 0)
     t_start = time.perf_counter()
+    console = contextlib.ExitStack()
     try:
         logger.replay(history)  # a resumed W&B run sees only new steps; metrics.jsonl is rewritten whole
-        bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=run_name(cfg))
+        # On a terminal: a tqdm bar, with log lines (drift warnings, ...) printed above it instead of through it.
+        # Without one (submitit/SLURM job logs, the sweep report's log tails): no carriage returns, a plain
+        # progress line every 5 % of the job instead.
+        tty = sys.stderr.isatty()
+        if tty:
+            console.enter_context(logging_redirect_tqdm())
+        bar = tqdm(
+            range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=run_name(cfg), disable=not tty
+        )
+        progress_every = max(1, cfg.steps // 20)
         for step in bar:
             t0 = time.perf_counter()
             idx = torch.randint(len(prompts_all), (pcfg.batch_size,), generator=prompt_gen)
@@ -569,6 +581,17 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             bar.set_postfix(
                 reward=f"{rec['reward/mean']:+.3f}", kl=f"{signal:.4f}/{target:g}", beta=f"{beta:.4g}", refresh=False
             )
+            if not tty and ((step + 1) % progress_every == 0 or last):
+                log.info(
+                    "step %d/%d: reward %+.3f, KL %.4g/%g nats/token, β %.4g, %.2f s/step",
+                    step + 1,
+                    cfg.steps,
+                    rec["reward/mean"],
+                    signal,
+                    target,
+                    beta,
+                    step_s,
+                )
             if (step + 1) % cfg.checkpoint_every == 0 or last:
                 save_checkpoint(step + 1)
 
@@ -598,4 +621,5 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         )
         return summary
     finally:
+        console.close()
         logger.finish()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 import time
@@ -75,9 +76,12 @@ def without_timing(recs: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in recs]
 
 
-def test_short_run_writes_every_metric(cache_dir, tmp_path):
+def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog):
     cfg = make_cfg(cache_dir, "steps=3", "controller=pid", "controller.target_kl=0.05")
-    summary = train(cfg, tmp_path)
+    with caplog.at_level(logging.INFO, logger="kl_research.train"):
+        summary = train(cfg, tmp_path)
+    # no terminal here (as under submitit): plain progress lines instead of a carriage-return bar
+    assert "step 3/3: reward" in caplog.text and "nats/token" in caplog.text
     recs = read_metrics(tmp_path)
     assert [r["step"] for r in recs] == [1, 2, 3]
     for r in recs:
@@ -370,3 +374,12 @@ def test_wandb_offline_history_reads_back(cache_dir, tmp_path, monkeypatch):
     for h, m in zip(rows, local, strict=True):
         assert h["kl/coef"] == m["kl/coef"] and h["reward/mean"] == pytest.approx(m["reward/mean"])
     assert any("samples" in h for h in history)  # the generations table
+    runs = [rec.run for rec in _wandb_records(files[0]) if rec.WhichOneof("record_type") == "run"]
+    assert runs, "no run record"
+    run = runs[0]
+    assert run.run_group == "test-group" and run.job_type == "train"
+    assert run.display_name == "adaptive_kl0.05_s0"  # <controller>_kl<target>_s<seed>
+    assert run.run_id == (tmp_path / "wandb_id.txt").read_text().strip()
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["ppo"]["kl_mode"] == "loss" and config["controller"]["name"] == "adaptive"
+    assert config["seed"] == 0 and config["steps"] == 2
