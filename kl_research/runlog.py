@@ -18,40 +18,114 @@ TAIL_FRACTION = 0.25  # summaries average the last 25 % of steps (RESEARCH.md §
 
 
 class RunLogger:
-    """Writes every record to metrics.jsonl and, unless disabled, to W&B. W&B never stops training:
-    if it fails to start or to log, the run goes on with the local files and a warning."""
+    """Writes every record to metrics.jsonl and, unless disabled, to W&B. W&B never stops training, and an
+    unreachable W&B costs neither time nor curves:
+
+    - `wandb.init` waits at most `wandb.init_timeout` seconds (default 10; wandb's own default is 90);
+    - an online run that fails to start, or whose `log` raises mid-run, is replaced by an *offline* run in the
+      job directory with the same run id, holding every record of the job so far (an offline run uploaded with
+      `wandb sync` replaces the history of the run with its id, so it must be complete); the warning says the
+      exact `wandb sync` command;
+    - if even that fails (or the run was offline already), the job goes on with the local files only.
+
+    metrics.jsonl is written before W&B is touched: it is always complete."""
 
     def __init__(self, cfg: DictConfig, out: Path, resolved: dict, name: str, resume: bool) -> None:
         self.out = out
         self.metrics_path = out / "metrics.jsonl"
         self.samples_path = out / "samples.jsonl"
         self.run = None
-        if cfg.wandb.mode != "disabled":
-            try:
-                import wandb
-
-                id_file = out / "wandb_id.txt"
-                run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-                id_file.write_text(run_id)
-                self.run = wandb.init(
-                    project=cfg.wandb.project,
-                    entity=cfg.wandb.entity,
-                    group=cfg.wandb.group,
-                    job_type="train",
-                    name=name,
-                    tags=list(cfg.wandb.tags),
-                    config=resolved,
-                    dir=str(out),
-                    mode=cfg.wandb.mode,
-                    id=run_id,
-                    resume="allow",
-                    reinit="finish_previous",
-                )
-                self.run.define_metric("*", step_metric="step")
-            except Exception as exc:  # W&B must never stop training
-                log.warning("W&B failed to start (%s: %s); logging to %s only", type(exc).__name__, exc, out)
-                self.run = None
+        self.mode = str(cfg.wandb.mode)
+        self.run_id: str | None = None
+        self._records: list[dict[str, Any]] = []  # every record of the job (a fallback run replays them)
+        self._replay_to_wandb = False  # an offline fallback run made before replay() gets the history too
         self._metrics = None
+        self._init_kwargs: dict[str, Any] | None = None
+        if self.mode == "disabled":
+            return
+        self.init_timeout = float(cfg.wandb.get("init_timeout", 10))
+        try:
+            import wandb
+
+            id_file = out / "wandb_id.txt"
+            self.run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+            id_file.write_text(self.run_id)
+            self._init_kwargs = dict(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity,
+                group=cfg.wandb.group,
+                job_type="train",
+                name=name,
+                tags=list(cfg.wandb.tags),
+                config=resolved,
+                dir=str(out),
+                id=self.run_id,
+                resume="allow",
+            )
+            self.run = wandb.init(
+                **self._init_kwargs,
+                mode=self.mode,
+                reinit="finish_previous",
+                settings=wandb.Settings(init_timeout=self.init_timeout),
+            )
+            self.run.define_metric("*", step_metric="step")
+        except Exception as exc:  # W&B must never stop training
+            reason = f"W&B failed to start ({type(exc).__name__}: {exc})"
+            if self.mode == "online" and self._init_kwargs is not None:
+                self._go_offline(reason)
+            else:
+                log.warning("%s; logging to %s only", reason, out)
+                self.run = None
+
+    @property
+    def offline_run_glob(self) -> str:
+        """The directory (a glob: wandb adds a timestamp) of this job's offline W&B run."""
+        return str(self.out / "wandb" / f"offline-run-*-{self.run_id}")
+
+    def _go_offline(self, reason: str) -> None:
+        """Replace the online run by an offline run with the same id in the job directory, replaying every record
+        so far; on failure, drop W&B for the rest of the job."""
+        import wandb
+
+        old, self.run, self.mode = self.run, None, "offline"
+        if old is not None:
+            try:  # a run whose log raised is broken: end it (marked failed) before its replacement starts
+                old.finish(exit_code=1)
+            except Exception as exc:
+                log.debug("finishing the failed online W&B run raised %s: %s", type(exc).__name__, exc)
+        try:  # a fresh wandb service: a failed wandb.init leaves the run id taken in the old one ("run ID is in use")
+            wandb.teardown()
+        except (Exception, SystemExit) as exc:  # teardown sys.exit()s with the service's non-zero exit code
+            log.debug("wandb.teardown raised %s: %s", type(exc).__name__, exc)
+        try:
+            run = wandb.init(
+                **self._init_kwargs,
+                mode="offline",
+                reinit="create_new",
+                settings=wandb.Settings(init_timeout=self.init_timeout),
+            )
+            run.define_metric("*", step_metric="step")
+            for rec in self._records:
+                run.log(rec)
+        except Exception as exc:
+            log.warning(
+                "%s, and the offline fallback failed too (%s: %s); logging to %s only",
+                reason,
+                type(exc).__name__,
+                exc,
+                self.metrics_path,
+            )
+            return
+        self.run = run
+        self._replay_to_wandb = self._metrics is None  # replay() has not run yet: the history goes in there
+        log.warning(
+            "%s; W&B continues as an offline run with the same id %s in %s (every step so far included); "
+            "upload it when W&B is reachable with: wandb sync %s",
+            reason,
+            self.run_id,
+            self.offline_run_glob,
+            self.offline_run_glob,
+        )
 
     def replay(self, history: list[dict[str, Any]]) -> None:
         """(Re)write metrics.jsonl from the checkpoint's history: lines after the last checkpoint go."""
@@ -59,11 +133,17 @@ class RunLogger:
         for rec in history:
             self._metrics.write(json.dumps(rec) + "\n")
         self._metrics.flush()
+        self._records = list(history)
+        if self._replay_to_wandb:
+            self._replay_to_wandb = False
+            for rec in history:
+                self._wandb(lambda rec=rec: self.run.log(rec), retry=False)
 
     def log(self, rec: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(rec) + "\n")
         self._metrics.flush()
-        self._wandb(lambda: self.run.log(rec))
+        self._records.append(rec)
+        self._wandb(lambda: self.run.log(rec), retry=False)  # a fallback run replays _records, rec included
 
     def samples(self, step: int, prompts: list[str], responses: list[str], scores: list[float]) -> None:
         rows = [[step, p, r, s] for p, r, s in zip(prompts, responses, scores, strict=True)]
@@ -82,14 +162,23 @@ class RunLogger:
     def summary(self, summary: dict[str, Any]) -> None:
         self._wandb(lambda: self.run.summary.update({f"summary/{k}": v for k, v in summary.items()}))
 
-    def _wandb(self, fn) -> None:
+    def _wandb(self, fn, retry: bool = True) -> None:
+        """fn() against the current run. If it raises on an online run: switch to the offline fallback (which
+        replays the records) and, with retry, call fn() once more there. Otherwise: drop W&B with a warning."""
         if self.run is None:
             return
         try:
             fn()
+            return
         except Exception as exc:
-            log.warning("W&B logging failed (%s: %s); continuing without W&B", type(exc).__name__, exc)
-            self.run = None
+            reason = f"W&B logging failed ({type(exc).__name__}: {exc})"
+            if self.mode != "online":
+                log.warning("%s; continuing without W&B (every record is in %s)", reason, self.metrics_path)
+                self.run = None
+                return
+        self._go_offline(reason)
+        if retry and self.run is not None:
+            self._wandb(fn, retry=False)
 
     def finish(self) -> None:
         if self._metrics is not None:

@@ -383,3 +383,162 @@ def test_wandb_offline_history_reads_back(cache_dir, tmp_path, monkeypatch):
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["ppo"]["kl_mode"] == "loss" and config["controller"]["name"] == "adaptive"
     assert config["seed"] == 0 and config["steps"] == 2
+
+
+# ------------------------------------------------------------------------------------- a bad day: W&B outage
+def _offline_history(run_dir: Path, n_steps: int) -> tuple[list[dict], list]:
+    """(history rows, run records) of the offline W&B run in run_dir, waiting for wandb-core to flush."""
+    (path,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + 30
+    while True:
+        records = _wandb_records(path)
+        history = [
+            {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+            for rec in records
+            if rec.WhichOneof("record_type") == "history"
+        ]
+        if len([h for h in history if "kl/exact" in h]) >= n_steps or time.monotonic() > deadline:
+            return history, [rec.run for rec in records if rec.WhichOneof("record_type") == "run"]
+        time.sleep(0.5)
+
+
+def _online_outage(monkeypatch, online):
+    """wandb.init: mode=online calls online(settings) (no network is reached); any other mode is the real one."""
+    import wandb
+
+    real_init, calls = wandb.init, []
+
+    def init(*args, mode=None, settings=None, **kwargs):
+        calls.append({"mode": mode, "init_timeout": settings.init_timeout if settings else None, **kwargs})
+        if mode == "online":
+            return online(settings)
+        return real_init(*args, mode=mode, settings=settings, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # conftest disables W&B; the fallback run must be a real one
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return calls
+
+
+def _assert_outage_fell_back_offline(out: Path, calls: list[dict], caplog, n_steps: int) -> None:
+    run_id = (out / "wandb_id.txt").read_text().strip()
+    # the online attempt was bounded (wandb's default is 90 s), then one offline run with the same id, same group
+    assert [c["mode"] for c in calls] == ["online", "offline"]
+    assert calls[0]["init_timeout"] == 3.0 and [c["id"] for c in calls] == [run_id, run_id]
+    assert calls[1]["group"] == calls[0]["group"] == "outage"
+    # metrics.jsonl is complete
+    recs = read_metrics(out)
+    assert [r["step"] for r in recs] == list(range(1, n_steps + 1))
+    assert all(k in r for r in recs for k in METRICS)
+    # the offline run sits in the job dir, under the run's id, and holds every step (a `wandb sync` of it
+    # replaces the history of the run with that id: it must not start at the step that failed)
+    (run_dir,) = (out / "wandb").glob(f"offline-run-*-{run_id}")
+    history, runs = _offline_history(run_dir, n_steps)
+    rows = [h for h in history if "kl/exact" in h]
+    assert [h["step"] for h in rows] == [r["step"] for r in recs]
+    assert [h["kl/coef"] for h in rows] == [r["kl/coef"] for r in recs]
+    assert any("samples" in h for h in history)  # the generations table too
+    assert runs and runs[0].run_id == run_id and runs[0].run_group == "outage"
+    # one warning, with the way to upload it later
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "W&B" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert f"same id {run_id}" in warnings[0]
+    assert f"wandb sync {out / 'wandb'}/offline-run-*-{run_id}" in warnings[0]
+
+
+def _outage_cfg(cache_dir, *overrides):
+    from omegaconf import open_dict
+
+    cfg = make_cfg(cache_dir, "steps=2", "wandb.mode=online", "wandb.group=outage", *overrides)
+    with open_dict(cfg.wandb):  # a key of its own once the schema has it (wandb.init_timeout, default 10 s)
+        cfg.wandb.init_timeout = 3
+    return cfg
+
+
+def test_wandb_init_timeout_falls_back_to_an_offline_run_with_the_same_id(cache_dir, tmp_path, monkeypatch, caplog):
+    import wandb
+
+    def unreachable(settings):
+        raise wandb.errors.CommError(
+            f"Run initialization has timed out after {settings.init_timeout} sec. Please try increasing the timeout "
+            "with the `init_timeout` setting"
+        )
+
+    calls = _online_outage(monkeypatch, unreachable)
+    with caplog.at_level(logging.WARNING, logger="kl_research.runlog"):
+        summary = train(_outage_cfg(cache_dir), tmp_path)
+    assert summary["status"] == "completed"
+    _assert_outage_fell_back_offline(tmp_path, calls, caplog, n_steps=2)
+    assert "W&B failed to start (CommError: Run initialization has timed out after 3.0 sec" in caplog.text
+
+
+class _FlakyOnlineRun:
+    """An online run whose second `log` call raises (the connection to W&B goes down at step 2)."""
+
+    def __init__(self):
+        self.logged, self.finished_with = [], None
+        self.summary = {}
+
+    def define_metric(self, *args, **kwargs):
+        pass
+
+    def log(self, rec):
+        if len(self.logged) == 1:
+            raise ConnectionError("simulated: W&B went away")
+        self.logged.append(rec)
+
+    def finish(self, exit_code=None):
+        self.finished_with = exit_code
+
+
+def test_wandb_log_failing_mid_run_continues_in_an_offline_run_with_the_same_id(
+    cache_dir, tmp_path, monkeypatch, caplog
+):
+    flaky = _FlakyOnlineRun()
+    calls = _online_outage(monkeypatch, lambda settings: flaky)
+    with caplog.at_level(logging.WARNING, logger="kl_research.runlog"):
+        summary = train(_outage_cfg(cache_dir), tmp_path)
+    assert summary["status"] == "completed"
+    assert [r["step"] for r in flaky.logged] == [1]  # step 1 went online, step 2 raised
+    assert flaky.finished_with == 1  # the broken online run is closed (failed) before the offline one starts
+    _assert_outage_fell_back_offline(tmp_path, calls, caplog, n_steps=2)
+    assert "W&B logging failed (ConnectionError: simulated: W&B went away)" in caplog.text
+
+
+# --------------------------------------------------------------------------------- a bad day: the KL guards
+def test_non_finite_kl_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path, monkeypatch):
+    """The reference's log-probs go NaN at step 3 (as a bf16 overflow would): the job stops with the KL guard's
+    error before that step updates anything, and the checkpoint of step 2 stays."""
+    real, calls = train_mod.rollout, {"n": 0}
+
+    def nan_reference(*args, **kwargs):
+        calls["n"] += 1
+        batch = real(*args, **kwargs)
+        if calls["n"] == 3:
+            batch["ref_logp"] = batch["ref_logp"] * float("nan")
+        return batch
+
+    monkeypatch.setattr(train_mod, "rollout", nan_reference)
+    with pytest.raises(FloatingPointError, match=r"non-finite KL at step \d+: .*'k1': nan.*last good checkpoint"):
+        train(make_cfg(cache_dir, "steps=4"), tmp_path)
+    assert calls["n"] == 3
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 2 and len(ckpt["history"]) == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["policy"].values())
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]  # the bad step was never logged
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_drift_diagnostic_counts_every_step_out_of_band_and_warns_once(cache_dir, tmp_path, caplog):
+    """A fixed β with a target far above any KL the run reaches: every step's recent mean is below 0.5x target,
+    so the counter goes up each step, and the log says so once (on entering the state), not every step."""
+    cfg = make_cfg(cache_dir, "steps=3", "controller=fixed", "controller.target_kl=1000")
+    with caplog.at_level(logging.WARNING, logger="kl_research.train"):
+        summary = train(cfg, tmp_path)
+    recs = read_metrics(tmp_path)
+    assert all(r["kl/exact"] < 500 for r in recs)
+    assert [r["kl/drift_warnings"] for r in recs] == [1, 2, 3]
+    assert summary["drift_warnings"] == 3
+    drift = [r.getMessage() for r in caplog.records if r.getMessage().startswith("KL drift:")]
+    assert len(drift) == 1, drift
+    assert "is below 0.5x (target 1000): not learning enough" in drift[0]
