@@ -59,7 +59,16 @@ def test_bench_cli_emits_one_json_line(tiny_shape, capsys):
 
 
 def test_tiny_default_shape_is_the_config():
-    assert bench.model_shape("tiny")["n_embd"] > 0
+    """model_shape("tiny") (plain YAML, for TRL's venv) is exactly the GPT2Config arguments of the embedded default
+    reference: every dimension as Hydra composes conf/model/tiny.yaml, its activation, and nothing else (the dict
+    goes into GPT2Config(**dims): an extra key would time another model). Unknown shapes are refused."""
+    from kl_research.reference import GPT2_ACTIVATION, compose_config
+
+    tiny = compose_config([]).model
+    assert bench.model_shape("tiny") == {**{k: tiny[k] for k in bench.DIMS}, "activation_function": GPT2_ACTIVATION}
+    assert all(type(v) is int for k, v in bench.model_shape("tiny").items() if k in bench.DIMS)
+    with pytest.raises(ValueError, match=r"shape='tinyy'; valid: tiny, "):
+        bench.model_shape("tinyy")
 
 
 def test_bf16_trunk_keeps_batch_kl(tiny_shape):

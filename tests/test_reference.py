@@ -26,6 +26,22 @@ from kl_research.reference import (
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# A reference that builds in a second or two (the lock test builds it in two processes at once). Its context
+# holds the default prompt (8) + response (24) tokens: compose_config validates that.
+SMALL_BUILD = [
+    "data.max_texts=400",
+    "data.eval_max_length=32",
+    "model.vocab_size=300",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.n_positions=32",
+    "model.steps=40",
+    "model.batch_size=8",
+    "model.eval_every=40",
+    "threads=1",
+]
+
 
 def test_resolve_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("KL_RESEARCH_CACHE", str(tmp_path / "env"))
@@ -50,9 +66,53 @@ def test_tiny_reference_contract(tiny_reference):
     meta = reference_meta(reference_dir(cfg, corpus))
     assert meta["heldout_ppl"] < cfg.model.vocab_size / 2  # learnt something
     assert meta["key"]["n_heldout"] == len(corpus.heldout)
-    # the tokenizer never saw held-out text: its vocabulary comes from the train split only (checked via
-    # the key: the corpus fingerprint covers both sides, and the build reads corpus.train only)
-    assert meta["key"]["model"]["seed"] == cfg.model.seed
+    # that no held-out text reaches the tokenizer or the pretraining: test_build_never_trains_on_heldout_text
+
+
+def test_build_never_trains_on_heldout_text(compose, tmp_path, monkeypatch):
+    """What the build actually feeds the tokenizer trainer and the gradient steps, recorded: the train split and
+    windows of its token stream, never a held-out text (which the build reads only to report perplexity)."""
+    import transformers
+
+    import kl_research.reference as reference
+    from kl_research.data import load_corpus
+
+    cfg = compose(*SMALL_BUILD, f"cache_dir={tmp_path}")
+    corpus = load_corpus(cfg.data)
+    assert corpus.heldout and set(corpus.train).isdisjoint(corpus.heldout)
+    tokenizer_texts, trained_on = [], []
+    real_train_tokenizer = reference.train_tokenizer
+
+    def recording_train_tokenizer(texts, *args, **kwargs):
+        texts = list(texts)
+        tokenizer_texts.extend(texts)
+        return real_train_tokenizer(texts, *args, **kwargs)
+
+    class RecordingGPT2(transformers.GPT2LMHeadModel):
+        def forward(self, input_ids=None, *args, **kwargs):
+            if torch.is_grad_enabled():  # a pass that can train the weights (evaluation runs under no_grad)
+                trained_on.append(input_ids.detach().clone())
+            return super().forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "train_tokenizer", recording_train_tokenizer)
+    monkeypatch.setattr(transformers, "GPT2LMHeadModel", RecordingGPT2)
+    reference.pretrain_tiny(cfg, corpus, tmp_path / "ref")
+
+    assert tokenizer_texts == corpus.train  # the whole train split, and nothing else
+    assert not set(tokenizer_texts) & set(corpus.heldout)
+    assert len(trained_on) == cfg.model.steps
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "ref")
+
+    def joined(ids) -> str:
+        return "," + ",".join(map(str, ids.tolist())) + ","
+
+    train_stream = joined(reference._token_stream(corpus.train, tokenizer))
+    heldout_stream = joined(reference._token_stream(corpus.heldout, tokenizer))
+    rows = [joined(row) for batch in trained_on for row in batch]
+    assert len(rows) == cfg.model.steps * cfg.model.batch_size
+    for row in rows:  # every gradient step saw windows of the train split's token stream ...
+        assert row in train_stream
+    assert sum(row in heldout_stream for row in rows) == 0  # ... and none of the held-out one
 
 
 def test_cache_reuse_and_key(tiny_reference, compose):
@@ -70,18 +130,7 @@ def test_cache_reuse_and_key(tiny_reference, compose):
 
 def test_two_processes_build_once(tmp_path):
     """Two jobs start at once on an empty cache: one builds, the other waits on the lock and loads."""
-    overrides = [
-        "data.max_texts=400",
-        "model.vocab_size=300",
-        "model.n_layer=1",
-        "model.n_head=2",
-        "model.n_embd=32",
-        "model.n_positions=16",
-        "model.steps=40",
-        "model.batch_size=8",
-        "model.eval_every=40",
-        f"cache_dir={tmp_path}",
-    ]
+    overrides = [*SMALL_BUILD, f"cache_dir={tmp_path}"]
     script = textwrap.dedent(
         f"""
         import json, sys
