@@ -123,12 +123,15 @@ class WandbSchema:
     name: str | None = None  # default: <controller>_kl<target>_s<seed>
     tags: list[str] = field(default_factory=list)
     samples_every: int = 10  # steps between sample-generation tables
+    init_timeout: float = 10.0  # seconds wandb.init may wait (wandb's default is 90), then an offline run instead
 
     def __post_init__(self) -> None:
         if self.mode not in ("offline", "online", "disabled"):
             raise ValueError(f"wandb.mode={self.mode!r} is invalid; allowed: offline, online, disabled")
         if self.samples_every <= 0:
             raise ValueError(f"wandb.samples_every={self.samples_every} is invalid; allowed: an int > 0")
+        if not self.init_timeout > 0:
+            raise ValueError(f"wandb.init_timeout={self.init_timeout} is invalid; allowed: seconds > 0")
 
 
 # -------------------------------------------------------------------------------------------------- model

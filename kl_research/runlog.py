@@ -43,7 +43,7 @@ class RunLogger:
         self._init_kwargs: dict[str, Any] | None = None
         if self.mode == "disabled":
             return
-        self.init_timeout = float(cfg.wandb.get("init_timeout", 10))
+        self.init_timeout = float(cfg.wandb.init_timeout)
         try:
             import wandb
 

@@ -509,7 +509,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             kls["exact"] = float(masked_mean(batch["exact_kl"], mask))
             signal = kls[pcfg.kl_signal]
             if not all(math.isfinite(v) for v in kls.values()):
-                raise FloatingPointError(f"non-finite KL at step {step}: {kls}; the last good checkpoint is kept")
+                raise FloatingPointError(f"non-finite KL at step {step + 1}: {kls}; the last good checkpoint is kept")
 
             # 3d. rewards (−β·k1 per token with kl_mode=reward, else the score alone), GAE, whitened advantages
             advantages, returns = advantages_and_returns(batch, scores, beta, pcfg)
