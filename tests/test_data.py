@@ -43,6 +43,7 @@ def test_split_depends_only_on_the_text():
 
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv", "parquet"])
 def test_local_files(compose, tmp_path, fmt):
+    # data=imdb scores 128-token held-out texts; the default tiny model has a 64-token context (validated)
     texts = [f"This is review number {i}, and it is fine." for i in range(200)]
     path = tmp_path / f"reviews.{fmt}"
     if fmt == "txt":
@@ -55,7 +56,9 @@ def test_local_files(compose, tmp_path, fmt):
         df = pd.DataFrame({"review": texts, "label": [1] * len(texts)})
         df.to_csv(path, index=False) if fmt == "csv" else df.to_parquet(path)
         column = "review"
-    cfg = compose("data=imdb", f"data.path={path}", f"data.text_column={column}", "data.min_chars=5")
+    cfg = compose(
+        "data=imdb", "data.eval_max_length=64", f"data.path={path}", f"data.text_column={column}", "data.min_chars=5"
+    )
     corpus = load_corpus(cfg.data)
     assert sorted(corpus.train + corpus.heldout) == sorted(texts)
     assert not set(corpus.train) & set(corpus.heldout)
@@ -65,26 +68,32 @@ def test_local_files(compose, tmp_path, fmt):
 def test_local_folder(compose, tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.txt").write_text("\n".join(f"line {i} of the folder" for i in range(100)))
-    cfg = compose("data=imdb", f"data.path={tmp_path / 'data'}", "data.min_chars=5", "data.heldout_fraction=0.2")
+    cfg = compose(
+        "data=imdb",
+        "data.eval_max_length=64",
+        f"data.path={tmp_path / 'data'}",
+        "data.min_chars=5",
+        "data.heldout_fraction=0.2",
+    )
     corpus = load_corpus(cfg.data)
     assert len(corpus.train) + len(corpus.heldout) == 100
 
 
 def test_clear_errors(compose, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_corpus(compose("data=imdb", f"data.path={tmp_path / 'nope.jsonl'}").data)
+        load_corpus(compose("data=imdb", "data.eval_max_length=64", f"data.path={tmp_path / 'nope.jsonl'}").data)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="both must be non-empty"):
-        load_corpus(compose("data=imdb", f"data.path={empty}").data)
+        load_corpus(compose("data=imdb", "data.eval_max_length=64", f"data.path={empty}").data)
     good = tmp_path / "ok.jsonl"
     good.write_text('{"review": "a fine text"}\n')
     with pytest.raises(ValueError, match=r"data.text_column='text' is not a column .* available: review"):
-        load_corpus(compose("data=imdb", f"data.path={good}").data)
+        load_corpus(compose("data=imdb", "data.eval_max_length=64", f"data.path={good}").data)
     odd = tmp_path / "texts.xyz"
     odd.write_text("x")
     with pytest.raises(ValueError, match=r"unknown file type '\.xyz'"):
-        load_corpus(compose("data=imdb", f"data.path={odd}").data)
+        load_corpus(compose("data=imdb", "data.eval_max_length=64", f"data.path={odd}").data)
     with pytest.raises(ValueError, match="unknown entries"):
         read_fortunes(["not-a-category"])
 

@@ -159,7 +159,8 @@ def test_local_pretrained_checkpoint(compose, tmp_path):
     texts = [f"a small corpus line {i} for the tokenizer" for i in range(50)]
     tok = train_tokenizer(texts, 300, 32)
     tok.pad_token = None  # load_reference must set it
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    # 64 positions: the defaults' prompt + response (8 + 24) and held-out texts (64) must fit (validated first)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2)
     GPT2LMHeadModel(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "ckpt")
     tok.save_pretrained(tmp_path / "ckpt")
     model, tokenizer = load_reference(compose("model=gpt2", f"model.path={tmp_path / 'ckpt'}"))

@@ -107,7 +107,7 @@ def test_sweep_config_composes_with_the_default_grid():
     cfg = compose_sweep()
     s = cfg.hydra.sweeper
     assert s._target_.endswith("KLGridSweeper")
-    assert (list(s.controllers), list(s.targets), list(s.seeds)) == (CONTROLLERS, TARGETS, [0, 1, 2])
+    assert (list(s.controllers), list(s.targets), list(s.seeds)) == (CONTROLLERS, TARGETS, [0, 1, 2, 3, 4])
     assert s.fixed_betas is None and s.fresh is False
     assert cfg.hydra.mode.name == "MULTIRUN"
     assert cfg.wandb.group == "kl_grid"
