@@ -163,9 +163,16 @@ def bench(
         setup_threads,
     )
 
-    overrides = [f"ppo.batch_size={batch_size}", f"ppo.response_length={response_len}", f"precision={precision}"]
-    if epochs is not None:
-        overrides.append(f"ppo.epochs={epochs}")
+    # The benchmark workload is the classic PPO step TRL 0.11 runs (scripts/bench_trl.py): −β·k1 in the reward and 4
+    # epochs, whatever the training defaults are (they moved to the exact-KL loss and 2 epochs for controllability).
+    overrides = [
+        f"ppo.batch_size={batch_size}",
+        f"ppo.response_length={response_len}",
+        f"precision={precision}",
+        "ppo.kl_mode=reward",
+        "ppo.kl_penalty=k1",
+        f"ppo.epochs={4 if epochs is None else epochs}",
+    ]
     if minibatch_size is not None:
         overrides.append(f"ppo.minibatch_size={minibatch_size}")
     cfg = compose_config(overrides)
@@ -456,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--response-len", type=int, default=24)
-    ap.add_argument("--epochs", type=int, default=None, help="default: conf/ppo/default.yaml")
+    ap.add_argument("--epochs", type=int, default=None, help="default: 4, as TRL's peer (scripts/bench_trl.py)")
     ap.add_argument("--minibatch", type=int, default=None, help="default: conf/ppo/default.yaml")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
