@@ -21,7 +21,8 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _check_bounds(kl_coef_min: float, kl_coef_max: float) -> None:
+def _check_bounds(kl_coef_min: float, kl_coef_max: float, init_kl_coef: float | None = None) -> None:
+    """The β bounds, and β₀ inside them when given (adaptive and pid start inside; exponential clamps β₀)."""
     _check(_finite(kl_coef_min) and kl_coef_min > 0, "kl_coef_min", kl_coef_min, "a finite float > 0")
     _check(
         _finite(kl_coef_max) and kl_coef_max >= kl_coef_min,
@@ -29,6 +30,13 @@ def _check_bounds(kl_coef_min: float, kl_coef_max: float) -> None:
         kl_coef_max,
         f"a finite float >= kl_coef_min ({kl_coef_min})",
     )
+    if init_kl_coef is not None:
+        _check(
+            kl_coef_min <= init_kl_coef <= kl_coef_max,
+            "init_kl_coef",
+            init_kl_coef,
+            f"within [kl_coef_min, kl_coef_max] = [{kl_coef_min}, {kl_coef_max}]",
+        )
 
 
 class KLController:
@@ -112,13 +120,7 @@ class AdaptiveController(KLController):
         super().__init__(init_kl_coef, target_kl)
         _check(_finite(horizon) and horizon > 0, "horizon", horizon, "a finite number of samples > 0")
         _check(_finite(error_clip) and 0 < error_clip < 1, "error_clip", error_clip, "a float in (0, 1)")
-        _check_bounds(kl_coef_min, kl_coef_max)
-        _check(
-            kl_coef_min <= init_kl_coef <= kl_coef_max,
-            "init_kl_coef",
-            init_kl_coef,
-            f"within [kl_coef_min, kl_coef_max] = [{kl_coef_min}, {kl_coef_max}]",
-        )
+        _check_bounds(kl_coef_min, kl_coef_max, init_kl_coef)
         self.horizon = float(horizon)
         self.error_clip = float(error_clip)
         self.kl_coef_min = float(kl_coef_min)
@@ -206,13 +208,7 @@ class PIDController(KLController):
             _check(_finite(v) and v >= 0, key, v, "a finite float >= 0")
         _check(_finite(d_filter) and 0 <= d_filter < 1, "d_filter", d_filter, "a float in [0, 1)")
         _check(_finite(error_clip) and error_clip > 0, "error_clip", error_clip, "a finite float > 0")
-        _check_bounds(kl_coef_min, kl_coef_max)
-        _check(
-            kl_coef_min <= init_kl_coef <= kl_coef_max,
-            "init_kl_coef",
-            init_kl_coef,
-            f"within [kl_coef_min, kl_coef_max] = [{kl_coef_min}, {kl_coef_max}]",
-        )
+        _check_bounds(kl_coef_min, kl_coef_max, init_kl_coef)
         self.horizon = float(horizon)
         self.kp, self.ki, self.kd = float(kp), float(ki), float(kd)
         self.d_filter = float(d_filter)
