@@ -542,3 +542,50 @@ def test_drift_diagnostic_counts_every_step_out_of_band_and_warns_once(cache_dir
     drift = [r.getMessage() for r in caplog.records if r.getMessage().startswith("KL drift:")]
     assert len(drift) == 1, drift
     assert "is below 0.5x (target 1000): not learning enough" in drift[0]
+
+
+@pytest.mark.slow
+def test_sigkilled_train_py_resumes_the_identical_trajectory_and_wandb_run(cache_dir, tmp_path):
+    """A real kill: SIGKILL a `python train.py` subprocess after its first checkpoint, rerun the same command, and
+    compare with an uninterrupted run: the same records (timing fields aside) and the killed run's W&B id kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    overrides = [
+        *TINY,
+        f"cache_dir={cache_dir}",
+        "steps=40",
+        "checkpoint_every=2",
+        "controller=adaptive",
+        "controller.horizon=16",
+        "wandb.mode=offline",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "train.py", *overrides, f"hydra.run.dir={out}"]
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(command(full), cwd=repo, env=env, check=True, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(command(killed), cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / train_mod.CHECKPOINT
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL  # killed mid-run, not finished
+    assert ckpt.exists() and not (killed / "summary.json").exists()
+    run_id = (killed / "wandb_id.txt").read_text().strip()
+    n_before = len(read_metrics(killed))
+    assert n_before < 40
+
+    subprocess.run(command(killed), cwd=repo, env=env, check=True, capture_output=True, timeout=600)
+    a, b = read_metrics(full), read_metrics(killed)
+    assert len(b) == 40 and (killed / "summary.json").exists()
+    assert without_timing(a) == without_timing(b)
+    assert (killed / "wandb_id.txt").read_text().strip() == run_id  # the resumed W&B run is the killed one
+    assert len(list((killed / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
