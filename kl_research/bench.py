@@ -161,6 +161,7 @@ def bench(
         rollout,
         setup_allocator,
         setup_threads,
+        uses_exact_kl_loss,
     )
 
     # The benchmark workload is the classic PPO step TRL 0.11 runs (scripts/bench_trl.py): −β·k1 in the reward and 4
@@ -212,7 +213,7 @@ def bench(
         eos_token_id=None,
         pad_token_id=PAD,
         amp=amp,
-        keep_ref_logprobs=pcfg.kl_mode == "loss" and pcfg.kl_penalty == "exact",
+        keep_ref_logprobs=uses_exact_kl_loss(pcfg),
     )
 
     def step() -> dict[str, float]:

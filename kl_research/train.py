@@ -245,6 +245,11 @@ def make_optimizer(policy: torch.nn.Module, pcfg: DictConfig, device: torch.devi
     return torch.optim.AdamW(policy.parameters(), lr=pcfg.lr, eps=pcfg.adam_eps, weight_decay=0.0, fused=fused)
 
 
+def uses_exact_kl_loss(pcfg: DictConfig) -> bool:
+    """kl_mode=loss with the exact KL: the rollout keeps the reference's full log-probs for every minibatch."""
+    return pcfg.kl_mode == "loss" and pcfg.kl_penalty == "exact"
+
+
 def advantages_and_returns(
     batch: dict[str, torch.Tensor], scores: torch.Tensor, beta: float, pcfg: DictConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,7 +263,7 @@ def advantages_and_returns(
         kl_tokens = token_kl(batch["logp"], batch["ref_logp"], pcfg.kl_penalty)
     else:
         kl_tokens = torch.zeros_like(batch["logp"])
-    rewards = ppo.shaped_rewards(scores, kl_tokens, beta if pcfg.kl_mode == "reward" else 0.0, mask)
+    rewards = ppo.shaped_rewards(scores, kl_tokens, beta, mask)
     if pcfg.whiten_rewards:
         rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = ppo.gae(rewards, batch["values"], mask, pcfg.gamma, pcfg.lam)
@@ -301,7 +306,7 @@ def ppo_update(
                 logp, batch["logp"][idx], advantages[idx], mask, pcfg.cliprange
             )
             vf_loss, vclipfrac = ppo.value_loss(values, batch["values"][idx], returns[idx], mask, pcfg.cliprange_value)
-            if kl_loss and pcfg.kl_penalty == "exact":
+            if uses_exact_kl_loss(pcfg):
                 kl_term = ppo.exact_kl_loss(logprobs, batch["ref_logprobs"][idx], mask)
             elif kl_loss:
                 kl_term = ppo.k2_kl_loss(logp, batch["ref_logp"][idx], mask)
@@ -491,7 +496,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 eos_token_id=eos,
                 pad_token_id=pad,
                 amp=amp,
-                keep_ref_logprobs=pcfg.kl_mode == "loss" and pcfg.kl_penalty == "exact",
+                keep_ref_logprobs=uses_exact_kl_loss(pcfg),
             )
             t_gen_score = time.perf_counter()
             mask = batch["mask"]
