@@ -46,6 +46,17 @@ def _mean_band(ax, g: pd.DataFrame, key: str, label: str, color: str, ls: str = 
         ax.fill_between(s.index, lo, hi, color=color, alpha=0.15, lw=0)
 
 
+def _unique_legend(axes) -> tuple[list, list[str]]:
+    """One legend entry per label across all panels of a figure (handles, labels)."""
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    return handles, labels
+
+
 def curves_by_target(
     curves: pd.DataFrame, keys: Sequence[str] = ("reward/mean", "kl/exact", "kl/coef"), panel: float = 3.2
 ) -> plt.Figure:
@@ -84,12 +95,7 @@ def curves_by_target(
                 ax.set_ylabel(LABELS.get(key, key))
             if i == len(keys) - 1:
                 ax.set_xlabel("PPO step (rollout)")
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
+    handles, labels = _unique_legend(axes)
     fig.legend(handles, labels, fontsize=8, loc="upper right", ncol=min(4, len(labels)))
     fig.suptitle("mean over seeds; shaded: ±1 sd across seeds", x=0.01, ha="left", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
@@ -130,12 +136,7 @@ def kl_curves(curves: pd.DataFrame, controllers: Sequence[str] = TARGETED, panel
                 ax.set_xlabel("rollout (PPO step)")
             if j == 0:
                 ax.set_ylabel("KL exact (nats/token)" if i == 0 else "β (kl/coef)")
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
+    handles, labels = _unique_legend(axes)
     fig.legend(handles, labels, fontsize=8, loc="upper right", ncol=min(3, max(1, len(labels))))
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig
