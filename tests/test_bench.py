@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kl_research import bench
+from benchmark import bench
 
 KEYS = {
     "seconds",
@@ -116,7 +116,7 @@ def test_rollout_scores_each_model_once(tiny_shape):
 
 def test_gemm_recorder_counts_and_times_the_matmuls():
     """Every mm/addmm/bmm of forward and backward is recorded with its shape; the floor sums 2·m·k·n per call."""
-    from kl_research.gemm import GemmRecorder, gemm_floor
+    from benchmark.gemm import GemmRecorder, gemm_floor
 
     x = torch.randn(8, 5, requires_grad=True)
     w = torch.randn(5, 3, requires_grad=True)
@@ -187,7 +187,7 @@ def test_fused_gelu_is_gpt2_gelu_new(tiny_shape):
 
 @pytest.mark.slow
 def test_side_by_side_reports_each_jobs_step_and_the_machine_throughput(tmp_path):
-    """scripts/side_by_side.py: J bench processes at once with T threads each; throughput = Σ 60 / (s per step)."""
+    """benchmark/side_by_side.py: J bench processes at once with T threads each; throughput = Σ 60 / (s per step)."""
     import subprocess
     import sys
 
@@ -195,7 +195,7 @@ def test_side_by_side_reports_each_jobs_step_and_the_machine_throughput(tmp_path
     out = tmp_path / "sbs.jsonl"
     argv = ["--layouts", "2x1", "--rounds", "1", "--batch", "8", "--minibatch", "4", "--steps", "1", "--out", str(out)]
     res = subprocess.run(
-        [sys.executable, "scripts/side_by_side.py", *argv], cwd=root, capture_output=True, text=True, check=True
+        [sys.executable, "benchmark/side_by_side.py", *argv], cwd=root, capture_output=True, text=True, check=True
     )
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     (steps,) = summary["layouts"]["2x1"]["step_s"]

@@ -1,6 +1,6 @@
 """The CUDA path: device=auto picks the GPU, the trunk runs under bf16 autocast (precision=auto), the vocabulary
 projection, log-softmax and value head stay fp32. These need a GPU and skip, saying so, where there is none;
-`bash scripts/gpu_check.sh` runs them (and the GPU benchmarks) on a GPU machine."""
+`bash benchmark/gpu_check.sh` runs them (and the GPU benchmarks) on a GPU machine."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from kl_research.reference import compose_config
 from kl_research.train import train
 
 pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device on this machine (run on a GPU: bash scripts/gpu_check.sh)"
+    not torch.cuda.is_available(), reason="no CUDA device on this machine (run on a GPU: bash benchmark/gpu_check.sh)"
 )
 
 GPU = [*tiny_job(30), "threads=1", "device=auto", "precision=auto"]
@@ -50,7 +50,7 @@ def test_gpu_kill_and_resume_continues_the_same_beta_trajectory(cache_dir, tmp_p
 
 
 def test_gpu_scoring_matches_the_cpu_in_fp32_and_bf16_kl_error_is_far_below_the_smallest_target():
-    from kl_research.bench import build_models, kl_noise_floor
+    from benchmark.bench import build_models, kl_noise_floor
     from kl_research.policy import score_lm
 
     _ref, policy, dims = build_models("tiny", seed=3)
@@ -74,7 +74,7 @@ def test_gpu_scoring_matches_the_cpu_in_fp32_and_bf16_kl_error_is_far_below_the_
 
 
 def test_bench_times_a_gpu_step_against_its_floors():
-    from kl_research.bench import bench
+    from benchmark.bench import bench
 
     rec = bench("tiny", batch_size=16, warmup=1, steps=2, device="auto", precision="auto")
     assert rec["device"].startswith("cuda") and "gpu" in rec["versions"] and rec["peak_gpu_mb"] > 0

@@ -1,8 +1,8 @@
 """Our PPO step against TRL's, alternating the two processes so that both see the same machine.
 
-    python scripts/compare_trl.py --shape gpt2-mid --rounds 2 --steps 2 --out results/perf.json
+    python benchmark/compare_trl.py --shape gpt2-mid --rounds 2 --steps 2 --out results/perf.json
 
-Each round runs `python -m kl_research.bench` and then `scripts/bench_trl.sh` (TRL 0.11.4 in .venv-trl) with the
+Each round runs `python -m benchmark.bench` and then `benchmark/bench_trl.sh` (TRL 0.11.4 in .venv-trl) with the
 same shape and work; the first round also takes the floors (bare HF calls, and the GEMMs alone). This shared VM
 drifts by ±15% over minutes, so a ratio is only meaningful between runs taken side by side: the ratio is the
 median over rounds of (TRL step / our score + advantages + update) within each round. Appends every JSON line
@@ -56,8 +56,8 @@ def main() -> None:
     ours_all, trl_all = [], []
     for r in range(a.rounds):
         floors = [] if r == 0 else ["--no-floors"]
-        ours = run_json([sys.executable, "-m", "kl_research.bench", *common, *floors])
-        trl = run_json(["bash", "scripts/bench_trl.sh", *common, *([] if r == 0 else ["--no-gemm-floor"])])
+        ours = run_json([sys.executable, "-m", "benchmark.bench", *common, *floors])
+        trl = run_json(["bash", "benchmark/bench_trl.sh", *common, *([] if r == 0 else ["--no-gemm-floor"])])
         ours_all.append(ours)
         trl_all.append(trl)
         print(
@@ -88,7 +88,7 @@ def main() -> None:
         "trl_gemm_floor_s": first_t["gemm_floor_seconds"]["step"],
         "trl_gemm_gflop": first_t["gemm_gflop"]["step"],
         # the best ratio any implementation of our arithmetic could reach against round 1's TRL step on this BLAS
-        # (scripts/perf_table.py shows the same bound against TRL's median step over the rounds)
+        # (benchmark/perf_table.py shows the same bound against TRL's median step over the rounds)
         "trl_over_ours_gemm_floor": round(first_t["seconds"]["step"] / our_gemm, 3),
         "ours_seconds_round1": first_o["seconds"],
         "ours_floor_seconds": first_o["floor_seconds"],

@@ -1,9 +1,9 @@
 """The peer: classic TRL PPO (trl 0.11.x `PPOTrainer.step`, `AutoModelForCausalLMWithValueHead`) on the same
-random-init GPT-2 shapes as `python -m kl_research.bench`. Runs inside .venv-trl (see scripts/bench_trl.sh).
+random-init GPT-2 shapes as `python -m benchmark.bench`. Runs inside .venv-trl (see benchmark/bench_trl.sh).
 
 Same work as our step: batch 64, 16-token queries, 24-token responses (fixed length), 4 PPO epochs,
 minibatch 16, gradient clipping at 1.0, no dropout anywhere, fp32, CPU (`--device auto --precision bf16`: a GPU
-with accelerate's bf16 autocast, for scripts/gpu_check.sh). `PPOTrainer.step` gets the query and
+with accelerate's bf16 autocast, for benchmark/gpu_check.sh). `PPOTrainer.step` gets the query and
 response tensors and synthetic scores; it scores policy+values and reference once each, then trains.
 Generation is timed apart, as the bare `generate` of the policy's LM (the same call our floor times) and as
 TRL's own `PPOTrainer.generate`. Prints one JSON line.
@@ -26,7 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from kl_research.bench import SHAPES, model_shape, sync_device  # noqa: E402  (torch + YAML only: runs in TRL's venv)
+from benchmark.bench import SHAPES, model_shape, sync_device  # noqa: E402  (torch + YAML only: runs in TRL's venv)
 
 PAD = 0
 
@@ -135,8 +135,8 @@ def main() -> None:
     timed(step, a.warmup)
     step_ts, _ = timed(step, a.steps)
     gemm = None
-    if a.gemm_floor:  # the GEMMs one more step dispatches, each timed alone (kl_research/gemm.py: torch only)
-        from kl_research.gemm import GemmRecorder, gemm_fields, gemm_floor
+    if a.gemm_floor:  # the GEMMs one more step dispatches, each timed alone (benchmark/gemm.py: torch only)
+        from benchmark.gemm import GemmRecorder, gemm_fields, gemm_floor
 
         with GemmRecorder() as recorder:
             step()

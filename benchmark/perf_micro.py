@@ -1,9 +1,9 @@
 """Micro-benchmarks behind results/perf.md's "checked, not kept" rows (CPU, 2 threads, median of repeats).
 
-    python scripts/perf_micro.py minibatch --shape gpt2-small   # one PPO minibatch of the real trainer, by part
-    python scripts/perf_micro.py head                           # vocabulary head: (B·R,H)×(H,V) layouts, fwd+bwd
-    python scripts/perf_micro.py gelu                           # tanh-GELU implementations, fwd and fwd+bwd
-    python scripts/perf_micro.py fusedhead --shape tiny         # chunked head + log-prob vs the trainer's, A/B
+    python benchmark/perf_micro.py minibatch --shape gpt2-small   # one PPO minibatch of the real trainer, by part
+    python benchmark/perf_micro.py head                           # vocabulary head: (B·R,H)×(H,V) layouts, fwd+bwd
+    python benchmark/perf_micro.py gelu                           # tanh-GELU implementations, fwd and fwd+bwd
+    python benchmark/perf_micro.py fusedhead --shape tiny         # chunked head + log-prob vs the trainer's, A/B
 
 Timings on a shared VM drift by ±20 % over minutes: compare rows of one invocation only.
 """
@@ -38,7 +38,7 @@ def timed(fn, n: int = 7, warmup: int = 2) -> float:
 def synthetic_minibatch(shape: str) -> SimpleNamespace:
     """The real policy at a bench shape, the trainer's optimizer and allocator setting, and one synthetic PPO
     minibatch: 16 sequences of 16 prompt + 24 response tokens with old log-probs, advantages, returns, values."""
-    from kl_research.bench import build_models
+    from benchmark.bench import build_models
     from kl_research.reference import compose_config
     from kl_research.train import make_optimizer, setup_allocator
 

@@ -1,6 +1,6 @@
-"""Markdown tables for results/perf.md from the JSON lines that scripts/perf_all.sh wrote.
+"""Markdown tables for results/perf.md from the JSON lines that benchmark/perf_all.sh wrote.
 
-python scripts/perf_table.py results/perf_runs.jsonl
+python benchmark/perf_table.py results/perf_runs.jsonl
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Time PPO steps of the real trainer and print one JSON line.
 
-    python -m kl_research.bench                                  # tiny shape (conf/model/tiny.yaml), batch 64
-    python -m kl_research.bench --shape gpt2-small --batch 8     # GPT-2-small shape, random init
-    python -m kl_research.bench --shape gpt2-mid --threads 2 --steps 3 --warmup 1
+    python -m benchmark.bench                                  # tiny shape (conf/model/tiny.yaml), batch 64
+    python -m benchmark.bench --shape gpt2-small --batch 8     # GPT-2-small shape, random init
+    python -m benchmark.bench --shape gpt2-mid --threads 2 --steps 3 --warmup 1
 
 One step = `train.rollout` (generate with the KV cache, then one scoring pass each for policy + values and
 reference) → synthetic task score + shaped rewards + GAE + whitening (the `ppo` functions train() calls) →
@@ -53,7 +53,7 @@ TINY_ACTIVATION = "gelu"
 
 
 def model_shape(shape: str) -> dict[str, Any]:
-    """The GPT2Config arguments of a bench shape. Plain YAML and torch only: scripts/bench_trl.py imports this in
+    """The GPT2Config arguments of a bench shape. Plain YAML and torch only: benchmark/bench_trl.py imports this in
     TRL's own venv (no hydra there), so the peer is timed on exactly these shapes."""
     if shape == "tiny":
         import yaml
@@ -149,7 +149,7 @@ def bench(
     compile: bool | str = False,
 ) -> dict[str, Any]:
     """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record."""
-    from kl_research.gemm import gemm_fields
+    from benchmark.gemm import gemm_fields
     from kl_research.reference import compose_config
     from kl_research.train import (
         advantages_and_returns,
@@ -164,7 +164,7 @@ def bench(
         uses_exact_kl_loss,
     )
 
-    # The benchmark workload is the classic PPO step TRL 0.11 runs (scripts/bench_trl.py): −β·k1 in the reward and 4
+    # The benchmark workload is the classic PPO step TRL 0.11 runs (benchmark/bench_trl.py): −β·k1 in the reward and 4
     # epochs, whatever the training defaults are (they moved to the exact-KL loss and 2 epochs for controllability).
     overrides = [
         f"ppo.batch_size={batch_size}",
@@ -300,13 +300,13 @@ def bench(
 
 
 def gemm_floors(roll, policy, prompts, R, pcfg, optimizer, shuffle_gen, amp) -> dict[str, dict[str, Any]]:
-    """The GEMMs one step of the real trainer dispatches (kl_research.gemm), timed alone, per phase.
+    """The GEMMs one step of the real trainer dispatches (benchmark.gemm), timed alone, per phase.
 
     Recorded on one extra step after the timed ones: the rollout, the bare `generate` alone (the same shapes:
     EOS is off, so generation always runs R steps), score = rollout − generate, and one `ppo_update`.
     """
+    from benchmark.gemm import GemmRecorder, gemm_floor
     from kl_research import ppo
-    from kl_research.gemm import GemmRecorder, gemm_floor
     from kl_research.train import ppo_update, sampling_kwargs
 
     B, P = prompts.shape
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--response-len", type=int, default=24)
-    ap.add_argument("--epochs", type=int, default=None, help="default: 4, as TRL's peer (scripts/bench_trl.py)")
+    ap.add_argument("--epochs", type=int, default=None, help="default: 4, as TRL's peer (benchmark/bench_trl.py)")
     ap.add_argument("--minibatch", type=int, default=None, help="default: conf/ppo/default.yaml")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)

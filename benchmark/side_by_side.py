@@ -1,8 +1,8 @@
 """Sweep throughput on one machine: several bench jobs at once, each with its own torch thread count.
 
-    python scripts/side_by_side.py --layouts 1x2 2x1 2x2 --rounds 2 --out results/side_by_side.jsonl
+    python benchmark/side_by_side.py --layouts 1x2 2x1 2x2 --rounds 2 --out results/side_by_side.jsonl
 
-A layout JxT starts J copies of `python -m kl_research.bench --threads T --no-floors` at the same moment (tiny
+A layout JxT starts J copies of `python -m benchmark.bench --threads T --no-floors` at the same moment (tiny
 default shape, batch 64, unless told otherwise; seeds differ) and reports each job's median seconds per PPO step
 and the machine's throughput, Σ over jobs of 1 / (seconds per step), in PPO steps per minute. On this 2-core VM:
 2x1 is what a sweep does here (the local launcher runs cores ÷ cpus_per_task jobs, each with
@@ -30,7 +30,7 @@ def run_layout(jobs: int, threads: int, bench_args: list[str]) -> dict:
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "kl_research.bench", *bench_args, "--threads", str(threads), "--seed", str(j)],
+            [sys.executable, "-m", "benchmark.bench", *bench_args, "--threads", str(threads), "--seed", str(j)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

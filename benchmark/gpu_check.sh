@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one call on a GPU machine with torch but no network (this workplace's lent H100/H200):
 #   1. tests/test_cuda.py (train on the GPU with a bf16 trunk, kill + resume, GPU vs CPU scoring, the bench);
-#   2. our PPO step (python -m kl_research.bench) and TRL's (scripts/bench_trl.py) at the same shapes, fp32 and bf16;
+#   2. our PPO step (python -m benchmark.bench) and TRL's (benchmark/bench_trl.py) at the same shapes, fp32 and bf16;
 #   3. the bf16 KL noise floor on the GPU (random GPT-2-small shape, and the embedded tiny reference);
 #   4. the embedded default job, `python train.py`, on the GPU;
 #   5. torch.compile of the scoring/update trunk (default mode, and CUDA graphs: reduce-overhead) vs eager;
@@ -18,8 +18,8 @@
 #      multiprocess==0.70.16 huggingface_hub==0.36.2 tokenizers==0.20.3 fsspec==2025.3.0 tyro==1.0.17 \
 #      docstring_parser==0.18.0 typeguard==4.6.1
 #   mkdir -p .devcache && cp -r ~/.cache/kl-research .devcache/      # after one `python train.py` here
-#   bash scripts/gpu_check.sh                     # on the GPU machine; prints a summary table last
-#   STAGES="compile" bash scripts/gpu_check.sh    # some stages only: tests bench klnoise train compile graphs
+#   bash benchmark/gpu_check.sh                     # on the GPU machine; prints a summary table last
+#   STAGES="compile" bash benchmark/gpu_check.sh    # some stages only: tests bench klnoise train compile graphs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/gpu}
@@ -49,11 +49,11 @@ if has bench; then
 echo "== 2. PPO step: ours and TRL (batch 64, 16+24 tokens, 4 epochs, minibatch 16)"
 for shape in gpt2-small tiny; do
   for prec in fp32 auto; do
-    PYTHONPATH=$OURS_PATH timeout 150 $PY -m kl_research.bench --device cuda --shape "$shape" --precision "$prec" \
+    PYTHONPATH=$OURS_PATH timeout 150 $PY -m benchmark.bench --device cuda --shape "$shape" --precision "$prec" \
       --warmup 2 --steps 5 >>"$OUT/ours.jsonl" || echo "ours $shape $prec failed"
   done
   for prec in fp32 bf16; do
-    PYTHONPATH=/tmp/trlsite timeout 150 $PY scripts/bench_trl.py --device auto --shape "$shape" --precision "$prec" \
+    PYTHONPATH=/tmp/trlsite timeout 150 $PY benchmark/bench_trl.py --device auto --shape "$shape" --precision "$prec" \
       --warmup 2 --steps 5 --no-gemm-floor | tail -1 >>"$OUT/trl.jsonl" || echo "trl $shape $prec failed"
   done
 done
@@ -61,9 +61,9 @@ fi
 
 if has klnoise; then
 echo "== 3. bf16 KL noise floor on the GPU"
-PYTHONPATH=$OURS_PATH timeout 60 $PY -m kl_research.bench --kl-noise --device cuda --shape gpt2-small >>"$OUT/kl_noise.jsonl"
+PYTHONPATH=$OURS_PATH timeout 60 $PY -m benchmark.bench --kl-noise --device cuda --shape gpt2-small >>"$OUT/kl_noise.jsonl"
 REF=$(ls -d .devcache/kl-research/reference/tiny-*/ 2>/dev/null | head -1)
-[ -n "$REF" ] && PYTHONPATH=$OURS_PATH timeout 60 $PY -m kl_research.bench --kl-noise --device cuda --ref-path "$REF" \
+[ -n "$REF" ] && PYTHONPATH=$OURS_PATH timeout 60 $PY -m benchmark.bench --kl-noise --device cuda --ref-path "$REF" \
   --move 0.05 >>"$OUT/kl_noise.jsonl"
 fi
 
@@ -80,7 +80,7 @@ echo "== 5. torch.compile of the scoring/update trunk on the GPU (fp32, no floor
 for spec in "gpt2-small -" "gpt2-small reduce-overhead" "gpt2-small default" "tiny -" "tiny reduce-overhead"; do
   read -r shape mode <<<"$spec"
   flag=(); [ "$mode" != "-" ] && flag=(--compile "$mode")
-  PYTHONPATH=$OURS_PATH timeout 240 $PY -m kl_research.bench --device cuda --shape "$shape" --precision fp32 \
+  PYTHONPATH=$OURS_PATH timeout 240 $PY -m benchmark.bench --device cuda --shape "$shape" --precision fp32 \
     --warmup 3 --steps 5 --no-floors "${flag[@]}" >>"$OUT/compile.jsonl" || echo "compile $spec failed"
 done
 fi
@@ -88,9 +88,9 @@ date -u +"end %T"
 
 if has graphs; then
 echo "== 6. compile=reduce-overhead (CUDA graphs): ours and TRL in one call, gpt2-small fp32; then train.py with it"
-PYTHONPATH=$OURS_PATH timeout 110 $PY -m kl_research.bench --device cuda --shape gpt2-small --precision fp32 \
+PYTHONPATH=$OURS_PATH timeout 110 $PY -m benchmark.bench --device cuda --shape gpt2-small --precision fp32 \
   --warmup 3 --steps 5 --no-floors --compile reduce-overhead >>"$OUT/graphs.jsonl" || echo "ours graphs failed"
-PYTHONPATH=/tmp/trlsite timeout 50 $PY scripts/bench_trl.py --device auto --shape gpt2-small --precision fp32 \
+PYTHONPATH=/tmp/trlsite timeout 50 $PY benchmark/bench_trl.py --device auto --shape gpt2-small --precision fp32 \
   --warmup 2 --steps 5 --no-gemm-floor | tail -1 >>"$OUT/graphs.jsonl" || echo "trl failed"
 rm -rf /tmp/gpu_run_graphs
 PYTHONPATH=$OURS_PATH timeout 80 $PY train.py hydra.run.dir=/tmp/gpu_run_graphs wandb.mode=disabled steps=30 \
