@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 FORMAT_VERSION = 2  # bump when the build procedure changes: old caches are then ignored, not reused
 EOS = "<|endoftext|>"
-# Exact GELU: one fused op on CPU (GPT-2's tanh "gelu_new" is ~5 ops). kl_research.bench.TINY_ACTIVATION repeats it.
+# Exact GELU: one fused op on CPU (GPT-2's tanh "gelu_new" is ~5 ops). benchmark.bench.TINY_ACTIVATION repeats it.
 GPT2_ACTIVATION = "gelu"
 
 # Keys of the model group that do not change the weights (kept out of the cache key).
