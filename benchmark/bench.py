@@ -106,7 +106,7 @@ def peak_rss_mb() -> float:
 def versions() -> dict[str, Any]:
     import transformers
 
-    from kl_research.train import cpu_has_fast_bf16
+    from kl_research.runtime import cpu_has_fast_bf16
 
     out = {
         "python": platform.python_version(),
@@ -151,18 +151,8 @@ def bench(
     """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record."""
     from benchmark.gemm import gemm_fields
     from kl_research.reference import compose_config
-    from kl_research.train import (
-        advantages_and_returns,
-        autocast,
-        make_optimizer,
-        ppo_update,
-        resolve_device,
-        resolve_precision,
-        rollout,
-        setup_allocator,
-        setup_threads,
-        uses_exact_kl_loss,
-    )
+    from kl_research.runtime import autocast, resolve_device, resolve_precision, setup_allocator, setup_threads
+    from kl_research.train import advantages_and_returns, make_optimizer, ppo_update, rollout, uses_exact_kl_loss
 
     # The benchmark workload is the classic PPO step TRL 0.11 runs (benchmark/bench_trl.py): −β·k1 in the reward and 4
     # epochs, whatever the training defaults are (they moved to the exact-KL loss and 2 epochs for controllability).
@@ -399,7 +389,7 @@ def kl_noise_floor(
     from kl_research import ppo
     from kl_research.kl import exact_token_kl, masked_mean, token_kl
     from kl_research.policy import score_lm
-    from kl_research.train import resolve_device, setup_threads
+    from kl_research.runtime import resolve_device, setup_threads
 
     n_threads = setup_threads(threads)
     dev = resolve_device(device)

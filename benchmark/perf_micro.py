@@ -40,7 +40,8 @@ def synthetic_minibatch(shape: str) -> SimpleNamespace:
     minibatch: 16 sequences of 16 prompt + 24 response tokens with old log-probs, advantages, returns, values."""
     from benchmark.bench import build_models
     from kl_research.reference import compose_config
-    from kl_research.train import make_optimizer, setup_allocator
+    from kl_research.runtime import setup_allocator
+    from kl_research.train import make_optimizer
 
     setup_allocator()
     _, policy, dims = build_models(shape)

@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kl_research.data import Corpus, build_prompts, corpus_fingerprint, load_corpus
+from kl_research.runtime import autocast, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +58,6 @@ def resolve_cache_dir(cfg_cache_dir: str | None) -> Path:
         return Path(env).expanduser().resolve()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return (Path(base) / "kl-research").expanduser().resolve()
-
-
-def num_threads(configured: int | None = None) -> int:
-    """CPU threads for torch: the `threads` config key if set, else $SLURM_CPUS_PER_TASK, else the cores this
-    process may run on. One rule for the reference build and the trainer (sweep jobs side by side must not
-    oversubscribe the cores: OpenMP threads that outnumber the free cores slow torch down many times)."""
-    if configured:
-        return int(configured)
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
-    if slurm and slurm.isdigit() and int(slurm) > 0:
-        return int(slurm)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def reference_key(cfg: DictConfig, corpus: Corpus) -> tuple[str, dict]:
@@ -142,15 +128,16 @@ def _lr_at(step: int, m: Any) -> float:
 
 
 @torch.no_grad()
-def _stream_nll(model, stream: torch.Tensor, block: int, batch: int, bf16: bool) -> float:
-    """Mean NLL per predicted token over consecutive blocks of a token stream (the held-out loss)."""
+def _stream_nll(model, stream: torch.Tensor, block: int, batch: int, amp) -> float:
+    """Mean NLL per predicted token over consecutive blocks of a token stream (the held-out loss); the trunk under
+    `amp` (runtime.autocast), the cross-entropy in fp32."""
     model.eval()
     n = (len(stream) - 1) // block
     total, count = 0.0, 0
     for i in range(0, n, batch):
         idx = torch.arange(i, min(n, i + batch)) * block
         x = torch.stack([stream[j : j + block] for j in idx.tolist()])  # (b, block)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with amp:
             logits = model(x, attention_mask=torch.ones_like(x), use_cache=False).logits[:, :-1]
         nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
         total += nll.item()
@@ -161,14 +148,10 @@ def _stream_nll(model, stream: torch.Tensor, block: int, batch: int, bf16: bool)
 
 def pretrain_tiny(cfg: DictConfig, corpus: Corpus, out_dir: Path) -> dict:
     """Train tokenizer + model on corpus.train, save both to out_dir, return the build metadata.
-    Uses num_threads(cfg.threads) torch threads and restores the previous count."""
+    Uses runtime.num_threads(cfg.threads) torch threads and restores the caller's (e.g. the trainer's) count."""
     t0 = time.time()
-    threads, threads_before = num_threads(cfg.get("threads")), torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(cfg.get("threads")) as threads:
         return _pretrain_tiny(cfg, corpus, out_dir, t0, threads)
-    finally:
-        torch.set_num_threads(threads_before)  # leave the caller's (e.g. the trainer's) setting alone
 
 
 def _pretrain_tiny(cfg: DictConfig, corpus: Corpus, out_dir: Path, t0: float, threads: int) -> dict:
@@ -218,6 +201,7 @@ def _pretrain_tiny(cfg: DictConfig, corpus: Corpus, out_dir: Path, t0: float, th
         fused=True,  # one kernel per step instead of a dozen elementwise passes (CPU and CUDA)
     )
     gen = torch.Generator().manual_seed(m.seed)
+    amp = autocast(torch.device("cpu"), "bf16" if m.bf16 else "fp32")  # model.bf16: an explicit choice, no "auto"
     block = m.n_positions
     offsets = torch.arange(block)
     history = []
@@ -229,7 +213,7 @@ def _pretrain_tiny(cfg: DictConfig, corpus: Corpus, out_dir: Path, t0: float, th
             g["lr"] = _lr_at(step, m)
         starts = torch.randint(0, len(train_ids) - block, (m.batch_size,), generator=gen)
         x = train_ids[starts[:, None] + offsets]  # (B, block)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=m.bf16):
+        with amp:
             loss = model(x, attention_mask=torch.ones_like(x), labels=x, use_cache=False).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -238,7 +222,7 @@ def _pretrain_tiny(cfg: DictConfig, corpus: Corpus, out_dir: Path, t0: float, th
         if step % 50 == 0 or step == m.steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % m.eval_every == 0 or step == m.steps - 1:
-            val = _stream_nll(model, heldout_ids, block, 64, m.bf16)
+            val = _stream_nll(model, heldout_ids, block, 64, amp)
             history.append({"step": step + 1, "train_loss": loss.item(), "heldout_loss": val})
             log.info(
                 "tiny reference step %d/%d: train loss %.3f, held-out loss %.3f (ppl %.1f)",

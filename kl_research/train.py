@@ -7,12 +7,10 @@ Everything it writes lives under out_dir: metrics.jsonl, summary.json, curves.pn
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,16 @@ from kl_research.controllers import KLController, build_controller
 from kl_research.kl import ESTIMATORS, masked_mean, tempered, token_kl
 from kl_research.policy import PolicyWithValue, compile_trunks, disable_dropout, score_lm
 from kl_research.runlog import RunLogger, plot_curves, summarize
+from kl_research.runtime import (
+    autocast,
+    resolve_device,
+    resolve_precision,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_allocator,
+    setup_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,87 +46,7 @@ CHECKPOINT = "checkpoints/last.pt"
 RESUMABLE_DIFFS = ("steps", "wandb", "threads", "checkpoint_every", "sweep")
 
 
-# ------------------------------------------------------------------------------------------ environment
-def setup_threads(threads: int | None) -> int:
-    """Torch threads by the project's one rule (reference.num_threads): the config's value, else
-    $SLURM_CPUS_PER_TASK, else the cores this process may use."""
-    from kl_research.reference import num_threads
-
-    n = num_threads(threads)
-    torch.set_num_threads(n)
-    return n
-
-
-def setup_allocator() -> bool:
-    """glibc malloc: serve every allocation from the heap and keep freed memory for reuse (no mmap/munmap).
-
-    A PPO step allocates and frees the same few 50-300 MB tensors (logits, the vocabulary gradient) every
-    minibatch; by default glibc maps each one fresh from the OS, and the page faults cost ~20% of the CPU time
-    of a GPT-2-shaped step (measured: sys time 13 s → 1.7 s in a 65 s run). The price: RSS stays at its high-water
-    mark. Process-wide, idempotent; a no-op (False) off glibc.
-    """
-    if os.environ.get("KL_RESEARCH_MALLOC", "1") == "0":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX tiles (Intel Sapphire Rapids and later): there oneDNN runs bf16 matmuls 5-7x faster
-    than fp32. Without AMX (AVX2 or plain AVX-512, e.g. this project's AMD EPYC VM) bf16 autocast is ~8x slower."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private torch API: absent means "don't know"
-    return bool(probe and probe())
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """The `precision` key as run: "auto" is bf16 where bf16 matmuls are fast (CUDA, AMX CPUs), else fp32.
-
-    bf16 covers the trunk only: the vocabulary projection, log-softmax and value head stay fp32 (score_lm), and the
-    batch KL then moves by ≤ 1.4e-4 nats/token (measured, results/perf.md and results/gpu.md), far below the
-    smallest target 0.01. The resolved value is logged and kept in the summary: a sweep that spans machines with
-    and without AMX shows which jobs ran which.
-    """
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()) else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the trunk where `resolve_precision` says so; log-softmax stays fp32 (score_lm)."""
-    if resolve_precision(device, precision) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
+# ------------------------------------------------------------------------------------------- checkpoint
 def atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

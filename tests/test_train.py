@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 import kl_research.config  # noqa: F401  (registers schemas)
 import kl_research.train as train_mod
+from kl_research import runtime
 from kl_research.train import train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -107,7 +108,7 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog):
     assert summary["kl"] == pytest.approx(recs[-1]["kl/exact"])
     assert summary["final_beta"] == recs[-1]["kl/coef_next"]
     assert summary["device"] == "cpu"
-    assert summary["precision"] == ("bf16" if train_mod.cpu_has_fast_bf16() else "fp32")  # precision=auto
+    assert summary["precision"] == ("bf16" if runtime.cpu_has_fast_bf16() else "fp32")  # precision=auto
     for f in ("summary.json", "curves.png", "samples.jsonl", "checkpoints/last.pt"):
         assert (tmp_path / f).exists(), f
     # the final policy loads with plain transformers
@@ -124,9 +125,9 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog):
 def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_fast(monkeypatch, device, amx, resolved):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     dev = torch.device(device)
-    assert train_mod.resolve_precision(dev, "auto") == resolved
-    assert [train_mod.resolve_precision(dev, p) for p in ("fp32", "bf16")] == ["fp32", "bf16"]  # explicit wins
-    amp = train_mod.autocast(dev, "auto")
+    assert runtime.resolve_precision(dev, "auto") == resolved
+    assert [runtime.resolve_precision(dev, p) for p in ("fp32", "bf16")] == ["fp32", "bf16"]  # explicit wins
+    amp = runtime.autocast(dev, "auto")
     assert isinstance(amp, torch.autocast) == (resolved == "bf16")
     if resolved == "bf16":
         assert amp.fast_dtype == torch.bfloat16
