@@ -106,7 +106,7 @@ def test_cancelled_slurm_job_and_resume_after_the_sweep_process_died(tmp_path):
     has finished, completes the sweep without re-running anything that completed."""
     need_slurm()
     app = fake_app(tmp_path)
-    (app / "conf" / "hydra" / "launcher").mkdir(parents=True)
+    (app / "conf" / "hydra" / "launcher").mkdir(parents=True, exist_ok=True)
     (app / "conf" / "hydra" / "launcher" / "slurm.yaml").write_text(
         "defaults:\n  - /schema/launcher@_here_: slurm\n  - _self_\ncpus_per_task: 1\nmem_gb: 1\ntimeout_min: 5\n"
     )

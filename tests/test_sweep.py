@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,8 +22,8 @@ from conftest import tiny_job
 from hydra import compose, initialize_config_dir
 
 import kl_research.config  # noqa: F401  (registers the schemas)
-from hydra_plugins.kl_research_sweeper.grid import expand_grid, fingerprint
-from hydra_plugins.kl_research_sweeper.sweeper import STATE_FILE, choose_sweep_dir
+from hydra_plugins.kl_research_sweeper.grid import Grid, expand_grid, fingerprint, grid_from_overrides
+from hydra_plugins.kl_research_sweeper.sweeper import STATE_FILE, check_launcher, choose_sweep_dir
 from kl_research.analysis import load_curves, load_summaries
 from kl_research.report import write_report
 
@@ -89,6 +90,41 @@ def test_grid_rejects_what_would_collapse_it():
         expand_grid(["pid"], [], [0])
 
 
+def test_hydra_syntax_for_the_grid_keys_is_the_grid():
+    base = Grid(controllers=("fixed", "adaptive", "pid"), targets=(0.01, 0.2), seeds=(0, 1, 2))
+    given = {"controller": ["fixed", "pid"], "controller.target_kl": ["0.05", "0.1"], "seed": ["0", "1"]}
+    grid, recorded = grid_from_overrides(base, given)
+    assert (grid.controllers, grid.targets, grid.seeds) == (("fixed", "pid"), (0.05, 0.1), (0, 1))
+    assert recorded == ["sweep.controllers=[fixed,pid]", "sweep.targets=[0.05,0.1]", "sweep.seeds=[0,1]"]
+    via_lists = expand_grid(["fixed", "pid"], [0.05, 0.1], [0, 1])
+    assert expand_grid(grid.controllers, grid.targets, grid.seeds) == via_lists  # fixed still once per seed
+    assert len(via_lists) == 2 + 2 * 2
+
+    # fixed's β: one job per β and seed; with adaptive controllers too, a single value is everyone's β₀
+    g, _ = grid_from_overrides(base, {"controller": ["fixed"], "controller.init_kl_coef": ["0.1", "1"]})
+    assert g.fixed_betas == (0.1, 1.0) and g.beta0 is None
+    assert [j.name for j in expand_grid(g.controllers, g.targets, [0], g.fixed_betas)] == [
+        "fixed_b0.1_s0",
+        "fixed_b1_s0",
+    ]
+    g, _ = grid_from_overrides(base, {"controller.init_kl_coef": ["0.3"]})
+    assert g.fixed_betas == (0.3,) and g.beta0 == 0.3
+    jobs = expand_grid(g.controllers, g.targets, [0], g.fixed_betas, beta0=g.beta0)
+    assert all("controller.init_kl_coef=0.3" in j.overrides for j in jobs)
+
+    # what cannot be meant, refused with the key
+    with pytest.raises(ValueError, match="also sweep the β₀ of adaptive, pid"):
+        grid_from_overrides(base, {"controller.init_kl_coef": ["0.1", "1"]})
+    with pytest.raises(ValueError, match=re.escape("seed=... and sweep.seeds=... both")):
+        grid_from_overrides(base, {"seed": ["0", "1"]}, sweep_keys=["sweep.seeds"])
+    with pytest.raises(ValueError, match="not used by `fixed`"):
+        grid_from_overrides(base, {"controller": ["fixed"], "controller.target_kl": ["0.05"]})
+    with pytest.raises(ValueError, match="must be an integer"):
+        grid_from_overrides(base, {"seed": ["0.5"]})
+    with pytest.raises(ValueError, match="duplicates"):
+        grid_from_overrides(base, {"seed": ["1", "1"]})
+
+
 def test_fingerprint_is_the_grid_not_how_it_is_run():
     a = expand_grid(["fixed", "pid"], [0.05], [0], combos=[["steps=5", "sweep.fresh=true", "sweep.root=/x"]])
     b = expand_grid(["fixed", "pid"], [0.05], [0], combos=[["steps=5"]])
@@ -127,6 +163,14 @@ def test_frontier_config_and_slurm_launcher():
     assert launcher.partition == "gpu" and launcher.max_num_timeout > 0
     for key in ("account", "qos", "timeout_min", "cpus_per_task", "gpus_per_node", "mem_gb", "array_parallelism"):
         assert key in launcher
+
+
+def test_stock_submitit_launchers_are_refused_naming_ours():
+    check_launcher(compose_sweep())  # hydra/launcher=local
+    check_launcher(compose_sweep("hydra/launcher=slurm"))
+    for stock, ours in (("submitit_local", "local"), ("submitit_slurm", "slurm")):
+        with pytest.raises(ValueError, match=f"use hydra/launcher={ours},"):
+            check_launcher(compose_sweep(f"hydra/launcher={stock}"))
 
 
 # ---------------------------------------------------------------------------------------- sweep dir rule
@@ -226,10 +270,12 @@ from hydra.core.hydra_config import HydraConfig
 @hydra.main(version_base="1.3", config_path="conf", config_name="app")
 def main(cfg):
     out = Path(HydraConfig.get().runtime.output_dir)
+    t0 = time.time()
     with open(Path(cfg.log), "a") as f:
         f.write(out.name + "\\n")
     while cfg.hold and cfg.seed == 1 and Path(cfg.hold).exists():  # held until the test removes the file
         time.sleep(0.2)
+    time.sleep(cfg.sleep)
     if cfg.controller.target_kl < 0:
         raise ValueError(f"controller.target_kl={cfg.controller.target_kl} is invalid")
     kl = cfg.controller.target_kl * 1.5 if cfg.controller.name != "fixed" else 0.3 / cfg.controller.init_kl_coef
@@ -237,12 +283,25 @@ def main(cfg):
     s = {"status": "completed", "controller": cfg.controller.name, "target_kl": cfg.controller.target_kl,
          "init_kl_coef": cfg.controller.init_kl_coef, "seed": cfg.seed, "reward": cfg.seed + kl, "kl": kl,
          "tracking_error": 0.5, "in_band": 1.0, "iae": 1.0, "final_beta": 0.1, "ppl_change": 0.0,
-         "wall_time_s": 0.0, "kl_unit": "nats/token"}
+         "wall_time_s": 0.0, "kl_unit": "nats/token", "threads": cfg.threads}
     (out / "summary.json").write_text(json.dumps(s))
+    with open(Path(cfg.log + ".times"), "a") as f:
+        f.write(f"{out.name} {t0} {time.time()}\\n")
     return s["reward"]
 
 if __name__ == "__main__":
     main()
+"""
+# What the sweep builds once before its jobs (the reference, in conf/sweep.yaml): here it logs its calls.
+FAKE_PREPARE = """
+from pathlib import Path
+
+def prepare(cfg):
+    if cfg.prepare_fails:
+        raise OSError("the corpus is missing")
+    with open(cfg.log + ".prepare", "a") as f:
+        f.write(f"x={cfg.x} seed={cfg.seed}\\n")
+    return "prepared"
 """
 FAKE_CONF = """
 defaults:
@@ -254,12 +313,19 @@ defaults:
 seed: 0
 log: ???
 hold: null
+sleep: 0
+x: 0
+threads: null
+prepare_fails: false
 hydra:
   mode: MULTIRUN
   sweeper: {name: '${sweep.name}', controllers: '${sweep.controllers}', targets: '${sweep.targets}',
             seeds: '${sweep.seeds}', fixed_betas: '${sweep.fixed_betas}', root: '${sweep.root}',
-            fresh: '${sweep.fresh}', report: '${sweep.report}', fail_on_error: '${sweep.fail_on_error}'}
+            fresh: '${sweep.fresh}'}
   callbacks:
+    prepare: {_target_: hydra_plugins.kl_research_sweeper.callbacks.PrepareOnce, function: prepare.prepare}
+    report: {_target_: hydra_plugins.kl_research_sweeper.callbacks.SweepReport, enabled: '${sweep.report}',
+             fail_on_error: '${sweep.fail_on_error}'}
     job_failure: {_target_: hydra_plugins.kl_research_sweeper.callbacks.RecordJobFailure}
 """
 
@@ -268,7 +334,13 @@ def fake_app(tmp_path: Path) -> Path:
     app = tmp_path / "app"
     (app / "conf" / "controller").mkdir(parents=True)
     (app / "app.py").write_text(FAKE_APP)
+    (app / "prepare.py").write_text(FAKE_PREPARE)
     (app / "conf" / "app.yaml").write_text(FAKE_CONF)
+    (app / "conf" / "hydra" / "launcher").mkdir(parents=True)
+    for name in ("local", "slurm"):  # the project's launcher configs
+        (app / "conf" / "hydra" / "launcher" / f"{name}.yaml").write_text(
+            (REPO / "conf" / "hydra" / "launcher" / f"{name}.yaml").read_text().replace("- optional /local", "# ")
+        )
     for name in ("fixed", "pid"):
         (app / "conf" / "controller" / f"{name}.yaml").write_text(f"name: {name}\ntarget_kl: 0.05\ninit_kl_coef: 0.2\n")
     return app
@@ -285,7 +357,7 @@ def test_failed_job_does_not_stop_the_others_and_rerun_completes_what_is_missing
     grid = ["sweep.controllers=[fixed,pid]", "sweep.targets=[0.05,-1,0.1]", "sweep.seeds=[0,1]"]
     r = run_fake(app, *grid)
     assert r.returncode != 0, r.stdout + r.stderr
-    assert "SweepJobsFailed: 2 of 8 jobs failed (pid_kl-1_s0, pid_kl-1_s1)" in r.stderr
+    assert "2 of 8 jobs failed (pid_kl-1_s0, pid_kl-1_s1)" in r.stderr
     sweep_dir = only_sweep_dir(app / "multirun")
     calls = (app / "calls.log").read_text().split()
     assert sorted(calls) == sorted(j["name"] for j in json.loads((sweep_dir / STATE_FILE).read_text())["jobs"])
@@ -313,18 +385,136 @@ def test_failed_job_does_not_stop_the_others_and_rerun_completes_what_is_missing
     for row in summaries.itertuples():
         assert json.loads((sweep_dir / row.run / "summary.json").read_text())["reward"] == pytest.approx(row.reward)
 
-    # fresh=true starts over in a new dir; the stock submitit_local launcher is made tolerant too.
+    # fresh=true starts over in a new dir, here with the project's local launcher (tolerant per job).
     small = ["sweep.controllers=[fixed,pid]", "sweep.targets=[0.05,-1]", "sweep.seeds=[0]"]
-    r = run_fake(app, *small, "sweep.fresh=true", "sweep.report=false", "hydra/launcher=submitit_local")
+    r = run_fake(app, *small, "sweep.fresh=true", "sweep.report=false", "hydra/launcher=local")
     assert r.returncode != 0 and "1 of 3 jobs failed" in r.stderr
-    assert "(tolerant to failed jobs)" in r.stdout
     assert len(list((app / "multirun" / "kl_grid").iterdir())) == 2
     assert len((app / "calls.log").read_text().split()) == 8 + 3 + 3
 
+    # The stock submitit launchers are refused before anything runs, naming the project's.
+    r = run_fake(app, *small, "sweep.fresh=true", "hydra/launcher=submitit_slurm")
+    assert r.returncode != 0 and "use hydra/launcher=slurm" in r.stderr, r.stderr[-2000:]
+    assert len(list((app / "multirun" / "kl_grid").iterdir())) == 2
+
+
+@pytest.mark.slow  # ~10 s: three sweeps of a fake task
+def test_hydra_sweep_syntax_and_the_shared_preparation(tmp_path):
+    app = fake_app(tmp_path)
+    # Hydra's own syntax for the grid's keys, crossed with a sweep of the user's own (x).
+    r = run_fake(app, "controller=fixed,pid", "controller.target_kl=0.05", "seed=0,1", "x=1,2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep_dir = only_sweep_dir(app / "multirun")
+    names = sorted(j["name"] for j in json.loads((sweep_dir / STATE_FILE).read_text())["jobs"])
+    assert names == sorted(
+        f"{n}_x={x}" for n in ("fixed_s0", "fixed_s1", "pid_kl0.05_s0", "pid_kl0.05_s1") for x in (1, 2)
+    )
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(sweep_dir / "pid_kl0.05_s1_x=2" / ".hydra" / "config.yaml")
+    assert (cfg.controller.name, cfg.controller.target_kl, cfg.seed, cfg.x) == ("pid", 0.05, 1, 2)
+    assert list(cfg.sweep.seeds) == [0, 1] and list(cfg.sweep.controllers) == ["fixed", "pid"]  # the grid as run
+    # prepared once per distinct job config, in the sweep's process: x matters, the grid's keys do not
+    assert (app / "calls.log.prepare").read_text().split("\n")[:-1] == ["x=1 seed=0", "x=2 seed=0"]
+    assert len((app / "calls.log").read_text().split()) == 8
+
+    # The same grid as sweep.* lists is the same sweep: it resumes the dir and runs nothing again.
+    time.sleep(1.1)
+    r = run_fake(app, "sweep.controllers=[fixed,pid]", "sweep.targets=[0.05]", "sweep.seeds=[0,1]", "x=1,2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert only_sweep_dir(app / "multirun") == sweep_dir
+    assert len((app / "calls.log").read_text().split()) == 8
+
+    # A preparation that fails stops the sweep before any job is launched, saying so.
+    r = run_fake(app, "controller=pid", "seed=0", "prepare_fails=true", "sweep.fresh=true")
+    assert r.returncode != 0
+    assert "prepare.prepare failed before any job was launched (OSError: the corpus is missing)" in r.stderr
+    assert len((app / "calls.log").read_text().split()) == 8
+    assert len(list((app / "multirun" / "kl_grid").iterdir())) == 1
+
+
+def wait_until(cond, what: str, timeout: float = 60.0) -> None:
+    t = time.time()
+    while not cond():
+        assert time.time() - t < timeout, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow  # ~10 s: a local sweep of a fake task with a job SIGKILLed
+def test_sigkilled_local_job_is_reported_and_fails_the_sweep(tmp_path):
+    """A job killed from outside (OOM killer, kill -9): no exception inside the task for Hydra to catch. The other
+    jobs finish, the report lists it, the sweep exits non-zero; the same command then runs only it."""
+    app = fake_app(tmp_path)
+    hold = app / "hold"
+    hold.touch()  # seed-1 jobs wait while it exists
+    grid = ["sweep.controllers=[fixed,pid]", "sweep.targets=[0.05]", "sweep.seeds=[0,1]", f"hold={hold}"]
+    cmd = [sys.executable, "app.py", f"log={app / 'calls.log'}", f"sweep.root={app / 'multirun'}", *grid]
+    launcher = ["hydra/launcher=local", "hydra.launcher.max_parallel=4"]
+    proc = subprocess.Popen(
+        [*cmd, *launcher], cwd=app, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        calls = app / "calls.log"
+        wait_until(lambda: calls.exists() and len(calls.read_text().split()) == 4, "all 4 jobs to start")
+        sweep_dir = only_sweep_dir(app / "multirun")
+        submitted = [
+            json.loads(line) for line in (sweep_dir / ".submitit" / "submitted.jsonl").read_text().splitlines()
+        ]
+        # local: the job id is the pid of submitit's controller; the task runs in its child process
+        controller = next(r["job_id"] for r in submitted if r["subdir"] == "pid_kl0.05_s1")
+        (task,) = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
+        os.kill(int(task), 9)
+        time.sleep(1.0)
+        hold.unlink()  # fixed_s1 finishes
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, out + err
+    assert "1 of 4 jobs failed (pid_kl0.05_s1)" in err, err[-3000:]
+    for done in ("fixed_s0", "fixed_s1", "pid_kl0.05_s0"):
+        assert (sweep_dir / done / "summary.json").is_file()
+    md = (sweep_dir / "report" / "report.md").read_text()
+    assert "complete: 3, failed: 1" in md and "### pid_kl0.05_s1" in md
+    failed = json.loads((sweep_dir / "report" / "failed.json").read_text())
+    assert list(failed) == ["pid_kl0.05_s1"] and "UncompletedJobError" in failed["pid_kl0.05_s1"]
+
+    r = subprocess.run([*cmd, *launcher], cwd=app, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (app / "calls.log").read_text().split()[4:] == ["pid_kl0.05_s1"]
+
+
+def job_intervals(app: Path) -> list[tuple[float, float]]:
+    return sorted(
+        (float(a), float(b)) for _, a, b in (ln.split() for ln in (app / "calls.log.times").read_text().splitlines())
+    )
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    return max(sum(a <= t < b for a, b in intervals) for t, _ in intervals)
+
+
+@pytest.mark.slow  # ~20 s: two local sweeps of 3 fake jobs
+def test_local_launcher_runs_at_most_max_parallel_jobs_with_threads_per_job(tmp_path):
+    app = fake_app(tmp_path)
+    grid = ["sweep.controllers=[fixed]", "sweep.seeds=[0,1,2]", "sleep=1.5", "hydra/launcher=local"]
+    r = run_fake(app, *grid, "hydra.launcher.max_parallel=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert most_at_once(job_intervals(app)) == 1
+    sweep_dir = only_sweep_dir(app / "multirun")
+    assert {json.loads(p.read_text())["threads"] for p in sweep_dir.glob("*/summary.json")} == {1}  # cpus_per_task
+
+    (app / "calls.log.times").unlink()
+    r = run_fake(app, *grid, "hydra.launcher.max_parallel=2", "hydra.launcher.cpus_per_task=2", "sweep.fresh=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert most_at_once(job_intervals(app)) == 2
+    newest = max((app / "multirun" / "kl_grid").iterdir())
+    assert {json.loads(p.read_text())["threads"] for p in newest.glob("*/summary.json")} == {2}
+
 
 # ------------------------------------------------------------------------------- real trainer, local
-def run_sweep(tmp_path: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "sweep.py"), *TINY, f"cache_dir={CACHE}", f"sweep.root={tmp_path}", *args]
+def run_sweep(tmp_path: Path, *args: str, timeout: int = 900, cache: Path = CACHE) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "sweep.py"), *TINY, f"cache_dir={cache}", f"sweep.root={tmp_path}", *args]
     return subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -363,7 +553,7 @@ def test_tiny_sweep_through_submitit_local(tmp_path):
     """2 controllers × 2 targets (one invalid: that job fails, the others finish), 1 seed, 3 PPO steps."""
     grid = ["sweep.controllers=[fixed,pid]", "sweep.targets=[0.05,-1]", "sweep.seeds=[0]", "steps=3"]
     t = time.time()
-    r = run_sweep(tmp_path, *grid, "sweep.name=tiny")
+    r = run_sweep(tmp_path, *grid, "sweep.name=tiny", cache=tmp_path / "cache")  # an empty reference cache
     wall = time.time() - t
     assert r.returncode != 0, r.stdout + r.stderr
     assert "1 of 3 jobs failed (pid_kl-1_s0)" in r.stderr
@@ -372,4 +562,25 @@ def test_tiny_sweep_through_submitit_local(tmp_path):
     overrides = (sweep_dir / "fixed_s0" / ".hydra" / "overrides.yaml").read_text()
     assert "threads=1" in overrides  # cpus_per_task of the local launcher
     assert "ValueError" in (sweep_dir / "pid_kl-1_s0" / "error.txt").read_text()
+    # The reference is built once, by the sweep's own process before the jobs; every job finds it cached.
+    assert (r.stdout + r.stderr).count("tiny reference: building") == 1
+    job_logs = [p for p in sweep_dir.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err")]
+    assert len(job_logs) >= 3 and not any("tiny reference: building" in p.read_text() for p in job_logs)
+    assert len(list((tmp_path / "cache").iterdir())) >= 1
     print(f"tiny local sweep (3 jobs, 2 in parallel): {wall:.0f} s")
+
+
+@pytest.mark.slow
+def test_train_multirun_gets_a_named_dir_a_wandb_group_and_threads_per_job(tmp_path):
+    """`python train.py -m` (Hydra's BasicSweeper) with the project's local launcher: two jobs side by side."""
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", *TINY, f"cache_dir={CACHE}", "steps=2", "seed=0,1"]
+    r = subprocess.run(
+        [*cmd, "hydra/launcher=local"], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=900
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "multirun" / "train").iterdir()
+    for n in (0, 1):
+        run = sweep_dir / str(n)
+        assert json.loads((run / "summary.json").read_text())["steps"] == 2
+        assert "threads=1" in (run / ".hydra" / "overrides.yaml").read_text()
+        assert f"W&B group train_{sweep_dir.name}" in (run / "train.log").read_text()

@@ -38,8 +38,8 @@ class SweepSchema:
     # false: resume the latest dir of this name with the same grid fingerprint that no running sweep holds;
     # true: always start a new dir.
     fresh: bool = False
-    report: bool = True  # write <sweep dir>/report/ at the end
-    fail_on_error: bool = True  # exit non-zero (after the report) when a job failed
+    report: bool = True  # write <sweep dir>/report/ at the end (callbacks.SweepReport)
+    fail_on_error: bool = True  # exit non-zero (after the report) when a job failed (callbacks.SweepReport)
 
 
 @dataclass
@@ -56,11 +56,6 @@ class KLGridSweeperConf:
     root: str = "multirun"
     dir: str | None = None
     fresh: bool = False
-    report: bool = True
-    fail_on_error: bool = True
-    # Called in the sweep's own process, before any job starts, once per distinct job config (ignoring
-    # `controller` and `wandb`): a dotted path to `f(cfg) -> Path | None` that builds what every job shares.
-    prepare: str | None = None
 
 
 @dataclass

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher as stock
@@ -37,7 +38,7 @@ _OWN_KEYS = {"max_parallel"}
 
 def failed_return(overrides: Sequence[str], error: BaseException) -> JobReturn:
     ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
-    ret.return_value = error  # JobReturn.return_value raises it when read: read ._return_value
+    ret.return_value = error  # JobReturn.return_value raises it when read (callbacks.job_error)
     ret.status = JobStatus.FAILED
     return ret
 
@@ -67,6 +68,7 @@ class _TolerantMixin:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"Submitit '{self._EXECUTOR}' sweep output dir: {sweep_dir}")
+        job_overrides = [self._with_threads(o) for o in job_overrides]
         args = []
         for i, overrides in enumerate(job_overrides):
             idx = initial_job_idx + i
@@ -107,6 +109,16 @@ class _TolerantMixin:
             time.sleep(0.5 if self._EXECUTOR == "local" else 2.0)
         return results  # type: ignore[return-value]
 
+    def _with_threads(self, overrides: Sequence[str]) -> list[str]:
+        """The job's overrides plus ``threads=<cpus_per_task>`` when the task has a ``threads`` key and the
+        user did not set it: torch threads = the cores the launcher gives each job, so that jobs side by side
+        never oversubscribe the cores (locally cpus_per_task defaults to 1; on SLURM, unset, the job reads
+        $SLURM_CPUS_PER_TASK)."""
+        cpus = self.params.get("cpus_per_task") or (1 if self._EXECUTOR == "local" else None)
+        if not cpus or "threads" not in self.config or any(o.startswith("threads=") for o in overrides):
+            return list(overrides)
+        return [*overrides, f"threads={int(cpus)}"]
+
     def _record(self, sweep_dir: Path, job_overrides: Sequence[Sequence[str]], indices: Sequence[int]) -> None:
         """Append each submitted job's run-dir name and submitit id to ``<sweep dir>/.submitit/submitted.jsonl``
         as soon as it is submitted: a later run of the sweep checks there whether a job is still queued."""
@@ -115,7 +127,8 @@ class _TolerantMixin:
         with open(path, "a") as f:
             for i in indices:
                 key = "hydra.sweep.subdir="
-                subdir = next((o[len(key) :] for o in job_overrides[i] if o.startswith(key)), None)
+                given = next((o for o in job_overrides[i] if o.startswith(key)), None)
+                subdir = OverridesParser.create().parse_override(given).value() if given else None  # unquoted
                 rec = {"subdir": subdir, "job_id": self.job_ids[i], "executor": self._EXECUTOR, "time": time.time()}
                 f.write(json.dumps(rec) + "\n")
 

@@ -3,14 +3,17 @@
 ``sweep(arguments)``:
 
 1. expands the grid (:func:`.grid.expand_grid`; ``fixed`` once per seed × β, never per target), crossed
-   with the user's own sweep overrides (``ppo.lr=1e-4,3e-4``);
-2. picks the sweep dir (the resume rule, below) and holds a lock on it while the sweep runs;
-3. composes every job's config up front (a config error fails the sweep before anything is launched) and
-   calls ``prepare`` once per distinct config (``conf/sweep.yaml``: ``kl_research.reference.ensure_reference``,
-   which builds and caches the reference model), so no job builds it;
-4. launches only the jobs without ``<run dir>/summary.json`` (the trainer writes it last);
-5. whatever failed, writes ``<sweep dir>/report/`` (:func:`kl_research.report.write_report`), logs the failed
-   jobs with the tail of their logs, and then raises if any job failed (``sweep.fail_on_error``).
+   with the user's own sweep overrides (``ppo.lr=1e-4,3e-4``); Hydra's own syntax for the grid's keys
+   (``controller=fixed,pid seed=0,1``) is the grid (:func:`.grid.grid_from_overrides`);
+2. picks the sweep dir (the resume rule, below), holds a lock on it while the jobs run, and writes it into
+   ``hydra.sweep.dir`` of the config, where the callbacks read it;
+3. composes every job's config up front (a config error fails the sweep before anything is launched);
+4. launches only the jobs without ``<run dir>/summary.json`` (the trainer writes it last), on the launcher
+   the config names (``hydra/launcher=local|slurm``; the stock submitit ones are refused, naming ours);
+5. records each job's outcome in ``<sweep dir>/sweep.json``.
+
+What Hydra has hooks for is in :mod:`.callbacks`: the one-off reference build before the jobs
+(``on_multirun_start``), the report and the exit status after them (``on_multirun_end``).
 
 Sweep dir rule: ``<root>/<name>/<YYYY-MM-DD_HH-MM-SS>`` (``_2``, ``_3``… if that exists: two sweeps started
 in the same second never share a dir). Unless ``fresh=true``, a sweep first looks for the latest existing
@@ -42,21 +45,32 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from hydra_plugins.kl_research_sweeper.callbacks import (
+    SweepJobsFailed,
+    SweepReport,
+    failed_message,
+    has_callback,
+    job_error,
+)
 from hydra_plugins.kl_research_sweeper.config import as_plain
-from hydra_plugins.kl_research_sweeper.grid import Job, expand_grid, fingerprint
+from hydra_plugins.kl_research_sweeper.grid import (
+    Grid,
+    Job,
+    combinations,
+    expand_grid,
+    fingerprint,
+    grid_from_overrides,
+    grid_values,
+    is_grid_override,
+)
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "sweep.json"
 INVOCATION_KEYS = ("sweep.fresh", "sweep.dir", "sweep.report", "sweep.fail_on_error")
 LOCK_FILE = ".sweep.lock"
-
-
-class SweepJobsFailed(RuntimeError):
-    """Raised at the end of a sweep (after its report) when some jobs did not complete."""
 
 
 def _quote(value: str) -> str:
@@ -143,20 +157,26 @@ def queued_slurm_jobs(sweep_dir: Path, names: set[str]) -> dict[str, str]:
     return {n: i for n, i in latest.items() if i in queued or i.split("_")[0] in queued_arrays}
 
 
-def make_tolerant(launcher: Any) -> Any:
-    """The stock ``submitit_local``/``submitit_slurm`` launchers, upgraded in place to ours (same state, a
-    ``launch()`` that survives a failing job and, locally, runs at most cores/cpus_per_task jobs at once)."""
-    from hydra_plugins.kl_research_sweeper import launchers
+STOCK_LAUNCHERS = {  # hydra-submitit-launcher's own, by _target_ -> the project's launcher config
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher": "local",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher": "slurm",
+}
 
-    stock = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
-    ours = {stock + "LocalLauncher": launchers.LocalLauncher, stock + "SlurmLauncher": launchers.SlurmLauncher}
-    cls = ours.get(f"{type(launcher).__module__}.{type(launcher).__qualname__}")
-    if cls is not None:
-        log.info(f"{type(launcher).__qualname__}: using {cls.__module__}.{cls.__qualname__} (tolerant to failed jobs)")
-        upgraded = cls.__new__(cls)
-        upgraded.__dict__.update(launcher.__dict__)
-        return upgraded
-    return launcher
+
+def check_launcher(config: DictConfig) -> None:
+    """Refuse the stock submitit launchers before anything runs: their ``launch()`` loses every job's result
+    when one job fails outside the task function, and they lack the project's settings (local: at most
+    max_parallel jobs, threads per job; SLURM: requeue, conf/local/slurm.yaml). The named configs
+    ``hydra/launcher=local|slurm`` take the same parameters."""
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+    ours = STOCK_LAUNCHERS.get(target)
+    if ours is not None:
+        stock = "submitit_" + ours
+        raise ValueError(
+            f"hydra/launcher={stock} is hydra-submitit-launcher's stock launcher (one failing job loses every "
+            f"result; none of this project's defaults): use hydra/launcher={ours}, which takes the same "
+            f"hydra.launcher.* parameters{' (site values: conf/local/slurm.yaml)' if ours == 'slurm' else ''}"
+        )
 
 
 class KLGridSweeper(Sweeper):
@@ -171,19 +191,16 @@ class KLGridSweeper(Sweeper):
         root: str = "multirun",
         dir: str | None = None,
         fresh: bool = False,
-        report: bool = True,
-        fail_on_error: bool = True,
-        prepare: str | None = None,
     ) -> None:
         self.name = str(name)
-        self.controllers = [str(c) for c in as_plain(controllers)]
-        self.targets = [float(t) for t in as_plain(targets)]
-        self.seeds = [int(s) for s in as_plain(seeds)]
-        self.fixed_betas = [float(b) for b in as_plain(fixed_betas)] if fixed_betas else None
+        self.grid = Grid(
+            controllers=tuple(str(c) for c in as_plain(controllers)),
+            targets=tuple(float(t) for t in as_plain(targets)),
+            seeds=tuple(int(s) for s in as_plain(seeds)),
+            fixed_betas=tuple(float(b) for b in as_plain(fixed_betas)) if fixed_betas else None,
+        )
         self.overrides = [str(o) for o in as_plain(overrides)]
         self.root, self.dir, self.fresh = root, dir, bool(fresh)
-        self.report, self.fail_on_error = bool(report), bool(fail_on_error)
-        self.prepare = prepare
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -194,22 +211,28 @@ class KLGridSweeper(Sweeper):
 
     # ------------------------------------------------------------------------------------------ grid
     def jobs(self, arguments: Sequence[str]) -> list[Job]:
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
         assert self.hydra_context is not None
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         # How this invocation runs (not what the jobs compute) stays out of the jobs' configs, so that a
         # re-run with e.g. sweep.report=false resumes a job's checkpoint with an identical config.
         arguments = [a for a in arguments if a.partition("=")[0].lstrip("+~") not in INVOCATION_KEYS]
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         parsed = parser.parse_overrides([*self.overrides, *arguments])
-        swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
-        combos = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0] if parsed else [[]]
-        return expand_grid(self.controllers, self.targets, self.seeds, self.fixed_betas, combos, swept)
+        # Hydra's own syntax for the grid's keys (controller=fixed,pid seed=0,1) is the grid.
+        on_grid = [o for o in parsed if is_grid_override(o)]
+        given = {o.key_or_group: grid_values(o) for o in on_grid}
+        grid, recorded = grid_from_overrides(self.grid, given, [a.partition("=")[0] for a in arguments])
+        rest = [o for o in parsed if o not in on_grid]
+        swept = [o.get_key_element() for o in rest if o.is_sweep_override()]
+        combos = [[*c, *recorded] for c in combinations(rest)]
+        return expand_grid(
+            grid.controllers, grid.targets, grid.seeds, grid.fixed_betas, combos, swept, beta0=grid.beta0
+        )
 
     # ----------------------------------------------------------------------------------------- sweep
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.hydra_context is not None
         t0 = time.time()
+        check_launcher(self.config)
         jobs = self.jobs(arguments)
         fp = fingerprint(self.name, jobs)
         sweep_dir, lock, resumed = choose_sweep_dir(Path(self.root).absolute(), self.name, fp, self.fresh, self.dir)
@@ -260,15 +283,14 @@ class KLGridSweeper(Sweeper):
         state["attempts"].append(attempt)
         state_path.write_text(json.dumps(state, indent=1))
         if todo:
+            job_overrides = [self._job_overrides(j, sweep_dir) for j in todo]
+            self._check_configs(job_overrides)
             launcher = Plugins.instance().instantiate_launcher(
                 hydra_context=self.hydra_context, task_function=self.task_function, config=self.config
             )
-            launcher = make_tolerant(launcher)
-            job_overrides = [self._job_overrides(j, sweep_dir) for j in todo]
-            self._prepare(job_overrides)
             try:
                 results: Sequence[JobReturn | None] = launcher.launch(job_overrides, initial_job_idx=0)
-            except Exception as e:  # a launcher that is not tolerant per job (e.g. the stock submitit one)
+            except Exception as e:  # a launcher that is not tolerant per job (not hydra/launcher=local|slurm)
                 log.exception("the launcher raised; jobs without summary.json count as failed")
                 results = [None] * len(todo)
                 err: BaseException | None = e
@@ -280,61 +302,32 @@ class KLGridSweeper(Sweeper):
                 if (sweep_dir / j.name / "summary.json").exists():
                     continue
                 if r is not None and r.status == JobStatus.FAILED:
-                    e = r._return_value
+                    e = job_error(r)
                     failures[j.name] = f"{type(e).__name__}: {e}"
                 else:
                     failures[j.name] = f"no summary.json ({err!r})" if err else "no summary.json after the job ended"
         attempt["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         attempt["wall_time_s"] = round(time.time() - t0, 1)
         attempt["failed"] = sorted(failures)
+        attempt["failures"] = failures
         state_path.write_text(json.dumps(state, indent=1))
-
-        if self.report:
-            from kl_research.report import write_report
-
-            report_dir = write_report(sweep_dir, failures=failures, jobs=[j.name for j in jobs])
-            log.info(f"Report: {report_dir / 'report.md'}")
         n_ok = len(jobs) - len(failures)
         log.info(f"Sweep '{self.name}': {n_ok}/{len(jobs)} jobs complete in {time.time() - t0:.1f} s; {sweep_dir}")
-        if failures:
-            from kl_research.report import log_tail
-
-            for name, why in failures.items():
-                log.error(f"FAILED {name}: {why}\n{log_tail(sweep_dir / name, sweep_dir)}")
-            if self.fail_on_error:
-                where = sweep_dir / "report" / "report.md" if self.report else sweep_dir
-                raise SweepJobsFailed(
-                    f"{len(failures)} of {len(jobs)} jobs failed ({', '.join(sorted(failures))}); see {where}. "
-                    "Re-run the same command to run them again."
-                )
+        # The report and the exit status are the SweepReport callback's (on_multirun_end, after this returns).
+        # Without one, failures must not pass silently.
+        if failures and not has_callback(self.config, SweepReport):
+            raise SweepJobsFailed(failed_message(failures, len(jobs), sweep_dir))
         return sweep_dir
 
     def _job_overrides(self, job: Job, sweep_dir: Path) -> list[str]:
-        assert self.config is not None
-        ov = [*job.overrides, f"hydra.sweep.dir={_quote(str(sweep_dir))}", f"hydra.sweep.subdir={job.name}"]
-        cpus = OmegaConf.select(self.config, "hydra.launcher.cpus_per_task", default=None)
-        if cpus is None and str(OmegaConf.select(self.config, "hydra.launcher._target_")).endswith(".LocalLauncher"):
-            cpus = 1  # stock submitit_local leaves it unset: one thread per job, as many jobs as cores
-        if cpus and "threads" in self.config and not any(o.startswith("threads=") for o in ov):
-            ov.append(f"threads={int(cpus)}")  # torch threads = the cores the launcher gives each job
-        return ov
+        return [*job.overrides, f"hydra.sweep.dir={_quote(str(sweep_dir))}", f"hydra.sweep.subdir={_quote(job.name)}"]
 
-    def _prepare(self, job_overrides: list[list[str]]) -> None:
-        """Compose every job's config (fail before launching if one does not compose) and call ``prepare``
-        (here: build the reference model) once per distinct config, in this process, so no job does it."""
+    def _check_configs(self, job_overrides: list[list[str]]) -> None:
+        """Compose every job's config before launching any: one that does not compose fails the sweep here,
+        naming its overrides, instead of failing on a node after the queue."""
         assert self.config is not None and self.hydra_context is not None
-        prepare = get_method(self.prepare) if self.prepare else None
-        loader = self.hydra_context.config_loader
-        seen: set[str] = set()
         for ov in job_overrides:
-            cfg = loader.load_sweep_config(self.config, ov)
-            with read_write(cfg), open_dict(cfg):
-                del cfg["hydra"]
-            key = OmegaConf.to_yaml({k: cfg[k] for k in cfg if k not in ("controller", "wandb")})
-            if key in seen:
-                continue
-            seen.add(key)
-            if prepare is not None:
-                t = time.time()
-                result = prepare(cfg)
-                log.info(f"{self.prepare}: {result} ({time.time() - t:.1f} s)")
+            try:
+                self.hydra_context.config_loader.load_sweep_config(self.config, ov)
+            except Exception as e:
+                raise ValueError(f"a job's config does not compose ({' '.join(ov[:-2])}): {e}") from e
