@@ -106,15 +106,18 @@ def peak_rss_mb() -> float:
 def versions() -> dict[str, Any]:
     import transformers
 
-    from kl_research.runtime import cpu_has_fast_bf16
+    from kl_research.runtime import cpu_features
 
+    cpu = cpu_features()
     out = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu": platform.processor() or platform.machine(),
-        "amx": cpu_has_fast_bf16(),  # bf16 matmuls 5-7x faster than fp32 where True; ~8x slower without
+        "cpu_model": cpu["model"],
+        "cpu_flags": cpu["flags"],  # runtime.BF16_FLAGS present: amx_tile, avx512_bf16, ...
+        "amx": cpu["amx"],  # AMX tiles (bf16 matmuls in hardware); whether bf16 pays is what precision=auto measures
     }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
@@ -150,7 +153,8 @@ def bench(
 ) -> dict[str, Any]:
     """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record."""
     from benchmark.gemm import gemm_fields
-    from kl_research.reference import compose_config
+    from kl_research.precision_probe import Workload, auto_precision
+    from kl_research.reference import compose_config, resolve_cache_dir
     from kl_research.runtime import autocast, resolve_device, resolve_precision, setup_allocator, setup_threads
     from kl_research.train import advantages_and_returns, make_optimizer, ppo_update, rollout, uses_exact_kl_loss
 
@@ -171,11 +175,19 @@ def bench(
     n_threads = setup_threads(threads)
     malloc_tuned = setup_allocator()
     dev = resolve_device(device)
-    precision = resolve_precision(dev, precision)  # the record says what ran: "auto" is bf16 on CUDA and AMX CPUs
-    amp = autocast(dev, precision)
     ref, policy, dims = build_models(shape, seed)
     ref.to(dev)
     policy.to(dev)
+    # precision=auto as the trainer resolves it: bf16 on CUDA; on a CPU the cached probe of this shape and workload
+    choice = resolve_precision(
+        dev,
+        precision,
+        probe=lambda: auto_precision(
+            policy, Workload.of(pcfg, prompt_len), dev, resolve_cache_dir(cfg.get("cache_dir"))
+        ),
+    )
+    precision = choice.precision  # the record says what ran, and why (precision_source, precision_reason)
+    amp = autocast(dev, precision)
     if compile:
         from kl_research.policy import compile_trunks
 
@@ -253,7 +265,7 @@ def bench(
         "minibatch_size": pcfg.minibatch_size,
         "warmup": warmup,
         "steps": steps,
-        "precision": precision,
+        **choice.record(),
         "compile": compile,
         "warmup_seconds": round(warmup_s, 2),
         "seconds": {k: round(v, 4) for k, v in med.items()},

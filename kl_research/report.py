@@ -195,7 +195,8 @@ def plot_curves(curves: pd.DataFrame, key: str, path: Path, log_y: bool = True) 
 def ran_on(summaries: pd.DataFrame) -> list[str]:
     """Report lines saying which device and trunk precision the runs had (summary.json's `device`, `precision`;
     runs from before these keys count as "unrecorded"), with a warning when a sweep mixes them: `precision=auto`
-    resolves per machine (bf16 on GPUs and AMX CPUs), and a sweep spread over machines can mix both."""
+    resolves per machine (bf16 on GPUs; on CPUs the faster trunk as measured there), and a sweep spread over machines
+    can mix both."""
     keys = [k for k in ("device", "precision") if k in summaries]
     if summaries.empty or not keys:
         return []

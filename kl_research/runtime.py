@@ -7,8 +7,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,29 +78,80 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX tiles (Intel Sapphire Rapids and later): there oneDNN runs bf16 matmuls 5-7x faster
-    than fp32. Without AMX (AVX2 or plain AVX-512, e.g. this project's AMD EPYC VM) bf16 autocast is ~8x slower."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private torch API: absent means "don't know"
-    return bool(probe and probe())
+# The CPU flags that decide how fast bf16 matmuls run (AMX tiles; AVX-512 bf16 dot products; their absence).
+BF16_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx2")
 
 
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """The `precision` key as run: "auto" is bf16 where bf16 matmuls are fast (CUDA, AMX CPUs), else fp32.
+def cpu_features() -> dict[str, Any]:
+    """The CPU as the precision probe's cache keys it: its model name (/proc/cpuinfo, else `platform`), the
+    BF16_FLAGS it has, torch's kernel capability (e.g. AVX512) and whether torch sees AMX tiles."""
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            info.setdefault(k.strip(), v.strip())  # the first processor's entry
+    model = info.get("model name") or " ".join(
+        info[k]
+        for k in ("CPU implementer", "CPU part")
+        if k in info  # ARM Linux: no "model name"
+    )
+    flags = set((info.get("flags") or info.get("Features") or "").split())
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private torch API: absent means "don't know"
+    return {
+        "model": model or platform.processor() or platform.machine(),
+        "arch": platform.machine(),
+        "id": " ".join(info[k] for k in ("vendor_id", "cpu family", "model") if k in info),  # x86: the generation
+        "flags": [f for f in BF16_FLAGS if f in flags],
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "amx": bool(amx and amx()),
+    }
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The trunk's precision as a run uses it, and why."""
+
+    precision: str  # "fp32" | "bf16"
+    source: str  # "explicit" | "cuda" | "probe" | "cache" | "checkpoint"
+    reason: str  # in words, for the log and summary.json
+    fp32_s: float | None = None  # the CPU probe's seconds per step's model work in fp32 (None: not probed)
+    bf16_s: float | None = None  # the same in bf16
+
+    def record(self) -> dict[str, Any]:
+        """summary.json's (and the checkpoint's) keys: precision, precision_source, precision_reason,
+        precision_fp32_s, precision_bf16_s."""
+        return {("" if k == "precision" else "precision_") + k: v for k, v in asdict(self).items()}
+
+
+def resolve_precision(
+    device: torch.device, precision: str, probe: Callable[[], PrecisionChoice] | None = None
+) -> PrecisionChoice:
+    """The `precision` key as run. fp32 | bf16: as set, never probed. auto: bf16 on CUDA (no probe: bf16 tensor
+    cores); on a CPU, `probe()` decides (precision_probe.auto_precision: the faster trunk, measured on this machine
+    and model shape, cached), because there bf16 is faster or slower depending on the CPU and the model's size.
 
     bf16 covers the trunk only: the vocabulary projection, log-softmax and value head stay fp32 (score_lm), and the
     batch KL then moves by ≤ 1.4e-4 nats/token (measured, results/perf.md and results/gpu.md), far below the
-    smallest target 0.01. The resolved value is logged and kept in the summary: a sweep that spans machines with
-    and without AMX shows which jobs ran which.
+    smallest target 0.01. The resolved value is logged and kept in the summary: a sweep that spans machines shows
+    which jobs ran which.
     """
+    if precision in ("fp32", "bf16"):
+        return PrecisionChoice(precision, "explicit", f"precision={precision} set explicitly (no probe)")
     if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()) else "fp32"
+        raise ValueError(f"precision={precision!r} is invalid; allowed: auto, fp32, bf16")
+    if device.type == "cuda":
+        return PrecisionChoice("bf16", "cuda", "a CUDA device: bf16 tensor-core matmuls (no probe on GPUs)")
+    if probe is None:
+        raise ValueError(f"precision=auto on {device.type} is decided by a probe of the model (none was given)")
+    return probe()
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the trunk where `resolve_precision` says so; log-softmax stays fp32 (score_lm)."""
-    if resolve_precision(device, precision) == "bf16":
+    """bf16 autocast for the trunk with precision "bf16" (as resolved: not "auto"), else nothing; the vocabulary
+    projection and log-softmax stay fp32 inside it (policy.FP32Head, score_lm)."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"autocast takes a resolved precision (fp32 | bf16), not {precision!r}: see resolve_precision")
+    if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

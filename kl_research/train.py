@@ -27,8 +27,10 @@ from kl_research.config import validate
 from kl_research.controllers import KLController, build_controller
 from kl_research.kl import ESTIMATORS, masked_mean, tempered, token_kl
 from kl_research.policy import PolicyWithValue, compile_trunks, disable_dropout, score_lm
+from kl_research.precision_probe import Workload, auto_precision
 from kl_research.runlog import RunLogger, plot_curves, summarize
 from kl_research.runtime import (
+    PrecisionChoice,
     autocast,
     resolve_device,
     resolve_precision,
@@ -276,6 +278,36 @@ def run_name(cfg: DictConfig) -> str:
     return cfg.wandb.name or f"{cfg.controller.name}_kl{cfg.controller.target_kl:g}_s{cfg.seed}"
 
 
+def run_precision(
+    cfg: DictConfig, device: torch.device, policy: PolicyWithValue, work: Workload, ckpt: dict | None
+) -> tuple[PrecisionChoice, PrecisionChoice]:
+    """(the precision this run's steps use, the choice made when the run started: what checkpoints keep).
+
+    runtime.resolve_precision (precision=auto: bf16 on CUDA; on a CPU the cached probe of this machine and shape),
+    except that a run resumed on the same kind of device keeps the precision its checkpoint ran with: it does not
+    probe again, so a resumed run continues exactly the trajectory of an uninterrupted one.
+    """
+    if ckpt is not None and cfg.precision == "auto" and ckpt.get("device_type") == device.type and "precision" in ckpt:
+        rec = ckpt.get("precision_choice") or {"precision_source": "unrecorded", "precision_reason": "not recorded"}
+        started = PrecisionChoice(
+            ckpt["precision"],
+            rec["precision_source"],
+            rec["precision_reason"],
+            rec.get("precision_fp32_s"),
+            rec.get("precision_bf16_s"),
+        )
+        reason = (
+            f"kept from the checkpoint: steps 1-{ckpt['step']} ran with it and a resumed run does not probe again "
+            f"(chosen by {started.source}: {started.reason})"
+        )
+        return PrecisionChoice(started.precision, "checkpoint", reason, started.fp32_s, started.bf16_s), started
+    from kl_research.reference import resolve_cache_dir  # deferred: pulls in transformers/datasets
+
+    cache_dir = resolve_cache_dir(cfg.get("cache_dir"))
+    choice = resolve_precision(device, cfg.precision, probe=lambda: auto_precision(policy, work, device, cache_dir))
+    return choice, choice
+
+
 def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run (or resume, or return the summary of a finished) PPO job in out_dir."""
     validate(cfg)  # every range check, before anything heavy is loaded
@@ -296,49 +328,13 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     threads = setup_threads(cfg.threads)
     setup_allocator()
     device = resolve_device(cfg.device)
-    precision = resolve_precision(device, cfg.precision)
-    amp = autocast(device, precision)
     pcfg = cfg.ppo
-    log.info("run %s in %s on %s (%d threads, %s trunk)", run_name(cfg), out, device, threads, precision)
-
-    # 1. models, data, reward
-    ref_model, tokenizer = load_reference(cfg)
-    # seeded after the reference is in hand: building it (first run on a fresh cache) draws from the global RNG,
-    # and a job must sample the same tokens whether its reference was built now or loaded from the cache
-    seed_everything(cfg.seed)
-    disable_dropout(ref_model)
-    ref_model.to(device).eval().requires_grad_(False)
-    policy = PolicyWithValue.from_reference(ref_model, detach_value_head=pcfg.detach_value_head).to(device)
-    policy.eval()  # dropout is off anyway; eval() also keeps HF from any train-only behaviour
-    if cfg.compile:  # scoring and the update run through the compiled trunk; generation stays eager (KV cache)
-        compile_trunks(cfg.compile, policy.lm, ref_model)
-        log.info("torch.compile(%s) of the scoring/update trunk: the first rollout and update compile", cfg.compile)
-    optimizer = make_optimizer(policy, pcfg, device)
-    corpus = load_corpus(cfg.data)
-    prompts_all = build_prompts(corpus.train, tokenizer, cfg.data.prompt_tokens, cfg.data.num_prompts, cfg.seed)
-    eval_texts = eval_subset(corpus.heldout, cfg.data.eval_texts)
-    reward_fn = build_reward(cfg.reward, device)
-    controller: KLController = build_controller(cfg.controller)
-    target = controller.target_kl
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    P = prompts_all.shape[1]
-    prompt_gen = torch.Generator().manual_seed(cfg.seed)
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
-
-    def evaluate_ppl(model) -> float:
-        return heldout_perplexity(
-            model, tokenizer, eval_texts, batch_size=32, max_length=cfg.data.eval_max_length, device=device
-        )
-
-    # 2. resume
+    log.info("run %s in %s on %s (%d threads)", run_name(cfg), out, device, threads)
     ckpt_path = out / CHECKPOINT
-    start_step, history, drift = 0, [], {"warnings": 0, "state": "ok", "window": []}
-    ppl_ref = None
-    elapsed_before = 0.0
-    if ckpt_path.exists():
-        # to the CPU first: the RNG states must be CPU byte tensors; load_state_dict copies weights and optimizer
-        # state onto the device (and a checkpoint written on a GPU resumes on a CPU-only machine too)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    # to the CPU first: the RNG states must be CPU byte tensors; load_state_dict copies weights and optimizer
+    # state onto the device (and a checkpoint written on a GPU resumes on a CPU-only machine too)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    if ckpt is not None:
         diff = [
             k
             for k in config_diff(ckpt["config"], resolved)
@@ -349,6 +345,46 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 f"{out} holds a checkpoint of a run with a different config (differs in: {', '.join(diff)}); "
                 "use another output directory (hydra.run.dir=...) or delete the checkpoint"
             )
+
+    # 1. models, data, reward
+    ref_model, tokenizer = load_reference(cfg)
+    # seeded after the reference is in hand: building it (first run on a fresh cache) draws from the global RNG,
+    # and a job must sample the same tokens whether its reference was built now or loaded from the cache
+    seed_everything(cfg.seed)
+    disable_dropout(ref_model)
+    ref_model.to(device).eval().requires_grad_(False)
+    policy = PolicyWithValue.from_reference(ref_model, detach_value_head=pcfg.detach_value_head).to(device)
+    policy.eval()  # dropout is off anyway; eval() also keeps HF from any train-only behaviour
+    optimizer = make_optimizer(policy, pcfg, device)
+    corpus = load_corpus(cfg.data)
+    prompts_all = build_prompts(corpus.train, tokenizer, cfg.data.prompt_tokens, cfg.data.num_prompts, cfg.seed)
+    P = prompts_all.shape[1]
+    # the trunk's precision, on the eager policy (the probe restores the global RNG and leaves the weights alone)
+    choice, started = run_precision(cfg, device, policy, Workload.of(pcfg, P), ckpt)
+    precision = choice.precision
+    amp = autocast(device, precision)
+    log.info("precision=%s → %s: %s", cfg.precision, precision, choice.reason)
+    if cfg.compile:  # scoring and the update run through the compiled trunk; generation stays eager (KV cache)
+        compile_trunks(cfg.compile, policy.lm, ref_model)
+        log.info("torch.compile(%s) of the scoring/update trunk: the first rollout and update compile", cfg.compile)
+    eval_texts = eval_subset(corpus.heldout, cfg.data.eval_texts)
+    reward_fn = build_reward(cfg.reward, device)
+    controller: KLController = build_controller(cfg.controller)
+    target = controller.target_kl
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompt_gen = torch.Generator().manual_seed(cfg.seed)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def evaluate_ppl(model) -> float:
+        return heldout_perplexity(
+            model, tokenizer, eval_texts, batch_size=32, max_length=cfg.data.eval_max_length, device=device
+        )
+
+    # 2. resume
+    start_step, history, drift = 0, [], {"warnings": 0, "state": "ok", "window": []}
+    ppl_ref = None
+    elapsed_before = 0.0
+    if ckpt is not None:
         policy.load_state_dict(ckpt["policy"])
         optimizer.load_state_dict(ckpt["optimizer"])
         controller.load_state_dict(ckpt["controller"])
@@ -361,13 +397,14 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         ran = (ckpt.get("device_type", device.type), ckpt.get("precision", precision))
         if ran != (device.type, precision):
             log.warning(
-                "resumed on %s with a %s trunk; steps 1-%d ran on %s with a %s trunk (precision=auto resolves per "
-                "machine): from here the trajectory is not bit-identical to an uninterrupted run",
+                "resumed on %s with a %s trunk; steps 1-%d ran on %s with a %s trunk (device=auto and precision=auto "
+                "resolve per machine): from here the trajectory is not bit-identical to an uninterrupted run",
                 device.type,
                 precision,
                 start_step,
                 *ran,
             )
+        ckpt = None  # its tensors are in the models now: free them for the run
     if ppl_ref is None:
         ppl_ref = evaluate_ppl(ref_model)
 
@@ -387,6 +424,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                 "device_type": device.type,
                 "precision": precision,
+                "precision_choice": started.record(),  # how it was chosen when the run started
                 "config": resolved,
             },
             ckpt_path,
@@ -535,7 +573,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         from safetensors.torch import save_file
 
         save_file(policy.v_head.state_dict(), str(out / "policy" / "value_head.safetensors"))
-        summary = {**summarize(history, cfg, wall), "device": str(device), "precision": precision}
+        summary = {**summarize(history, cfg, wall), "device": str(device), **choice.record()}
         plot_curves(history, target, out / "curves.png", title=run_name(cfg))
         logger.summary(summary)
         tmp = summary_path.with_suffix(".tmp")

@@ -203,3 +203,25 @@ def test_side_by_side_reports_each_jobs_step_and_the_machine_throughput(tmp_path
     assert summary["layouts"]["2x1"]["steps_per_min"][0] == pytest.approx(sum(60 / s for s in steps), rel=1e-2)
     jobs = [json.loads(line) for line in out.read_text().splitlines()[:-1]]
     assert [(j["threads"], j["batch_size"], j["layout"]) for j in jobs] == [(1, 8, "2x1")] * 2
+
+
+def test_bench_precision_auto_is_resolved_as_the_trainer_does(tiny_shape, monkeypatch, tmp_path, capsys):
+    """`--precision auto` on a CPU: the same cached probe as train(); the record says what ran and why."""
+    from kl_research import precision_probe
+
+    calls = []
+
+    def measure(policy, work, device):
+        calls.append(work)
+        return {"fp32_s": 0.3, "bf16_s": 0.2, "probe_s": 0.5, "rounds": 3}
+
+    monkeypatch.setattr(precision_probe, "measure", measure)
+    monkeypatch.setenv("KL_RESEARCH_CACHE", str(tmp_path))
+    argv = ["--shape", tiny_shape, "--batch", "4", "--minibatch", "2", "--epochs", "1", "--precision", "auto"]
+    for _ in range(2):
+        bench.main([*argv, "--prompt-len", "4", "--response-len", "4", "--warmup", "1", "--steps", "1", "--no-floors"])
+    first, second = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert first["precision"] == second["precision"] == "bf16" and len(calls) == 1
+    assert (first["precision_source"], second["precision_source"]) == ("probe", "cache")
+    assert calls[0] == precision_probe.Workload(batch=4, minibatch=2, updates=2, prompt_len=4, response_len=4)
+    assert "bf16 trunk 1.50× faster" in first["precision_reason"] and first["precision_fp32_s"] == 0.3

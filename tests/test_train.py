@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import kl_research.config  # noqa: F401  (registers schemas)
 import kl_research.train as train_mod
-from kl_research import runtime
+from kl_research import precision_probe
 from kl_research.train import train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -108,7 +109,10 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog):
     assert summary["kl"] == pytest.approx(recs[-1]["kl/exact"])
     assert summary["final_beta"] == recs[-1]["kl/coef_next"]
     assert summary["device"] == "cpu"
-    assert summary["precision"] == ("bf16" if runtime.cpu_has_fast_bf16() else "fp32")  # precision=auto
+    # precision=auto on a CPU: measured by the probe (or read from its cache), logged with its numbers
+    assert summary["precision"] in ("fp32", "bf16") and summary["precision_source"] in ("probe", "cache")
+    assert summary["precision_fp32_s"] > 0 and summary["precision_bf16_s"] > 0
+    assert f"precision=auto → {summary['precision']}: bf16 trunk " in caplog.text
     for f in ("summary.json", "curves.png", "samples.jsonl", "checkpoints/last.pt"):
         assert (tmp_path / f).exists(), f
     # the final policy loads with plain transformers
@@ -118,44 +122,82 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog):
     assert train(cfg, tmp_path) == summary
 
 
-@pytest.mark.filterwarnings("ignore:CUDA is not available")  # the cuda case builds a (disabled) autocast here
-@pytest.mark.parametrize(
-    ("device", "amx", "resolved"), [("cpu", False, "fp32"), ("cpu", True, "bf16"), ("cuda", False, "bf16")]
-)
-def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_fast(monkeypatch, device, amx, resolved):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    dev = torch.device(device)
-    assert runtime.resolve_precision(dev, "auto") == resolved
-    assert [runtime.resolve_precision(dev, p) for p in ("fp32", "bf16")] == ["fp32", "bf16"]  # explicit wins
-    amp = runtime.autocast(dev, "auto")
-    assert isinstance(amp, torch.autocast) == (resolved == "bf16")
-    if resolved == "bf16":
-        assert amp.fast_dtype == torch.bfloat16
+@pytest.fixture
+def probe_says(cache_dir, monkeypatch):
+    """probe_says(fp32_s, bf16_s): the CPU precision probe measures these (seconds per step's model work); returns
+    the list of its calls from then on. The module's probe cache is emptied before and after, so no other test reads
+    a made-up decision."""
+
+    def install(fp32_s: float, bf16_s: float) -> list:
+        calls = []
+
+        def measure(policy, work, device):
+            calls.append(work)
+            return {"fp32_s": fp32_s, "bf16_s": bf16_s, "probe_s": 0.5, "rounds": 3}
+
+        monkeypatch.setattr(precision_probe, "measure", measure)
+        shutil.rmtree(cache_dir / "precision", ignore_errors=True)
+        return calls
+
+    yield install
+    shutil.rmtree(cache_dir / "precision", ignore_errors=True)
 
 
-def test_auto_precision_trains_a_bf16_trunk_on_an_amx_cpu(cache_dir, tmp_path, monkeypatch):
-    """On a CPU that reports AMX, precision=auto runs the job with a bf16 trunk and says so in its summary."""
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+def test_auto_precision_trains_the_trunk_the_cpu_probe_picks(cache_dir, tmp_path, monkeypatch, probe_says, caplog):
+    """precision=auto on a CPU runs the job with the trunk the probe measured faster, logs why with the numbers and
+    keeps them in its summary; the next job with the same shapes reads the decision from the cache."""
+    calls = probe_says(0.3, 0.2)  # bf16 1.5× faster
     seen = []
     real_autocast = train_mod.autocast
     monkeypatch.setattr(train_mod, "autocast", lambda d, p: seen.append(p) or real_autocast(d, p))
-    summary = train(make_cfg(cache_dir, "steps=2"), tmp_path)
-    assert seen == ["bf16"] and summary["precision"] == "bf16"
-    recs = read_metrics(tmp_path)
+    with caplog.at_level(logging.INFO, logger="kl_research.train"):
+        summary = train(make_cfg(cache_dir, "steps=2"), tmp_path / "first")
+    assert seen == ["bf16"] and len(calls) == 1
+    assert summary["precision"] == "bf16" and summary["precision_source"] == "probe"
+    assert (summary["precision_fp32_s"], summary["precision_bf16_s"]) == (0.3, 0.2)
+    assert "precision=auto → bf16: bf16 trunk 1.50× faster (≥ 1.10× needed)" in caplog.text
+    assert "(fp32 0.3 s, bf16 0.2 s per step's model work: 4 fwd+bwd of 4×16 tokens" in caplog.text
+    recs = read_metrics(tmp_path / "first")
     assert all(math.isfinite(r["kl/exact"]) for r in recs) and abs(recs[0]["kl/exact"]) < 1e-3
+    again = train(make_cfg(cache_dir, "steps=1", "seed=1"), tmp_path / "again")
+    assert len(calls) == 1 and again["precision"] == "bf16" and again["precision_source"] == "cache"
+    explicit = train(make_cfg(cache_dir, "steps=1", "precision=fp32"), tmp_path / "explicit")
+    assert len(calls) == 1 and explicit["precision"] == "fp32" and explicit["precision_source"] == "explicit"
+    assert seen == ["bf16", "bf16", "fp32"]
 
 
-def test_resume_on_a_machine_with_another_precision_warns(cache_dir, tmp_path, monkeypatch, caplog):
-    """A checkpoint written with an fp32 trunk, resumed where precision=auto resolves to bf16: it resumes (the key
-    is "auto" in both), and the log says the trajectory is no longer the uninterrupted one."""
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+def test_resume_keeps_the_precision_the_checkpoint_ran_with(cache_dir, tmp_path, probe_says, caplog):
+    """A run resumed on the same kind of device keeps its checkpoint's precision and does not probe again, even
+    where a probe would now choose the other one: its trajectory continues as an uninterrupted run's."""
+    probe_says(0.2, 0.3)  # fp32 faster
     train(make_cfg(cache_dir, "steps=2", "checkpoint_every=1"), tmp_path)
     (tmp_path / "summary.json").unlink()  # as if killed after its last checkpoint
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    calls = probe_says(0.3, 0.1)  # now bf16 would win, and the cache is empty
+    with caplog.at_level(logging.INFO, logger="kl_research.train"):
+        summary = train(make_cfg(cache_dir, "steps=3", "checkpoint_every=1"), tmp_path)
+    assert calls == [] and summary["steps"] == 3
+    assert summary["precision"] == "fp32" and summary["precision_source"] == "checkpoint"
+    assert (summary["precision_fp32_s"], summary["precision_bf16_s"]) == (0.2, 0.3)
+    assert "precision=auto → fp32: kept from the checkpoint: steps 1-2 ran with it" in caplog.text
+    assert "chosen by probe: bf16 trunk 1.50× slower" in summary["precision_reason"]
+    assert "resumed on" not in caplog.text  # no "not bit-identical" warning
+    ckpt = torch.load(tmp_path / train_mod.CHECKPOINT, weights_only=False)
+    assert ckpt["precision"] == "fp32" and ckpt["precision_choice"]["precision_source"] == "probe"
+
+
+def test_resume_on_another_kind_of_device_resolves_again_and_warns(cache_dir, tmp_path, probe_says, caplog):
+    """A checkpoint from a GPU (bf16 trunk) resumed on a CPU: precision=auto is resolved for the CPU (probed), and
+    the log says the trajectory is no longer the uninterrupted one."""
+    train(make_cfg(cache_dir, "steps=2", "checkpoint_every=1"), tmp_path)
+    (tmp_path / "summary.json").unlink()
+    path = tmp_path / train_mod.CHECKPOINT
+    ckpt = torch.load(path, weights_only=False)
+    torch.save({**ckpt, "device_type": "cuda", "precision": "bf16"}, path)  # as if steps 1-2 ran on a GPU
+    calls = probe_says(0.2, 0.3)
     with caplog.at_level("WARNING", logger="kl_research.train"):
         summary = train(make_cfg(cache_dir, "steps=3", "checkpoint_every=1"), tmp_path)
-    assert summary["steps"] == 3 and summary["precision"] == "bf16"
-    assert "resumed on cpu with a bf16 trunk; steps 1-2 ran on cpu with a fp32 trunk" in caplog.text
+    assert len(calls) == 1 and summary["steps"] == 3 and summary["precision"] == "fp32"
+    assert "resumed on cpu with a fp32 trunk; steps 1-2 ran on cuda with a bf16 trunk" in caplog.text
 
 
 def assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch) -> None:

@@ -1,0 +1,272 @@
+"""precision=auto on a CPU: time the trunk's work of a PPO step in fp32 and under bf16 autocast, keep the faster.
+
+Whether a bf16 trunk pays on a CPU depends on the CPU *and* on the model's shape, so it is measured, not assumed.
+On an Intel Xeon with AMX the tiny default's update is slower in bf16 (1.20-1.23 s vs 0.92-1.03 s fp32, batch 64,
+2 threads) while gpt2-mid is 1.28x faster; on AVX2-only CPUs bf16 is ~8-20x slower at every size.
+
+The probe times the real policy on random tokens of the run's shapes (its weights are not changed, its gradients are
+cleared and the global RNG state is restored afterwards, so the run's trajectory does not depend on it):
+- the update: forward + backward of `policy.score` on (minibatch, prompt + response) tokens, fp32 log-softmax;
+- the scoring: an inference forward on (batch, prompt + response) tokens;
+- the generation: `generate` of response_len tokens for (batch, prompt) tokens with the KV cache, as the rollout.
+A step's model work is `updates` (= epochs x minibatches) of the first, 2 of the second (policy and reference) and
+one of the third. fp32 and bf16 alternate after a warm-up, and the medians are compared: bf16 is chosen only when the
+step is at least MARGIN faster. (Generation matters: at the tiny default on a Zen 5 CPU the trunk passes alone are
+1.15x faster in bf16, generation not at all, and a whole training step 1.0-1.09x.)
+
+The decision and its numbers are cached as JSON, one file per key, under <cache dir>/precision/: the key is the CPU
+(model name, the flags that decide bf16 matmul speed), the torch version, the thread count, the model's shape and
+the step's shapes. The file is written to a temp name and renamed into place, so jobs side by side never read a
+half-written one (two jobs that start together may both probe; the last rename wins, both valid). An unreadable or
+mismatched file is probed again and replaced, never an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kl_research.runtime import PrecisionChoice, cpu_features, rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+MARGIN = 1.10  # bf16 must be ≥ 10 % faster: a smaller gain is within a shared machine's noise
+FORMAT = 2  # bump when the probe's procedure changes: older cache files are then ignored
+WARMUP = 2  # rounds before timing (the first bf16 call builds oneDNN primitives)
+REPS = (3, 15)  # timed rounds: at least 3, at most 15, fewer once BUDGET_S is spent (big models)
+BUDGET_S = 3.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The model work of one PPO step: `updates` forward+backward passes of (minibatch, prompt_len + response_len)
+    tokens, two inference forwards of (batch, prompt_len + response_len) tokens (policy, reference), and generating
+    response_len tokens for (batch, prompt_len) prompts."""
+
+    batch: int
+    minibatch: int
+    updates: int
+    prompt_len: int
+    response_len: int
+
+    @classmethod
+    def of(cls, pcfg: Any, prompt_len: int) -> Workload:
+        """The workload of a `ppo` config group with prompts of prompt_len tokens."""
+        minibatches = pcfg.batch_size // pcfg.minibatch_size
+        return cls(pcfg.batch_size, pcfg.minibatch_size, pcfg.epochs * minibatches, prompt_len, pcfg.response_length)
+
+    def __str__(self) -> str:
+        T = self.prompt_len + self.response_len
+        return (
+            f"{self.updates} fwd+bwd of {self.minibatch}×{T} tokens + 2 scoring fwd of {self.batch}×{T} + generating "
+            f"{self.batch}×{self.response_len}"
+        )
+
+
+def decide(fp32_s: float, bf16_s: float, margin: float = MARGIN) -> str:
+    """bf16 if its step is at least `margin` times faster than fp32's, else fp32."""
+    return "bf16" if fp32_s >= margin * bf16_s else "fp32"
+
+
+def probe_key(lm: torch.nn.Module, work: Workload) -> dict[str, Any]:
+    """Everything the measured speed depends on: the CPU, torch, the thread count, the model's and the step's shapes."""
+    cfg = lm.config.get_text_config()
+    return {
+        "format": FORMAT,
+        "margin": MARGIN,
+        "cpu": cpu_features(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "model": {
+            "type": cfg.model_type,
+            "layers": cfg.num_hidden_layers,
+            "hidden": cfg.hidden_size,
+            "heads": cfg.num_attention_heads,
+            "vocab": cfg.vocab_size,
+            "params": sum(p.numel() for p in lm.parameters()),
+        },
+        "work": asdict(work),
+    }
+
+
+def cache_file(cache_dir: Path, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return Path(cache_dir) / "precision" / f"{digest[:16]}.json"
+
+
+def measure(policy: torch.nn.Module, work: Workload, device: torch.device) -> dict[str, Any]:
+    """Seconds per step's model work in fp32 and in bf16 (medians), from alternating timed rounds on the policy.
+
+    Returns {"fp32_s", "bf16_s", "probe_s", "rounds", "update_s": {p: s}, "score_s": {p: s}, "generate_s": {p: s}}."""
+    gen = torch.Generator().manual_seed(0)
+    T = work.prompt_len + work.response_len
+    vocab = policy.lm.config.get_text_config().vocab_size
+    pad = policy.lm.generation_config.pad_token_id or 0
+    mb_ids = torch.randint(vocab, (work.minibatch, T), generator=gen).to(device)  # (mb, T)
+    batch_ids = torch.randint(vocab, (work.batch, T), generator=gen).to(device)  # (B, T)
+    prompts = batch_ids[:, : work.prompt_len].clone()  # (B, P), without the pad id (HF would warn about padding)
+    prompts[prompts == pad] = (pad + 1) % vocab
+    amps = {"fp32": contextlib.nullcontext(), "bf16": torch.autocast(device.type, dtype=torch.bfloat16)}
+
+    def update(amp) -> None:  # as ppo_update: trunk under amp, log-softmax in fp32, backward
+        with amp:
+            logits, values = policy.score(mb_ids, work.prompt_len)
+        (torch.log_softmax(logits, dim=-1).mean() + values.mean()).backward()
+
+    def score(amp) -> None:  # as rollout's scoring pass
+        with torch.inference_mode(), amp:
+            policy.score(batch_ids, work.prompt_len)
+
+    def generate(amp) -> None:  # as rollout's sampling (train.sampling_kwargs), never stopped early by an EOS
+        with torch.inference_mode(), amp:
+            policy.lm.generate(
+                input_ids=prompts,
+                attention_mask=torch.ones_like(prompts),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=work.response_len,
+                eos_token_id=None,
+                pad_token_id=pad,
+                use_cache=True,
+            )
+
+    parts = {"update": update, "score": score, "generate": generate}
+    times: dict[tuple[str, str], list[float]] = {(p, part): [] for p in amps for part in parts}
+    rng = rng_state()
+    t0 = time.perf_counter()
+    try:
+        for i in range(WARMUP + REPS[1]):
+            for p, amp in amps.items():  # alternating: a change in the machine's load hits both alike
+                for part, fn in parts.items():
+                    t = time.perf_counter()
+                    fn(amp)
+                    if i >= WARMUP:
+                        times[p, part].append(time.perf_counter() - t)
+            if i + 1 - WARMUP >= REPS[0] and time.perf_counter() - t0 > BUDGET_S:
+                break
+    finally:
+        for prm in policy.parameters():
+            prm.grad = None
+        set_rng_state(rng)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    step = {p: work.updates * med[p, "update"] + 2 * med[p, "score"] + med[p, "generate"] for p in amps}
+    return {
+        "fp32_s": step["fp32"],
+        "bf16_s": step["bf16"],
+        "probe_s": time.perf_counter() - t0,
+        "rounds": len(times["fp32", "update"]),
+        **{f"{part}_s": {p: med[p, part] for p in amps} for part in parts},
+    }
+
+
+def _read(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached record at path if it is complete and for this key; None (and why, logged) otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+        ok = (
+            rec["key"] == key
+            and rec["precision"] == decide(rec["fp32_s"], rec["bf16_s"])
+            and all(isinstance(rec[k], float) and rec[k] > 0 for k in ("fp32_s", "bf16_s", "probe_s"))
+            and isinstance(rec["measured_at"], str)
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("precision probe cache %s is unreadable (%s: %s): probing again", path, type(e).__name__, e)
+        return None
+    if not ok:
+        log.warning("precision probe cache %s does not hold a valid record for this key: probing again", path)
+        return None
+    return rec
+
+
+def _write(path: Path, rec: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never a partial write
+
+
+def auto_precision(
+    policy: torch.nn.Module, work: Workload, device: torch.device, cache_dir: str | Path
+) -> PrecisionChoice:
+    """precision=auto on a CPU: the cached decision for this machine and shape, else measure(...) it and cache it."""
+    key = probe_key(policy.lm, work)
+    path = cache_file(Path(cache_dir), key)
+    rec = _read(path, key)
+    source = "cache" if rec is not None else "probe"
+    if rec is None:
+        m = measure(policy, work, device)
+        rec = {
+            "key": key,
+            "precision": decide(m["fp32_s"], m["bf16_s"]),
+            **m,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "pid": os.getpid(),
+        }
+        try:
+            _write(path, rec)
+            where = f"cached in {path}"
+        except OSError as e:  # a read-only cache: the run goes on, the next one probes again
+            log.warning("precision probe: could not cache the result in %s (%s)", path, e)
+            where = f"not cached ({type(e).__name__} writing {path})"
+    else:
+        where = f"read from the cache {path} (measured {rec['measured_at']})"
+    fp32_s, bf16_s = rec["fp32_s"], rec["bf16_s"]
+    ratio = fp32_s / bf16_s
+    if rec["precision"] == "bf16":
+        verdict = f"bf16 trunk {ratio:.2f}× faster (≥ {MARGIN:.2f}× needed)"
+    elif ratio >= 1:
+        verdict = f"bf16 trunk only {ratio:.2f}× faster (< the {MARGIN:.2f}× needed)"
+    else:
+        verdict = f"bf16 trunk {1 / ratio:.2f}× slower"
+    n = key["threads"]
+    reason = (
+        f"{verdict} in a {rec['probe_s']:.1f} s probe (fp32 {fp32_s:.3g} s, bf16 {bf16_s:.3g} s per step's model "
+        f"work: {work}; {n} thread{'s' if n != 1 else ''}, {key['cpu']['model']}), {where}"
+    )
+    return PrecisionChoice(rec["precision"], source, reason, fp32_s, bf16_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m kl_research.precision_probe [--fresh] [overrides]`: what precision=auto picks for the configured
+    model and ppo shapes on this machine (the trainer's threads rule), from the cache or, with --fresh or on a
+    miss, a new probe; prints the decision, its numbers and the cache file."""
+    import sys
+
+    from kl_research.policy import PolicyWithValue, disable_dropout
+    from kl_research.reference import compose_config, load_reference, resolve_cache_dir
+    from kl_research.runtime import resolve_device, resolve_precision, setup_allocator, setup_threads
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    args = sys.argv[1:] if argv is None else list(argv)
+    fresh = "--fresh" in args
+    cfg = compose_config([a for a in args if a != "--fresh"])
+    threads = setup_threads(cfg.threads)
+    setup_allocator()
+    device = resolve_device(cfg.device)
+    ref_model, _ = load_reference(cfg)
+    disable_dropout(ref_model)
+    policy = PolicyWithValue.from_reference(ref_model, detach_value_head=cfg.ppo.detach_value_head).to(device).eval()
+    work = Workload.of(cfg.ppo, cfg.data.prompt_tokens)
+    cache_dir = resolve_cache_dir(cfg.get("cache_dir"))
+    if fresh:
+        cache_file(cache_dir, probe_key(policy.lm, work)).unlink(missing_ok=True)
+    choice = resolve_precision(device, cfg.precision, probe=lambda: auto_precision(policy, work, device, cache_dir))
+    print(f"precision={cfg.precision} → {choice.precision} ({choice.source}, {threads} threads): {choice.reason}")
+
+
+if __name__ == "__main__":
+    main()

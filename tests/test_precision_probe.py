@@ -1,0 +1,180 @@
+"""precision=auto on a CPU: the measured probe decides (by a margin), its decision is cached per machine and shape,
+reused without probing again, re-probed when the cache is unreadable; explicit precisions and CUDA never probe."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from kl_research import precision_probe, runtime
+from kl_research.policy import PolicyWithValue
+from kl_research.precision_probe import MARGIN, Workload, auto_precision, cache_file, probe_key
+
+CPU = torch.device("cpu")
+WORK = Workload(batch=8, minibatch=4, updates=4, prompt_len=4, response_len=4)
+
+
+def micro_policy(n_layer: int = 1) -> PolicyWithValue:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, vocab_size=64, n_positions=16)
+    return PolicyWithValue.from_reference(GPT2LMHeadModel(config)).eval()
+
+
+@pytest.fixture
+def fake_measure(monkeypatch):
+    """Replace the timing with given numbers (seconds per step's model work); counts the probes."""
+    calls = []
+
+    def install(fp32_s: float, bf16_s: float):
+        def measure(policy, work, device):
+            calls.append(work)
+            return {"fp32_s": fp32_s, "bf16_s": bf16_s, "probe_s": 0.5, "rounds": 3}
+
+        monkeypatch.setattr(precision_probe, "measure", measure)
+        return calls
+
+    return install
+
+
+@pytest.mark.parametrize(
+    ("fp32_s", "bf16_s", "chosen"),
+    [
+        (1.0, 0.5, "bf16"),  # 2× faster
+        (1.0, 1 / (MARGIN + 0.01), "bf16"),  # just past the margin
+        (1.0, 1 / (MARGIN - 0.02), "fp32"),  # faster, but by less than the margin
+        (1.0, 1.3, "fp32"),  # slower (the tiny default on an AMX Xeon)
+    ],
+)
+def test_probe_picks_bf16_only_when_it_is_faster_by_the_margin(tmp_path, fake_measure, fp32_s, bf16_s, chosen):
+    calls = fake_measure(fp32_s, bf16_s)
+    choice = auto_precision(micro_policy(), WORK, CPU, tmp_path)
+    assert (choice.precision, choice.source, len(calls)) == (chosen, "probe", 1)
+    assert (choice.fp32_s, choice.bf16_s) == (fp32_s, bf16_s)
+    amp = runtime.autocast(CPU, choice.precision)
+    assert isinstance(amp, torch.autocast) == (chosen == "bf16")
+
+
+def test_decision_is_cached_and_reused_without_probing_again(tmp_path, fake_measure):
+    calls = fake_measure(0.3, 0.2)
+    policy = micro_policy()
+    first = auto_precision(policy, WORK, CPU, tmp_path)
+    again = auto_precision(policy, WORK, CPU, tmp_path)
+    assert len(calls) == 1
+    assert (first.source, again.source) == ("probe", "cache")
+    assert first.precision == again.precision == "bf16" and (again.fp32_s, again.bf16_s) == (0.3, 0.2)
+    path = cache_file(tmp_path, probe_key(policy.lm, WORK))
+    assert path.parent == tmp_path / "precision" and [p.name for p in path.parent.iterdir()] == [path.name]
+    rec = json.loads(path.read_text())  # the decision with its measurements and what they were measured on
+    assert rec["precision"] == "bf16" and rec["fp32_s"] == 0.3 and rec["bf16_s"] == 0.2
+    assert rec["key"]["work"]["minibatch"] == 4 and rec["key"]["threads"] == torch.get_num_threads()
+    assert {"model", "flags"} <= set(rec["key"]["cpu"]) and rec["key"]["torch"] == torch.__version__
+    assert f"cached in {path}" in first.reason and f"read from the cache {path}" in again.reason
+
+
+def test_cache_key_changes_with_the_model_and_batch_shapes_and_the_threads(tmp_path, fake_measure):
+    calls = fake_measure(1.0, 2.0)
+    policy, threads = micro_policy(), torch.get_num_threads()
+    base = cache_file(tmp_path, probe_key(policy.lm, WORK))
+    other_work = [
+        Workload(16, 4, 4, 4, 4),
+        Workload(8, 2, 4, 4, 4),
+        Workload(8, 4, 8, 4, 4),
+        Workload(8, 4, 4, 4, 8),
+    ]
+    keys = {cache_file(tmp_path, probe_key(policy.lm, w)) for w in other_work}
+    keys.add(cache_file(tmp_path, probe_key(micro_policy(n_layer=2).lm, WORK)))
+    try:
+        torch.set_num_threads(threads + 1)
+        keys.add(cache_file(tmp_path, probe_key(policy.lm, WORK)))
+        auto_precision(policy, WORK, CPU, tmp_path)  # another thread count: a probe of its own
+    finally:
+        torch.set_num_threads(threads)
+    assert base not in keys and len(keys) == len(other_work) + 2
+    auto_precision(policy, WORK, CPU, tmp_path)
+    auto_precision(policy, Workload(16, 4, 4, 4, 4), CPU, tmp_path)
+    assert len(calls) == 3  # the extra-thread key, the base key, the bigger batch: none reused another's
+    assert auto_precision(policy, WORK, CPU, tmp_path).source == "cache" and len(calls) == 3
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "",
+        '{"precision": "bf16"}',  # fields missing
+        None,  # a valid record whose numbers contradict its decision
+    ],
+)
+def test_a_corrupt_cache_file_is_probed_again_not_a_crash(tmp_path, fake_measure, caplog, content):
+    calls = fake_measure(1.0, 2.0)
+    policy = micro_policy()
+    path = cache_file(tmp_path, probe_key(policy.lm, WORK))
+    auto_precision(policy, WORK, CPU, tmp_path)
+    if content is None:
+        rec = json.loads(path.read_text())
+        content = json.dumps({**rec, "precision": "bf16"})  # bf16 is 2× slower in its own numbers
+    path.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="kl_research.precision_probe"):
+        choice = auto_precision(policy, WORK, CPU, tmp_path)
+    assert (choice.precision, choice.source, len(calls)) == ("fp32", "probe", 2)
+    assert "probing again" in caplog.text and str(path) in caplog.text
+    assert json.loads(path.read_text())["precision"] == "fp32"  # replaced by a valid record
+    assert auto_precision(policy, WORK, CPU, tmp_path).source == "cache" and len(calls) == 2
+
+
+def test_reason_names_the_choice_and_the_numbers(tmp_path, fake_measure):
+    fake_measure(0.25, 0.2)
+    choice = auto_precision(micro_policy(), WORK, CPU, tmp_path)
+    assert choice.reason.startswith(
+        "bf16 trunk 1.25× faster (≥ 1.10× needed) in a 0.5 s probe (fp32 0.25 s, bf16 0.2 s"
+    )
+    assert "4 fwd+bwd of 4×8 tokens + 2 scoring fwd of 8×8 + generating 8×4" in choice.reason
+    fake_measure(0.25, 0.31)
+    slower = auto_precision(micro_policy(), WORK, CPU, tmp_path / "other")
+    assert slower.precision == "fp32" and slower.reason.startswith("bf16 trunk 1.24× slower in a 0.5 s probe")
+    fake_measure(0.25, 0.24)
+    close = auto_precision(micro_policy(), WORK, CPU, tmp_path / "third")
+    assert close.precision == "fp32" and close.reason.startswith("bf16 trunk only 1.04× faster (< the 1.10× needed)")
+    assert close.record() == {
+        "precision": "fp32",
+        "precision_source": "probe",
+        "precision_reason": close.reason,
+        "precision_fp32_s": 0.25,
+        "precision_bf16_s": 0.24,
+    }
+
+
+def test_explicit_precision_and_cuda_never_probe():
+    def probe():
+        raise AssertionError("probed")
+
+    for p in ("fp32", "bf16"):
+        for dev in (CPU, torch.device("cuda")):
+            choice = runtime.resolve_precision(dev, p, probe)
+            assert (choice.precision, choice.source, choice.fp32_s) == (p, "explicit", None)
+    cuda = runtime.resolve_precision(torch.device("cuda"), "auto", probe)
+    assert (cuda.precision, cuda.source) == ("bf16", "cuda") and "no probe" in cuda.reason
+    picked = runtime.PrecisionChoice("fp32", "probe", "measured")
+    assert runtime.resolve_precision(CPU, "auto", lambda: picked) is picked
+    with pytest.raises(ValueError, match="resolved precision"):
+        runtime.autocast(CPU, "auto")  # "auto" must be resolved first
+
+
+def test_the_real_probe_times_both_precisions_and_leaves_the_policy_and_rng_alone():
+    policy = micro_policy()
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    m = precision_probe.measure(policy, WORK, CPU)
+    assert torch.equal(torch.rand(3), expected_draw)  # the global RNG is where it was
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+    assert all(p.grad is None for p in policy.parameters())
+    assert m["fp32_s"] > 0 and m["bf16_s"] > 0 and m["rounds"] >= precision_probe.REPS[0]
+    for p in ("fp32", "bf16"):  # step = updates × update + 2 × score + generate
+        step = WORK.updates * m["update_s"][p] + 2 * m["score_s"][p] + m["generate_s"][p]
+        assert m[f"{p}_s"] == pytest.approx(step) and m["generate_s"][p] > 0
