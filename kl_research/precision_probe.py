@@ -11,8 +11,8 @@ cleared and the global RNG state is restored afterwards, so the run's trajectory
 - the generation: `generate` of response_len tokens for (batch, prompt) tokens with the KV cache, as the rollout.
 A step's model work is `updates` (= epochs x minibatches) of the first, 2 of the second (policy and reference) and
 one of the third. fp32 and bf16 alternate after a warm-up, and the medians are compared: bf16 is chosen only when the
-step is at least MARGIN faster. (Generation matters: at the tiny default on a Zen 5 CPU the trunk passes alone are
-1.15x faster in bf16, generation not at all, and a whole training step 1.0-1.09x.)
+step is at least MARGIN (1.2x) faster. (Generation matters: at the tiny default on a Zen 5 CPU the trunk passes alone
+are 1.15x faster in bf16, generation not at all, and a whole training step 1.0-1.09x.)
 
 The decision and its numbers are cached as JSON, one file per key, under <cache dir>/precision/: the key is the CPU
 (model name, the flags that decide bf16 matmul speed), the torch version, the thread count, the model's shape and
@@ -40,7 +40,11 @@ from kl_research.runtime import PrecisionChoice, cpu_features, rng_state, set_rn
 
 log = logging.getLogger(__name__)
 
-MARGIN = 1.10  # bf16 must be ≥ 10 % faster: a smaller gain is within a shared machine's noise
+# bf16 must be ≥ 20 % faster on the probe's model work. The probe leaves out what bf16 does not speed up (the reward,
+# the fp32 KL and loss maths, the optimizer), so its ratio overstates the step's: at the tiny default on a Zen 5 CPU a
+# 1.10-1.14x probe was a whole-step 0.96-1.09x (noise). The bench's gpt2-mid shape probed 1.32x there (once, ad hoc);
+# on an AMX Xeon its score + update measured 1.28x faster in bf16 (issue 13), a gain worth taking.
+MARGIN = 1.20
 FORMAT = 2  # bump when the probe's procedure changes: older cache files are then ignored
 WARMUP = 2  # rounds before timing (the first bf16 call builds oneDNN primitives)
 REPS = (3, 15)  # timed rounds: at least 3, at most 15, fewer once BUDGET_S is spent (big models)
@@ -265,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     if fresh:
         cache_file(cache_dir, probe_key(policy.lm, work)).unlink(missing_ok=True)
     choice = resolve_precision(device, cfg.precision, probe=lambda: auto_precision(policy, work, device, cache_dir))
-    print(f"precision={cfg.precision} → {choice.precision} ({choice.source}, {threads} threads): {choice.reason}")
+    n = f"{threads} thread{'s' if threads != 1 else ''}"
+    print(f"precision={cfg.precision} → {choice.precision} ({choice.source}, {n}): {choice.reason}")
 
 
 if __name__ == "__main__":

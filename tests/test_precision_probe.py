@@ -130,7 +130,7 @@ def test_reason_names_the_choice_and_the_numbers(tmp_path, fake_measure):
     fake_measure(0.25, 0.2)
     choice = auto_precision(micro_policy(), WORK, CPU, tmp_path)
     assert choice.reason.startswith(
-        "bf16 trunk 1.25× faster (≥ 1.10× needed) in a 0.5 s probe (fp32 0.25 s, bf16 0.2 s"
+        "bf16 trunk 1.25× faster (≥ 1.20× needed) in a 0.5 s probe (fp32 0.25 s, bf16 0.2 s"
     )
     assert "4 fwd+bwd of 4×8 tokens + 2 scoring fwd of 8×8 + generating 8×4" in choice.reason
     fake_measure(0.25, 0.31)
@@ -138,7 +138,7 @@ def test_reason_names_the_choice_and_the_numbers(tmp_path, fake_measure):
     assert slower.precision == "fp32" and slower.reason.startswith("bf16 trunk 1.24× slower in a 0.5 s probe")
     fake_measure(0.25, 0.24)
     close = auto_precision(micro_policy(), WORK, CPU, tmp_path / "third")
-    assert close.precision == "fp32" and close.reason.startswith("bf16 trunk only 1.04× faster (< the 1.10× needed)")
+    assert close.precision == "fp32" and close.reason.startswith("bf16 trunk only 1.04× faster (< the 1.20× needed)")
     assert close.record() == {
         "precision": "fp32",
         "precision_source": "probe",
