@@ -425,6 +425,12 @@ def test_hydra_sweep_syntax_and_the_shared_preparation(tmp_path):
     assert only_sweep_dir(app / "multirun") == sweep_dir
     assert len((app / "calls.log").read_text().split()) == 8
 
+    # A grid the sweeper refuses is refused before the preparation runs (it may take minutes: the reference build).
+    before = (app / "calls.log.prepare").read_text()
+    r = run_fake(app, "controller=pid", "seed=0.5", "sweep.fresh=true")
+    assert r.returncode != 0 and "seed=0.5: each value must be an integer" in r.stderr, r.stderr[-2000:]
+    assert (app / "calls.log.prepare").read_text() == before
+
     # A preparation that fails stops the sweep before any job is launched, saying so.
     r = run_fake(app, "controller=pid", "seed=0", "prepare_fails=true", "sweep.fresh=true")
     assert r.returncode != 0

@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from hydra_plugins.kl_research_sweeper.grid import combinations, is_grid_override
+from hydra_plugins.kl_research_sweeper.grid import Grid, combinations, is_grid_override, jobs_of
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,13 @@ class PrepareOnce(Callback):
         task = [*(OmegaConf.select(config, "hydra.sweeper.overrides") or []), *config.hydra.overrides.task]
         try:
             parsed = OverridesParser.create(config_loader=loader).parse_overrides([str(o) for o in task])
+            sweeper = config.hydra.sweeper
+            if str(sweeper.get("_target_", "")).endswith(".KLGridSweeper"):  # a grid it refuses: before any work
+                grid = Grid.of(sweeper.controllers, sweeper.targets, sweeper.seeds, sweeper.get("fixed_betas"))
+                jobs_of(grid, parsed, [str(o).partition("=")[0] for o in task])
             combos = combinations([o for o in parsed if not is_grid_override(o)])
-        except Exception as e:  # the sweeper reports a bad command line, naming the key
-            log.warning(f"{self.function}: not run here ({e})")
+        except Exception as e:  # the sweeper reports a bad command line, naming the key, right after this
+            log.warning(f"{self.function}: not run ({e})")
             return
         seen: set[str] = set()
         for combo in combos:

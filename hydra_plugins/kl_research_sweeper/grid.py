@@ -45,6 +45,16 @@ class Grid:
     fixed_betas: tuple[float, ...] | None = None
     beta0: float | None = None  # controller.init_kl_coef of every controller but `fixed` (None: its YAML's)
 
+    @classmethod
+    def of(cls, controllers: Any, targets: Any, seeds: Any, fixed_betas: Any = None) -> "Grid":
+        """From the sweeper's parameters (lists or ListConfigs)."""
+        return cls(
+            controllers=tuple(str(c) for c in controllers),
+            targets=tuple(float(t) for t in targets),
+            seeds=tuple(int(s) for s in seeds),
+            fixed_betas=tuple(float(b) for b in fixed_betas) if fixed_betas else None,
+        )
+
 
 def grid_from_overrides(
     grid: Grid, given: dict[str, list[str]], sweep_keys: Sequence[str] = ()
@@ -204,6 +214,20 @@ def expand_grid(
     if len(set(names)) != len(names):
         raise ValueError(f"two jobs would share a run dir: {sorted(n for n in names if names.count(n) > 1)}")
     return jobs
+
+
+def jobs_of(grid: Grid, overrides: Sequence[Any], argument_keys: Sequence[str] = ()) -> list[Job]:
+    """Every job of ``grid`` with the command line's parsed overrides (hydra.core.override_parser.types.Override):
+    those of the grid's keys change the grid (:func:`grid_from_overrides`), the others are crossed with it.
+    ``argument_keys``: the command line's keys (to refuse one list given two ways). Raises ValueError, naming the
+    key, for what cannot be meant."""
+    on_grid = [o for o in overrides if is_grid_override(o)]
+    given = {o.key_or_group: grid_values(o) for o in on_grid}
+    grid, recorded = grid_from_overrides(grid, given, argument_keys)
+    rest = [o for o in overrides if o not in on_grid]
+    swept = [o.get_key_element() for o in rest if o.is_sweep_override()]
+    combos = [[*c, *recorded] for c in combinations(rest)]
+    return expand_grid(grid.controllers, grid.targets, grid.seeds, grid.fixed_betas, combos, swept, beta0=grid.beta0)
 
 
 def _is_sweep_key(override: str) -> bool:

@@ -55,16 +55,7 @@ from hydra_plugins.kl_research_sweeper.callbacks import (
     job_error,
 )
 from hydra_plugins.kl_research_sweeper.config import as_plain
-from hydra_plugins.kl_research_sweeper.grid import (
-    Grid,
-    Job,
-    combinations,
-    expand_grid,
-    fingerprint,
-    grid_from_overrides,
-    grid_values,
-    is_grid_override,
-)
+from hydra_plugins.kl_research_sweeper.grid import Grid, Job, fingerprint, jobs_of
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +184,7 @@ class KLGridSweeper(Sweeper):
         fresh: bool = False,
     ) -> None:
         self.name = str(name)
-        self.grid = Grid(
-            controllers=tuple(str(c) for c in as_plain(controllers)),
-            targets=tuple(float(t) for t in as_plain(targets)),
-            seeds=tuple(int(s) for s in as_plain(seeds)),
-            fixed_betas=tuple(float(b) for b in as_plain(fixed_betas)) if fixed_betas else None,
-        )
+        self.grid = Grid.of(controllers, targets, seeds, fixed_betas)
         self.overrides = [str(o) for o in as_plain(overrides)]
         self.root, self.dir, self.fresh = root, dir, bool(fresh)
         self.config: DictConfig | None = None
@@ -218,15 +204,7 @@ class KLGridSweeper(Sweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         parsed = parser.parse_overrides([*self.overrides, *arguments])
         # Hydra's own syntax for the grid's keys (controller=fixed,pid seed=0,1) is the grid.
-        on_grid = [o for o in parsed if is_grid_override(o)]
-        given = {o.key_or_group: grid_values(o) for o in on_grid}
-        grid, recorded = grid_from_overrides(self.grid, given, [a.partition("=")[0] for a in arguments])
-        rest = [o for o in parsed if o not in on_grid]
-        swept = [o.get_key_element() for o in rest if o.is_sweep_override()]
-        combos = [[*c, *recorded] for c in combinations(rest)]
-        return expand_grid(
-            grid.controllers, grid.targets, grid.seeds, grid.fixed_betas, combos, swept, beta0=grid.beta0
-        )
+        return jobs_of(self.grid, parsed, [a.partition("=")[0] for a in arguments])
 
     # ----------------------------------------------------------------------------------------- sweep
     def sweep(self, arguments: list[str]) -> Any:
