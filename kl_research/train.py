@@ -7,12 +7,15 @@ Everything it writes lives under out_dir: metrics.jsonl, summary.json, curves.pn
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +47,38 @@ from kl_research.runtime import (
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoints/last.pt"
+LOCK_FILE = ".lock"
 # Keys whose change does not change the trajectory: a restart may differ in these and still resume.
 RESUMABLE_DIFFS = ("steps", "wandb", "threads", "checkpoint_every", "sweep")
 
 
 # ------------------------------------------------------------------------------------------- checkpoint
+@contextlib.contextmanager
+def run_dir_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on <out>/.lock while the job runs: two copies of a job in one run dir (a sweep re-run
+    while the jobs of a killed sweep process still run, the same hydra.run.dir twice) would interleave checkpoints and
+    metrics. The second copy fails at once, naming the holder; the lock dies with its process (SIGKILL included)."""
+    fh = open(out / LOCK_FILE, "a+")  # held open on purpose: the lock lives as long as the file
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "a process that did not say"
+        fh.close()
+        raise RuntimeError(
+            f"{out} is in use by another copy of this job ({holder}); wait for it to finish or stop it, then run the "
+            "same command again: it resumes from the last checkpoint"
+        ) from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # releases the lock
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -309,10 +339,15 @@ def run_precision(
 
 
 def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run (or resume, or return the summary of a finished) PPO job in out_dir."""
+    """Run (or resume, or return the summary of a finished) PPO job in out_dir, as the only process there."""
     validate(cfg)  # every range check, before anything heavy is loaded
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(out):
+        return _train(cfg, out)
+
+
+def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     summary_path = out / "summary.json"
     if summary_path.exists():
         log.info("%s already holds a finished run; returning its summary", out)

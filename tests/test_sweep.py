@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -488,6 +489,51 @@ def test_sigkilled_local_job_is_reported_and_fails_the_sweep(tmp_path):
     r = subprocess.run([*cmd, *launcher], cwd=app, env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (app / "calls.log").read_text().split()[4:] == ["pid_kl0.05_s1"]
+
+
+@pytest.mark.slow  # ~10 s
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_stopping_a_local_sweep_stops_its_jobs(tmp_path, sig):
+    """Ctrl-C or kill of the sweep's process: its local jobs are cancelled, not left running orphaned (a re-run would
+    start second copies of them); the same command then resumes and completes the sweep."""
+    app = fake_app(tmp_path)
+    hold = app / "hold"
+    hold.touch()
+    grid = ["sweep.controllers=[pid]", "sweep.targets=[0.05]", "sweep.seeds=[0,1]", "hydra/launcher=local"]
+    cmd = [
+        sys.executable,
+        "app.py",
+        f"log={app / 'calls.log'}",
+        f"sweep.root={app / 'multirun'}",
+        *grid,
+        f"hold={hold}",
+    ]
+    proc = subprocess.Popen(cmd, cwd=app, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        calls = app / "calls.log"
+        wait_until(lambda: calls.exists() and "pid_kl0.05_s1" in calls.read_text(), "the held job to start")
+        sweep_dir = only_sweep_dir(app / "multirun")
+        submitted = [
+            json.loads(line) for line in (sweep_dir / ".submitit" / "submitted.jsonl").read_text().splitlines()
+        ]
+        controller = next(r["job_id"] for r in submitted if r["subdir"] == "pid_kl0.05_s1")
+        (task,) = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
+        proc.send_signal(getattr(signal, sig))
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "cancelling 1 running local jobs" in out, out[-3000:]
+    wait_until(lambda: not Path(f"/proc/{task}").exists(), "the cancelled job's process to end", timeout=30)
+    assert not (sweep_dir / "pid_kl0.05_s1" / "summary.json").exists()
+
+    hold.unlink()
+    r = subprocess.run(cmd, cwd=app, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert only_sweep_dir(app / "multirun") == sweep_dir
+    assert (sweep_dir / "pid_kl0.05_s1" / "summary.json").is_file()
+    assert calls.read_text().split().count("pid_kl0.05_s0") == 1  # the completed job did not run again
 
 
 def job_intervals(app: Path) -> list[tuple[float, float]]:

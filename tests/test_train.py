@@ -240,6 +240,25 @@ def test_resume_refuses_a_different_config(cache_dir, tmp_path, monkeypatch):
         train(make_cfg(cache_dir, "steps=4", "ppo.lr=0.5"), tmp_path)
 
 
+def test_a_second_copy_of_a_job_in_its_run_dir_fails_at_once_naming_the_first(cache_dir, tmp_path, monkeypatch):
+    """A run dir has one job at a time (train.run_dir_lock): a copy started while another holds it fails before it
+    loads anything, and the dir is free again once the holder's lock is gone."""
+    import fcntl
+
+    loaded = []
+    monkeypatch.setattr("kl_research.reference.load_reference", lambda cfg: loaded.append(cfg) or 1 / 0)
+    with open(tmp_path / train_mod.LOCK_FILE, "a+") as holder:  # another process's lock (flock: per open file)
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("pid 4242 on node7 since 2026-11-29T10:00:00\n")
+        holder.flush()
+        with pytest.raises(RuntimeError, match=r"in use by another copy of this job \(pid 4242 on node7 since"):
+            train(make_cfg(cache_dir, "steps=2"), tmp_path)
+    assert loaded == []
+    with pytest.raises(ZeroDivisionError):  # free: the job starts (and here fails at its first load)
+        train(make_cfg(cache_dir, "steps=2"), tmp_path)
+    assert len(loaded) == 1
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,19 @@ def failed_return(overrides: Sequence[str], error: BaseException) -> JobReturn:
     ret.return_value = error  # JobReturn.return_value raises it when read (callbacks.job_error)
     ret.status = JobStatus.FAILED
     return ret
+
+
+def _sigterm_raises() -> Any:
+    """Make SIGTERM (``kill <pid>``) raise SystemExit in this process, as Ctrl-C raises KeyboardInterrupt, so that
+    the launcher can stop its jobs first; returns the previous handler (None off the main thread: left alone)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
 
 
 class _TolerantMixin:
@@ -89,25 +103,53 @@ class _TolerantMixin:
             self._record(sweep_dir, job_overrides, pending)
             pending, limit = [], len(args)
         n_done = 0
-        while pending or running:
-            while pending and len(running) < limit:
-                i = pending.pop(0)
-                running[i] = executor.submit(self, *args[i])
-                self.job_ids[i] = running[i].job_id
-                self._record(sweep_dir, job_overrides, [i])
-            for i, job in list(running.items()):
-                if not job.done():
-                    continue
-                del running[i]
-                try:
-                    results[i] = job.results()[0]
-                except Exception as e:  # killed, timed out, failed outside the task function
-                    results[i] = failed_return(job_overrides[i], e)
-                n_done += 1
-                status = results[i].status.name  # type: ignore[union-attr]
-                log.info(f"[{n_done}/{len(args)}] job #{initial_job_idx + i} ({job.job_id}): {status}")
-            time.sleep(0.5 if self._EXECUTOR == "local" else 2.0)
+        previous = _sigterm_raises()
+        try:
+            while pending or running:
+                while pending and len(running) < limit:
+                    i = pending.pop(0)
+                    running[i] = executor.submit(self, *args[i])
+                    self.job_ids[i] = running[i].job_id
+                    self._record(sweep_dir, job_overrides, [i])
+                for i, job in list(running.items()):
+                    if not job.done():
+                        continue
+                    del running[i]
+                    try:
+                        results[i] = job.results()[0]
+                    except Exception as e:  # killed, timed out, failed outside the task function
+                        results[i] = failed_return(job_overrides[i], e)
+                    n_done += 1
+                    status = results[i].status.name  # type: ignore[union-attr]
+                    log.info(f"[{n_done}/{len(args)}] job #{initial_job_idx + i} ({job.job_id}): {status}")
+                time.sleep(0.5 if self._EXECUTOR == "local" else 2.0)
+        except BaseException:  # Ctrl-C, kill (SIGTERM), a bug here
+            self._stop(running)
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         return results  # type: ignore[return-value]
+
+    def _stop(self, running: dict[int, Any]) -> None:
+        """The sweep's process is going away with jobs still running. Local jobs are its children: cancel them, or
+        they would run on, orphaned, and a re-run of the sweep would start second copies (which the trainer's run-dir
+        lock then refuses). SLURM jobs are the cluster's: they go on, and a re-run waits for them."""
+        if not running:
+            return
+        if self._EXECUTOR == "local":
+            log.warning(
+                f"stopping: cancelling {len(running)} running local jobs (their checkpoints stay: re-run the "
+                "same command to resume them)"
+            )
+            for job in running.values():
+                job.cancel(check=False)
+        else:
+            ids = " ".join(str(j.job_id) for j in running.values())
+            log.warning(
+                f"stopping: {len(running)} SLURM jobs go on ({ids}); a re-run of the same command waits for "
+                f"them, or cancel them: scancel {ids}"
+            )
 
     def _with_threads(self, overrides: Sequence[str]) -> list[str]:
         """The job's overrides plus ``threads=<cpus_per_task>`` when the task has a ``threads`` key and the

@@ -23,8 +23,10 @@ or failed. ``dir=<path>`` names the dir exactly (resumed if its fingerprint matc
 
 Resume never runs two copies of a job: a completed job (``summary.json``) is skipped; a job that an earlier
 run of the sweep submitted to SLURM and that ``squeue`` still lists (the sweep's own process died, the job did
-not) stops the re-run with its job id, to wait for it or ``scancel`` it. A job that was interrupted restarts
-in its run dir, where the trainer resumes from its last checkpoint.
+not) stops the re-run with its job id, to wait for it or ``scancel`` it; local jobs are cancelled when the
+sweep's process is stopped (Ctrl-C, SIGTERM: :mod:`.launchers`), and the trainer holds a lock on its run dir,
+so a second copy that slips through (the sweep's process SIGKILLed) fails at once, naming the first. A job that
+was interrupted restarts in its run dir, where the trainer resumes from its last checkpoint.
 """
 
 from __future__ import annotations
