@@ -12,10 +12,9 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from test_sweep import check_tiny_sweep, env, fake_app, only_sweep_dir, run_sweep
+from test_sweep import check_tiny_sweep, env, fake_app, only_sweep_dir, run_sweep, submitted_ids, wait_for
 
 
 def slurm_missing() -> str | None:
@@ -75,18 +74,6 @@ def test_tiny_sweep_through_submitit_slurm(tmp_path):
     assert sacct.stdout.count("COMPLETED") == 3, sacct.stdout  # the failing job fails inside Hydra, not SLURM
     assert "ValueError" in (sweep_dir / "pid_kl-1_s0" / "error.txt").read_text()
     print(f"tiny SLURM sweep (3 jobs): {wall:.0f} s")
-
-
-def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
-def submitted_ids(sweep_dir: Path) -> dict[str, str]:
-    lines = (sweep_dir / ".submitit" / "submitted.jsonl").read_text().splitlines()
-    return {r["subdir"]: r["job_id"] for r in map(json.loads, lines)}
 
 
 def in_squeue(job_id: str) -> bool:

@@ -440,11 +440,24 @@ def test_hydra_sweep_syntax_and_the_shared_preparation(tmp_path):
     assert len(list((app / "multirun" / "kl_grid").iterdir())) == 1
 
 
-def wait_until(cond, what: str, timeout: float = 60.0) -> None:
-    t = time.time()
-    while not cond():
-        assert time.time() - t < timeout, f"timed out waiting for {what}"
-        time.sleep(0.2)
+def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def submitted_ids(sweep_dir: Path) -> dict[str, str]:
+    """Run-dir name -> submitit job id, from the launcher's record of what it submitted."""
+    lines = (sweep_dir / ".submitit" / "submitted.jsonl").read_text().splitlines()
+    return {r["subdir"]: r["job_id"] for r in map(json.loads, lines)}
+
+
+def local_task_pid(sweep_dir: Path, subdir: str) -> int:
+    """The pid of a local job's task: submitit's local job id is its controller's pid; the task is its child."""
+    controller = submitted_ids(sweep_dir)[subdir]
+    (task,) = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
+    return int(task)
 
 
 @pytest.mark.slow  # ~10 s: a local sweep of a fake task with a job SIGKILLed
@@ -462,15 +475,9 @@ def test_sigkilled_local_job_is_reported_and_fails_the_sweep(tmp_path):
     )
     try:
         calls = app / "calls.log"
-        wait_until(lambda: calls.exists() and len(calls.read_text().split()) == 4, "all 4 jobs to start")
+        wait_for(lambda: calls.exists() and len(calls.read_text().split()) == 4, 60, "all 4 jobs to start")
         sweep_dir = only_sweep_dir(app / "multirun")
-        submitted = [
-            json.loads(line) for line in (sweep_dir / ".submitit" / "submitted.jsonl").read_text().splitlines()
-        ]
-        # local: the job id is the pid of submitit's controller; the task runs in its child process
-        controller = next(r["job_id"] for r in submitted if r["subdir"] == "pid_kl0.05_s1")
-        (task,) = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
-        os.kill(int(task), 9)
+        os.kill(local_task_pid(sweep_dir, "pid_kl0.05_s1"), 9)
         time.sleep(1.0)
         hold.unlink()  # fixed_s1 finishes
         out, err = proc.communicate(timeout=120)
@@ -511,13 +518,9 @@ def test_stopping_a_local_sweep_stops_its_jobs(tmp_path, sig):
     proc = subprocess.Popen(cmd, cwd=app, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         calls = app / "calls.log"
-        wait_until(lambda: calls.exists() and "pid_kl0.05_s1" in calls.read_text(), "the held job to start")
+        wait_for(lambda: calls.exists() and "pid_kl0.05_s1" in calls.read_text(), 60, "the held job to start")
         sweep_dir = only_sweep_dir(app / "multirun")
-        submitted = [
-            json.loads(line) for line in (sweep_dir / ".submitit" / "submitted.jsonl").read_text().splitlines()
-        ]
-        controller = next(r["job_id"] for r in submitted if r["subdir"] == "pid_kl0.05_s1")
-        (task,) = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
+        task = local_task_pid(sweep_dir, "pid_kl0.05_s1")
         proc.send_signal(getattr(signal, sig))
         out = proc.communicate(timeout=60)[0]
     finally:
@@ -525,7 +528,7 @@ def test_stopping_a_local_sweep_stops_its_jobs(tmp_path, sig):
             proc.kill()
     assert proc.returncode != 0
     assert "cancelling 1 running local jobs" in out, out[-3000:]
-    wait_until(lambda: not Path(f"/proc/{task}").exists(), "the cancelled job's process to end", timeout=30)
+    wait_for(lambda: not Path(f"/proc/{task}").exists(), 30, "the cancelled job's process to end")
     assert not (sweep_dir / "pid_kl0.05_s1" / "summary.json").exists()
 
     hold.unlink()
