@@ -128,14 +128,10 @@ def combinations(overrides: Sequence[Any]) -> list[list[str]]:
     """Every combination of parsed Hydra overrides (hydra.core.override_parser.types.Override), as the
     lists of ``key=value`` strings one job gets: ``a=1,2 b=3`` -> [[a=1, b=3], [a=2, b=3]]. Discrete sweeps
     only (lists, ``range``, ``choice``); an interval has no finite grid."""
-    lists = []
-    for o in overrides:
-        if not o.is_sweep_override():
-            lists.append([o.input_line])
-        elif o.is_discrete_sweep():
-            lists.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
-        else:
-            raise ValueError(f"{o.input_line}: only discrete sweeps (a,b,c; range; choice) make a grid")
+    lists = [
+        [f"{o.get_key_element()}={v}" for v in grid_values(o)] if o.is_sweep_override() else [o.input_line]
+        for o in overrides
+    ]
     return [list(c) for c in itertools.product(*lists)]
 
 
