@@ -81,10 +81,13 @@ class PPOSchema:
     lr: float = 5e-5
     adam_eps: float = 1e-5
     max_grad_norm: float = 1.0
-    kl_mode: str = "loss"  # loss: + β·KL in the policy loss | reward: −β·k per token in the reward
-    kl_penalty: str = "exact"  # the KL the penalty uses: loss → exact | k2; reward → k1 (kl.PENALTY_MODES)
+    kl_mode: str = "loss"  # loss: + β·KL per position in the policy loss (partial sequence-level gradient) | reward:
+    # −β·k1 per token in the reward (full, high variance) | sequence: loss + exact KL-to-go in the returns (full)
+    kl_penalty: str = "exact"  # loss → exact | k2; reward → k1; sequence → exact (kl.PENALTY_MODES)
     kl_signal: str = "exact"  # estimator of the batch KL fed to the controller
+    kl_baseline: str = "loo"  # kl_mode=sequence: KL-to-go baseline (loo: leave-one-out mean per position | none)
     whiten_rewards: bool = False
+    whiten_advantages: bool = True  # the task score's advantages (with kl_mode=reward: the penalised ones)
     detach_value_head: bool = True  # value head on a detached trunk: the value loss never moves π
     target_approx_kl: float | None = None  # stop an update's epochs once an epoch's mean approx-KL exceeds it
 
@@ -109,6 +112,7 @@ class PPOSchema:
         need(self.adam_eps > 0, "adam_eps", "a float > 0")
         need(self.max_grad_norm > 0, "max_grad_norm", "a float > 0")
         check_penalty(self.kl_mode, self.kl_penalty)
+        need(self.kl_baseline in ("loo", "none"), "kl_baseline", "loo | none")
         need(self.target_approx_kl is None or self.target_approx_kl > 0, "target_approx_kl", "null or a float > 0")
         check_estimator(self.kl_signal, SIGNAL_ESTIMATORS, "ppo.kl_signal")
 

@@ -20,12 +20,29 @@ import torch.nn.functional as F
 ESTIMATORS = ("k1", "k2", "k3", "seed")
 SIGNAL_ESTIMATORS = (*ESTIMATORS, "exact")
 
-# Where an estimator may act on π is a question of its *gradient* (RESEARCH.md §2). A per-token reward reaches π
-# only through the score-function term E_π[k·∇log π]: that is ∇KL for k1 alone. A loss term is differentiated
-# through log π: on-policy E_π[∇½d²] = E_π[d·∇log π] = ∇KL, and the exact full-vocabulary KL differentiated
-# analytically is ∇KL itself with no sampling noise. tests/test_kl.py checks each pair on a small categorical in
-# float64 (cosine with ∇KL > 0.99 for the allowed pairs, < 0.99 for the refused ones).
-PENALTY_MODES: dict[str, tuple[str, ...]] = {"loss": ("exact", "k2"), "reward": ("k1",)}
+# Where an estimator may act on π is a question of its *gradient*, and of the gradient of the KL of the whole
+# response (RESEARCH.md §2): KL_seq = E_π[Σ_t KL_t(y_<t)] and
+#     ∇KL_seq = E[Σ_t ∇KL_t(y_<t)]  +  E[Σ_s ∇log π(y_s|y_<s) · Σ_{t>s} KL_t(y_<t)]
+#               (pathwise, per position)  (score function: what token s does to every later position's KL)
+# - reward  + k1:    −β·k1 per token through γ = 1 returns: both terms, unbiased, through a sampled log-ratio
+#                    (high variance). FULL.
+# - loss    + exact: β·Σ_v π(v)(log π(v) − log π_ref(v)) per position, differentiated analytically: the first term
+#                    only. PARTIAL (Tang & Munos 2025; Shah et al. 2025).
+# - loss    + k2:    ½(log π(y) − log π_ref(y))² through log π: on-policy the same first term in expectation. PARTIAL.
+# - sequence + exact: the analytic per-position term (as loss+exact) plus each position's exact KL credited through
+#                    the returns to the earlier tokens that led to it (ppo.kl_to_go): both terms, with no sampled
+#                    log-ratio anywhere. FULL.
+# tests/test_kl_sequence.py checks each pair through the trainer's own pieces against the autograd gradient of the
+# enumerated KL_seq (float64 identities); tests/test_kl.py checks the one-token case of every pair.
+PENALTY_MODES: dict[str, tuple[str, ...]] = {"sequence": ("exact",), "loss": ("exact", "k2"), "reward": ("k1",)}
+# What each offered (mode, penalty) differentiates at the sequence level: "full" = ∇KL_seq in expectation,
+# "partial" = the per-position pathwise term only.
+SEQUENCE_GRADIENT: dict[tuple[str, str], str] = {
+    ("sequence", "exact"): "full",
+    ("reward", "k1"): "full",
+    ("loss", "exact"): "partial",
+    ("loss", "k2"): "partial",
+}
 _REFUSED_WHY = {
     ("reward", "k2"): "as a per-token reward only its score-function term E[k2·∇log π] reaches π, and that is a "
     "small fraction of ∇KL in a direction barely correlated with it",
@@ -37,23 +54,34 @@ _REFUSED_WHY = {
     ("loss", "k3"): "through log π, k3's expected gradient is that of the reverse KL(π_ref‖π), not KL(π‖π_ref)",
     ("loss", "seed"): "the seed's exp(d)·d is biased and so is its gradient",
     ("reward", "exact"): "the exact KL is a sum over the vocabulary, not a sampled token's value; as a loss it "
-    "is differentiated analytically",
+    "is differentiated analytically, and ppo.kl_mode=sequence also credits it to earlier tokens through the returns",
 }
 
 
+def gradient_kind(mode: str, estimator: str) -> str:
+    """'full' or 'partial': what an offered (ppo.kl_mode, ppo.kl_penalty) pair differentiates of KL_seq."""
+    check_penalty(mode, estimator)
+    return SEQUENCE_GRADIENT[(mode, estimator)]
+
+
 def check_penalty(mode: str, estimator: str) -> None:
-    """Refuse a (ppo.kl_mode, ppo.kl_penalty) pair whose expected gradient is not ∇KL(π‖π_ref), naming the pair
-    that does what the user wants."""
+    """Refuse a (ppo.kl_mode, ppo.kl_penalty) pair whose expected gradient is not ∇KL(π‖π_ref) at one token,
+    naming the pairs that are offered and what each differentiates at the sequence level."""
     if mode not in PENALTY_MODES:
-        raise ValueError(f"ppo.kl_mode={mode!r} is invalid; allowed: {', '.join(PENALTY_MODES)}")
+        raise ValueError(f'ppo.kl_mode={mode!r} is invalid; allowed: {", ".join(PENALTY_MODES)} (README "KL contract")')
     if estimator in PENALTY_MODES[mode]:
         return
-    allowed = "; ".join(f"ppo.kl_mode={m} with ppo.kl_penalty={'|'.join(e)}" for m, e in PENALTY_MODES.items())
+    allowed = "; ".join(
+        f"ppo.kl_mode={m} ppo.kl_penalty={e} ({SEQUENCE_GRADIENT[(m, e)]} sequence-level gradient)"
+        for m, es in PENALTY_MODES.items()
+        for e in es
+    )
     why = _REFUSED_WHY.get((mode, estimator), "it is not a KL estimator")
     raise ValueError(
-        f"ppo.kl_penalty={estimator!r} with ppo.kl_mode={mode!r} is refused: {why}. A low-variance pull back to the "
-        f"reference is ppo.kl_mode=loss ppo.kl_penalty=exact (or k2); the classic reward shaping is "
-        f"ppo.kl_mode=reward ppo.kl_penalty=k1. Allowed: {allowed}"
+        f"ppo.kl_penalty={estimator!r} with ppo.kl_mode={mode!r} is refused: {why}. The full gradient of the "
+        f"response's KL with no sampled log-ratio is ppo.kl_mode=sequence ppo.kl_penalty=exact; the classic reward "
+        f"shaping (full, high variance) is ppo.kl_mode=reward ppo.kl_penalty=k1; ppo.kl_mode=loss (exact or k2) "
+        f"differentiates each position's KL only (partial). Allowed: {allowed}"
     )
 
 
@@ -68,10 +96,11 @@ def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torc
     """Per-token KL estimate at sampled tokens.
 
     logp, ref_logp: (...) log-probabilities of the sampled tokens under π and π_ref.
-    Returns a tensor of the same shape, computed in at least fp32.
+    Returns a tensor of the same shape, computed in at least fp32 (float64 inputs stay float64).
     """
     check_estimator(estimator)
-    d = logp.float() - ref_logp.float()
+    dtype = torch.promote_types(torch.promote_types(logp.dtype, ref_logp.dtype), torch.float32)
+    d = logp.to(dtype) - ref_logp.to(dtype)
     if estimator == "k1":
         return d
     if estimator == "k2":
@@ -84,9 +113,9 @@ def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torc
 
 
 def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits / T in fp32. At T = 1 the division is skipped: x / 1.0 == x exactly, so the result is the same bits
-    without a pass over a (B, T, V) tensor (and its backward)."""
-    x = logits.float()
+    """logits / T in at least fp32 (bf16/fp16 up-cast, float64 kept). At T = 1 the division is skipped: x / 1.0 == x
+    exactly, so the result is the same bits without a pass over a (B, T, V) tensor (and its backward)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return x if temperature == 1.0 else x / temperature
 
 

@@ -55,6 +55,31 @@ def gae(
     return advantages, advantages + values
 
 
+def kl_to_go(token_kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T): at each response token s, Σ_{t>s} KL_t over the later response positions of its sequence.
+
+    The score-function half of ∇KL_seq (RESEARCH.md §2) credits token s with the KL of every later position, whose
+    state y_≤s it chose. KL_s itself is excluded: it depends on y_<s only, so crediting it to y_s would add noise and
+    no signal (its expectation against ∇log π(y_s|y_<s) is 0). With γ = 1 this is the return of the per-token
+    reward KL_{s+1} placed on token s. Zero outside the mask.
+    """
+    x = token_kl * mask
+    later = x.flip(1).cumsum(1).flip(1) - x  # Σ_{t>=s} − KL_s
+    return later * mask
+
+
+def leave_one_out_baseline(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T): at each position, the mean of x over the *other* sequences whose response reaches that position.
+
+    A baseline for sequence i that does not depend on sequence i's tokens, so subtracting it leaves the expected
+    score-function gradient unchanged (RLOO's argument, per position). 0 where no other sequence reaches it.
+    """
+    m = mask.to(x.dtype)
+    total, count = (x * m).sum(0, keepdim=True), m.sum(0, keepdim=True)
+    others = (count - m).clamp_min(1.0)
+    return (total - x * m) / others * m
+
+
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """(x − mean)/std over masked positions (unbiased variance, as TRL); zero outside the mask."""
     mean = masked_mean(x, mask)

@@ -206,17 +206,23 @@ def make_optimizer(policy: torch.nn.Module, pcfg: DictConfig, device: torch.devi
 
 
 def uses_exact_kl_loss(pcfg: DictConfig) -> bool:
-    """kl_mode=loss with the exact KL: the rollout keeps the reference's full log-probs for every minibatch."""
-    return pcfg.kl_mode == "loss" and pcfg.kl_penalty == "exact"
+    """The exact KL as a loss term (kl_mode=loss or sequence with kl_penalty=exact): the rollout keeps the
+    reference's full log-probs for every minibatch."""
+    return pcfg.kl_mode in ("loss", "sequence") and pcfg.kl_penalty == "exact"
 
 
 def advantages_and_returns(
     batch: dict[str, torch.Tensor], scores: torch.Tensor, beta: float, pcfg: DictConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards → GAE → whitened advantages, and the value targets. (B, R) each.
+    """Per-token rewards → GAE → (whitened) advantages, and the value targets. (B, R) each.
 
-    kl_mode=reward: −β·k1 on every response token plus the score at the last one (lm-human-preferences, TRL).
-    kl_mode=loss: the score alone; the KL acts through ppo_update's β·KL loss term instead.
+    kl_mode=reward: −β·k1 on every response token plus the score at the last one (lm-human-preferences, TRL); the
+        value head learns the penalised return and the whole advantage is whitened.
+    kl_mode=loss: the score alone; the KL acts through ppo_update's β·KL loss term instead (partial gradient).
+    kl_mode=sequence: the score's advantage as in `loss`, plus the KL's score-function half, which `loss` lacks:
+        −β·(Σ_{t>s} exact KL_t − baseline) at token s (ppo.kl_to_go; baseline: ppo.kl_baseline). That part is *not*
+        whitened, exactly as the analytic β·KL loss term it completes is not: whitening the one and not the other
+        would weigh the two halves of ∇KL_seq differently. The value head learns the score's return only.
     """
     mask = batch["mask"]
     if pcfg.kl_mode == "reward":
@@ -227,7 +233,45 @@ def advantages_and_returns(
     if pcfg.whiten_rewards:
         rewards = ppo.masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = ppo.gae(rewards, batch["values"], mask, pcfg.gamma, pcfg.lam)
-    return ppo.masked_whiten(advantages, mask), returns
+    if pcfg.whiten_advantages:
+        advantages = ppo.masked_whiten(advantages, mask)
+    if pcfg.kl_mode == "sequence":
+        to_go = ppo.kl_to_go(batch["exact_kl"], mask)
+        if pcfg.kl_baseline == "loo":
+            to_go = to_go - ppo.leave_one_out_baseline(to_go, mask)
+        advantages = advantages - beta * to_go
+    return advantages, returns
+
+
+def minibatch_loss(
+    logprobs: torch.Tensor,
+    values: torch.Tensor,
+    mb: dict[str, torch.Tensor],
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    pcfg: DictConfig,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one minibatch: clipped policy loss + vf_coef · clipped value loss (+ β·KL term with
+    kl_mode=loss|sequence). Returns (loss, its parts for the logs).
+
+    logprobs: (b, R, V) log-softmax of the current policy (with grad); values: (b, R); mb: the rollout's tensors for
+    these sequences (mask, response, logp, values, ref_logp, ref_logprobs with the exact KL); advantages, returns:
+    (b, R). tests/test_kl_sequence.py differentiates exactly this function over enumerated sequences.
+    """
+    mask = mb["mask"]
+    logp = logprobs.gather(-1, mb["response"].unsqueeze(-1)).squeeze(-1)  # (b, R)
+    pg_loss, clipfrac, approx_kl = ppo.policy_loss(logp, mb["logp"], advantages, mask, pcfg.cliprange)
+    vf_loss, vclipfrac = ppo.value_loss(values, mb["values"], returns, mask, pcfg.cliprange_value)
+    if uses_exact_kl_loss(pcfg):
+        kl_term = ppo.exact_kl_loss(logprobs, mb["ref_logprobs"], mask)
+    elif pcfg.kl_mode == "loss":
+        kl_term = ppo.k2_kl_loss(logp, mb["ref_logp"], mask)
+    else:
+        kl_term = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    loss = pg_loss + pcfg.vf_coef * vf_loss + beta * kl_term
+    parts = {"pg": pg_loss, "vf": vf_loss, "kl": kl_term, "clipfrac": clipfrac, "vclipfrac": vclipfrac}
+    return loss, {**parts, "approx_kl": approx_kl}
 
 
 def ppo_update(
@@ -242,14 +286,14 @@ def ppo_update(
     generator: torch.Generator,
     beta: float = 0.0,
 ) -> dict[str, float]:
-    """epochs × minibatches of clipped policy + value loss (+ β·KL with kl_mode=loss), with gradient clipping.
+    """epochs × minibatches of `minibatch_loss`, with gradient clipping.
 
     With ppo.target_approx_kl set, the epochs stop early once an epoch's mean approx-KL(π_old‖π) exceeds it.
     """
     B = batch["seqs"].shape[0]
-    kl_loss = pcfg.kl_mode == "loss"
     keys = ("pg", "vf", "kl", "clipfrac", "vclipfrac", "approx_kl", "gnorm")
     stats: dict[str, list[float]] = {k: [] for k in keys}
+    per_seq = [k for k in ("mask", "response", "logp", "values", "ref_logp", "ref_logprobs") if k in batch]
     epoch_kl = 0.0
     epochs_run = 0
     for _ in range(pcfg.epochs):
@@ -257,40 +301,21 @@ def ppo_update(
         epoch_approx = []
         for start in range(0, B, pcfg.minibatch_size):
             idx = order[start : start + pcfg.minibatch_size]
-            mask = batch["mask"][idx]
             with amp:
                 logits, values = policy.score(batch["seqs"][idx], prompt_len)
             logprobs = torch.log_softmax(tempered(logits, pcfg.temperature), dim=-1)  # (b, R, V)
-            logp = logprobs.gather(-1, batch["response"][idx].unsqueeze(-1)).squeeze(-1)  # (b, R)
-            pg_loss, clipfrac, approx_kl = ppo.policy_loss(
-                logp, batch["logp"][idx], advantages[idx], mask, pcfg.cliprange
-            )
-            vf_loss, vclipfrac = ppo.value_loss(values, batch["values"][idx], returns[idx], mask, pcfg.cliprange_value)
-            if uses_exact_kl_loss(pcfg):
-                kl_term = ppo.exact_kl_loss(logprobs, batch["ref_logprobs"][idx], mask)
-            elif kl_loss:
-                kl_term = ppo.k2_kl_loss(logp, batch["ref_logp"][idx], mask)
-            else:
-                kl_term = torch.zeros((), device=logp.device)
-            loss = pg_loss + pcfg.vf_coef * vf_loss + (beta * kl_term if kl_loss else 0.0)
+            mb = {k: batch[k][idx] for k in per_seq}
+            loss, parts = minibatch_loss(logprobs, values, mb, advantages[idx], returns[idx], pcfg, beta)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"non-finite PPO loss (policy {pg_loss.item()}, value {vf_loss.item()}, KL {kl_term.item()}); "
-                    "stopping; the last good checkpoint is kept"
+                    f"non-finite PPO loss (policy {parts['pg'].item()}, value {parts['vf'].item()}, KL "
+                    f"{parts['kl'].item()}); stopping; the last good checkpoint is kept"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), pcfg.max_grad_norm)
             optimizer.step()
-            for k, v in (
-                ("pg", pg_loss),
-                ("vf", vf_loss),
-                ("kl", kl_term),
-                ("clipfrac", clipfrac),
-                ("vclipfrac", vclipfrac),
-                ("approx_kl", approx_kl),
-                ("gnorm", gnorm),
-            ):
+            for k, v in (*parts.items(), ("gnorm", gnorm)):
                 stats[k].append(float(v.detach()))
             epoch_approx.append(stats["approx_kl"][-1])
         epochs_run += 1

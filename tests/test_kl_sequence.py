@@ -1,0 +1,278 @@
+"""The KL penalty's gradient for whole responses, through the trainer's own pieces (RESEARCH.md §2, issue 19).
+
+A tabular policy: one logit vector per prefix, a vocabulary of V tokens, responses of T tokens, every response
+enumerated, float64 end to end. For each offered (ppo.kl_mode, ppo.kl_penalty) the *expected* gradient is computed
+with `train.advantages_and_returns` (shaped rewards, GAE at γ = 1, λ = 1, no value baseline, no whitening) and
+`train.minibatch_loss` (the policy loss at ratio 1 and the mode's own KL term), weighting each enumerated response by
+its probability; it is compared with the autograd gradient of the enumerated sequence KL
+
+    KL_seq(θ) = Σ_y π_θ(y) Σ_t KL_t(y_<t)      (per response token: / E[T], the count the trainer divides by)
+
+Full modes equal it to float64 rounding (identities, not cosines). Partial modes are shown partial on the RLHF-shaped
+case (π departs from π_ref only after a first token), and equal to the per-position term alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kl_research import ppo
+from kl_research.kl import PENALTY_MODES, SEQUENCE_GRADIENT, gradient_kind
+from kl_research.train import advantages_and_returns, minibatch_loss
+
+DT = torch.float64
+OFFERED = [(m, e) for m, es in PENALTY_MODES.items() for e in es]
+
+
+class Tabular:
+    """π_θ(y_t | y_<t) = softmax(θ[prefix(y_<t)]) over V tokens, for responses of T tokens; π_ref likewise.
+
+    With `eos`, the token `eos` ends a response: positions after it are masked (the trainer's response_mask) and the
+    enumeration weights each masked position by 1/V, so the duplicates that differ only there sum to one response.
+    """
+
+    def __init__(self, V: int, T: int, theta: torch.Tensor, ref: torch.Tensor, eos: int | None = None) -> None:
+        self.V, self.T, self.eos = V, T, eos
+        self.theta, self.ref = theta, ref
+        self.Y = torch.tensor(list(itertools.product(range(V), repeat=T)))  # (N, T)
+        # prefix index of y_<t: offset of length t + the prefix read as a base-V number
+        offsets = [sum(V**k for k in range(t)) for t in range(T)]
+        idx = torch.zeros(self.Y.shape, dtype=torch.long)
+        for t in range(T):
+            num = torch.zeros(len(self.Y), dtype=torch.long)
+            for j in range(t):
+                num = num * V + self.Y[:, j]
+            idx[:, t] = offsets[t] + num
+        self.prefix = idx
+        self.mask = ppo.response_mask(self.Y, eos)
+
+    @staticmethod
+    def n_prefixes(V: int, T: int) -> int:
+        return sum(V**k for k in range(T))
+
+    def logprobs(self, table: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(table[self.prefix], dim=-1)  # (N, T, V)
+
+    def weights(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """P(response) of each enumerated row, (N,): π over the unmasked positions, 1/V per masked one."""
+        lp = logprobs.gather(-1, self.Y.unsqueeze(-1)).squeeze(-1)
+        lp = torch.where(self.mask, lp, torch.full_like(lp, -torch.log(torch.tensor(float(self.V), dtype=DT))))
+        return lp.sum(1).exp()
+
+    def position_kl(self, logprobs: torch.Tensor) -> torch.Tensor:
+        ref = self.logprobs(self.ref)
+        return (logprobs.exp() * (logprobs - ref)).sum(-1)  # (N, T)
+
+    def sequence_kl_grad(self) -> tuple[torch.Tensor, float, float]:
+        """(∇_θ KL_seq / E[T], E[T], KL per token) by autograd of the enumeration: the ground truth."""
+        theta = self.theta.detach().clone().requires_grad_(True)
+        lp = self.logprobs(theta)
+        w = self.weights(lp)
+        kl_seq = (w * (self.position_kl(lp) * self.mask).sum(1)).sum()
+        expected_len = float((w.detach() * self.mask.sum(1)).sum())
+        (grad,) = torch.autograd.grad(kl_seq, theta)
+        return grad / expected_len, expected_len, float(kl_seq.detach()) / expected_len
+
+    def mode_grad(self, mode: str, penalty: str, beta: float = 1.0, **ppo_overrides) -> torch.Tensor:
+        """E_π[∇_θ minibatch_loss] for one (mode, penalty), with the task score 0, through the trainer's pieces."""
+        pcfg = OmegaConf.create(
+            dict(
+                kl_mode=mode,
+                kl_penalty=penalty,
+                gamma=1.0,
+                lam=1.0,
+                whiten_rewards=False,
+                whiten_advantages=False,
+                kl_baseline="none",
+                cliprange=0.2,
+                cliprange_value=0.2,
+                vf_coef=0.0,
+            )
+            | ppo_overrides
+        )
+        lp_old = self.logprobs(self.theta)
+        ref = self.logprobs(self.ref)
+        gather = lambda x: x.gather(-1, self.Y.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+        batch = {
+            "mask": self.mask,
+            "response": self.Y,
+            "logp": gather(lp_old),
+            "ref_logp": gather(ref),
+            "values": torch.zeros(self.Y.shape, dtype=DT),
+            "exact_kl": self.position_kl(lp_old),
+            "ref_logprobs": ref,
+        }
+        scores = torch.zeros(len(self.Y), dtype=DT)
+        advantages, returns = advantages_and_returns(batch, scores, beta, pcfg)
+        # The expectation over responses: each row weighted by its probability under the sampling π (detached). The
+        # losses' masked means then divide Σ_y P(y)·Σ_t(...) by Σ_y P(y)·T_y = E[T]: a large batch's token count.
+        w = self.weights(lp_old).detach()
+        mb = {**batch, "mask": self.mask.to(DT) * w.unsqueeze(1)}
+        theta = self.theta.detach().clone().requires_grad_(True)
+        loss, _ = minibatch_loss(self.logprobs(theta), batch["values"], mb, advantages, returns, pcfg, beta)
+        (grad,) = torch.autograd.grad(loss, theta)
+        return grad
+
+
+def _case(kind: str, seed: int, V: int = 4, T: int = 3, eos: int | None = None, scale: float = 0.7) -> Tabular:
+    gen = torch.Generator().manual_seed(seed)
+    n = Tabular.n_prefixes(V, T)
+    ref = torch.randn(n, V, generator=gen, dtype=DT)
+    delta = scale * torch.randn(n, V, generator=gen, dtype=DT)
+    if kind == "structured":
+        # RLHF-shaped: π equals π_ref at the first position; after it, π departs only in what follows first token 0
+        # (the policy has learnt to steer into a prefix) and a little elsewhere
+        delta[0] = 0.0
+        tab = Tabular(V, T, ref + delta, ref, eos)
+        after0 = torch.tensor([bool(len(p) and p[0] == 0) for p in _prefixes(V, T)])
+        delta[~after0] *= 0.1
+    return Tabular(V, T, ref + delta, ref, eos) if kind != "structured" else Tabular(V, T, ref + delta, tab.ref, eos)
+
+
+def _prefixes(V: int, T: int) -> list[tuple[int, ...]]:
+    """The prefixes in Tabular's index order: by length, then as base-V numbers."""
+    return [p for t in range(T) for p in itertools.product(range(V), repeat=t)]
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+CASES = [
+    ("random", 0, {}),
+    ("random", 1, {"T": 4, "V": 3}),
+    ("structured", 2, {"scale": 1.0}),
+    ("structured", 3, {"scale": 0.8}),
+    ("structured", 4, {"eos": 3}),  # variable lengths: EOS ends a response, later positions are masked
+    ("random", 5, {"T": 2, "eos": 1}),
+]
+
+
+def test_every_offered_mode_is_labelled():
+    assert set(SEQUENCE_GRADIENT) == set(OFFERED)
+    assert {gradient_kind(m, e) for m, e in OFFERED} == {"full", "partial"}
+    assert gradient_kind("sequence", "exact") == "full" and gradient_kind("reward", "k1") == "full"
+    assert gradient_kind("loss", "exact") == "partial" and gradient_kind("loss", "k2") == "partial"
+
+
+@pytest.mark.parametrize("kind,seed,kw", CASES)
+@pytest.mark.parametrize("mode,penalty", [mp for mp in OFFERED if SEQUENCE_GRADIENT[mp] == "full"])
+def test_full_modes_equal_the_gradient_of_the_sequence_kl(kind, seed, kw, mode, penalty):
+    tab = _case(kind, seed, **kw)
+    truth, _, kl = tab.sequence_kl_grad()
+    assert 0.005 < kl < 1.0
+    for beta in (1.0, 0.3):
+        got = tab.mode_grad(mode, penalty, beta=beta)
+        torch.testing.assert_close(got, beta * truth, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,seed,kw", CASES)
+def test_partial_modes_equal_the_per_position_term(kind, seed, kw):
+    """loss+exact and loss+k2 are the same in expectation: E[Σ_t ∇KL_t(y_<t)] at the sampled prefixes, exactly."""
+    tab = _case(kind, seed, **kw)
+    theta = tab.theta.detach().clone().requires_grad_(True)
+    w = tab.weights(tab.logprobs(tab.theta)).detach()
+    expected_len = float((w * tab.mask.sum(1)).sum())
+    per_position = (w * (tab.position_kl(tab.logprobs(theta)) * tab.mask).sum(1)).sum() / expected_len
+    (first_term,) = torch.autograd.grad(per_position, theta)
+    for penalty in PENALTY_MODES["loss"]:
+        torch.testing.assert_close(tab.mode_grad("loss", penalty), first_term, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed,kw", [(2, {"scale": 1.0}), (3, {"scale": 0.8}), (4, {"eos": 3}), (6, {"T": 4, "V": 3})])
+def test_partial_modes_miss_the_score_function_term_when_pi_departs_after_a_first_token(seed, kw):
+    tab = _case("structured", seed, **kw)
+    truth, _, kl = tab.sequence_kl_grad()
+    assert 0.005 < kl < 0.5  # near the targets' range, not only far out
+    full = tab.mode_grad("sequence", "exact")
+    for penalty in PENALTY_MODES["loss"]:
+        part = tab.mode_grad("loss", penalty)
+        assert _cos(part, truth) < 0.95 and part.norm() < 0.95 * truth.norm(), (penalty, _cos(part, truth))
+        # and what is missing is exactly the score-function term the sequence mode adds through the returns
+        torch.testing.assert_close(full - part, truth - part, rtol=1e-9, atol=1e-12)
+
+
+def test_the_reward_path_pulls_pi_towards_the_reference():
+    """A step against the reward+k1 gradient lowers the sequence KL (swapping log π and log π_ref in
+    advantages_and_returns flips the gradient, and the KL rises instead)."""
+    tab = _case("structured", 2, scale=1.0)
+    _, _, kl0 = tab.sequence_kl_grad()
+    for mode, penalty in [("reward", "k1"), ("sequence", "exact")]:
+        step = tab.mode_grad(mode, penalty)
+        moved = Tabular(tab.V, tab.T, tab.theta - 0.5 * step / step.norm(), tab.ref)
+        _, _, kl1 = moved.sequence_kl_grad()
+        assert kl1 < 0.9 * kl0, (mode, kl0, kl1)
+
+
+def _whitened_grad(tab: Tabular, beta: float, scores: torch.Tensor, whiten: bool) -> torch.Tensor:
+    """Expected gradient of the sequence mode with a task score, whitening on or off, with a fixed whitening scale.
+
+    masked_whiten's mean and std come from the batch; here the 'batch' is the enumeration, so they are constants c and
+    σ, and E[Σ_s c·∇log π(y_s|y_<s)] = 0 exactly: whitening must scale the score's part by 1/σ and leave every KL part
+    (analytic and through the returns) as it is.
+    """
+    pcfg_extra = dict(whiten_advantages=whiten)
+    lp_old = tab.logprobs(tab.theta)
+    ref = tab.logprobs(tab.ref)
+    gather = lambda x: x.gather(-1, tab.Y.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    batch = {
+        "mask": tab.mask,
+        "response": tab.Y,
+        "logp": gather(lp_old),
+        "ref_logp": gather(ref),
+        "values": torch.zeros(tab.Y.shape, dtype=DT),
+        "exact_kl": tab.position_kl(lp_old),
+        "ref_logprobs": ref,
+    }
+    pcfg = OmegaConf.create(
+        dict(
+            kl_mode="sequence",
+            kl_penalty="exact",
+            gamma=1.0,
+            lam=1.0,
+            whiten_rewards=False,
+            kl_baseline="none",
+            cliprange=0.2,
+            cliprange_value=0.2,
+            vf_coef=0.0,
+        )
+        | pcfg_extra
+    )
+    advantages, returns = advantages_and_returns(batch, scores, beta, pcfg)
+    w = tab.weights(lp_old).detach()
+    mb = {**batch, "mask": tab.mask.to(DT) * w.unsqueeze(1)}
+    theta = tab.theta.detach().clone().requires_grad_(True)
+    loss, _ = minibatch_loss(tab.logprobs(theta), batch["values"], mb, advantages, returns, pcfg, beta)
+    return torch.autograd.grad(loss, theta)[0]
+
+
+def test_whitening_scales_the_score_and_leaves_both_kl_halves_alone():
+    tab = _case("structured", 2, scale=1.0)
+    truth, _, _ = tab.sequence_kl_grad()
+    scores = (
+        3
+        * torch.linspace(-1, 2, len(tab.Y), dtype=DT)[
+            torch.randperm(len(tab.Y), generator=torch.Generator().manual_seed(0))
+        ]
+    )
+    beta = 0.7
+    # the score's part alone, unwhitened: the mode's gradient at β = 0
+    score_part = _whitened_grad(tab, 0.0, scores, whiten=False)
+    # the whitening scale the trainer uses on this batch
+    adv, _ = ppo.gae(
+        ppo.shaped_rewards(scores, torch.zeros(tab.Y.shape, dtype=DT), 0.0, tab.mask),
+        torch.zeros(tab.Y.shape, dtype=DT),
+        tab.mask,
+        1.0,
+        1.0,
+    )
+    m = tab.mask.to(DT)
+    mean = (adv * m).sum() / m.sum()
+    sigma = float(torch.sqrt(((adv - mean).square() * m).sum() / (m.sum() - 1) + 1e-8))
+    got = _whitened_grad(tab, beta, scores, whiten=True)
+    torch.testing.assert_close(got, score_part / sigma + beta * truth, rtol=1e-9, atol=1e-12)
+    assert abs(sigma - 1) > 0.2  # the check could tell a whitened KL part from an unwhitened one
