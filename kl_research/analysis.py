@@ -54,7 +54,7 @@ SETTLE_BAND = 0.2
 # in-band fraction is at least this (hold_band).
 HOLD_IN_BAND = 0.8
 # Controllers that track a target (hold_band).
-TARGETED = ("adaptive", "pid", "exponential")
+TARGETED = ("adaptive", "pid", "exponential", "pid_ci")
 # The target grid of RESEARCH.md §5 (nats/token) and the controllability checks on the fixed-β frontier: every
 # target spanned with this margin on both sides; tail KL at the smallest β at least, at the largest at most.
 GRID_TARGETS = (0.01, 0.02, 0.05, 0.1, 0.2)

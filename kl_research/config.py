@@ -65,6 +65,12 @@ class PIDSchema(ControllerSchema):
     kl_coef_max: float = 10.0
 
 
+@dataclass
+class PIDCISchema(PIDSchema):
+    name: str = "pid_ci"
+    min_rate: float = 0.01  # |D| (relative error per rollout) below which the integral never holds
+
+
 # ---------------------------------------------------------------------------------------------------- ppo
 @dataclass
 class PPOSchema:
@@ -290,7 +296,7 @@ class ClassifierRewardSchema(RewardSchema):
 def register_configs() -> None:
     """Register every schema (idempotent; called on import)."""
     cs = ConfigStore.instance()
-    for schema in (FixedSchema, AdaptiveSchema, ExponentialSchema, PIDSchema):
+    for schema in (FixedSchema, AdaptiveSchema, ExponentialSchema, PIDSchema, PIDCISchema):
         cs.store(group="schema/controller", name=schema.name, node=schema)
     cs.store(group="schema/ppo", name="ppo", node=PPOSchema)
     cs.store(group="schema/wandb", name="wandb", node=WandbSchema)

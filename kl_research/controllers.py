@@ -228,6 +228,8 @@ class PIDController(KLController):
         lo, hi = math.log(self.kl_coef_min), math.log(self.kl_coef_max)
         base = math.log(self.init_kl_coef) + self.kp * e + self.kd * self.derivative
         integral = self.integral + e * n_steps / self.horizon
+        if self._hold_integral(raw):
+            integral = self.integral
         if self.ki > 0:  # anti-windup: integrate only up to the bound the error pushes towards
             if e > 0 and base + self.ki * integral > hi:
                 integral = max(self.integral, (hi - base) / self.ki)
@@ -236,9 +238,55 @@ class PIDController(KLController):
         self.integral = integral
         return math.exp(min(max(base + self.ki * self.integral, lo), hi))
 
+    def _hold_integral(self, raw: float) -> bool:
+        return False
+
+
+class ConditionalPIDController(PIDController):
+    """`pid` with conditional integration against windup during the rise: the integral holds while the KL is
+    already closing on the target by itself, and integrates only while the error stands still or grows.
+
+        hold iff  u_t · D_t < 0  and  |D_t| ≥ min_rate       (D_t: the filtered change of u = KL/target − 1)
+
+    Why (README "Results", pid at 0.2): the KL can rise by only ~0.005 nats/token per rollout (one PPO update's
+    reach), so at a 0.2 target it needs ~40 rollouts to arrive whatever β is; meanwhile the error stays at its clip
+    and Ziegler's integral winds log β down by 0.05 per rollout, to a β far below the one that holds 0.2, and the KL
+    overshoots when it gets there. Holding the integral while the plant is already moving the right way leaves β
+    where it was until the KL stalls short of the target (then it integrates again, a stair). min_rate (relative
+    error per rollout) keeps batch noise in D from holding it near the target. Everything else, P and D included,
+    is pid's: `pid_ci` vs `pid` isolates the integration rule.
+    """
+
+    name = "pid_ci"
+
+    def __init__(
+        self,
+        init_kl_coef: float,
+        target_kl: float,
+        horizon: float,
+        kp: float = 0.5,
+        ki: float = 1.0,
+        kd: float = 0.0,
+        d_filter: float = 0.8,
+        error_clip: float = 0.2,
+        kl_coef_min: float = 1e-4,
+        kl_coef_max: float = 10.0,
+        min_rate: float = 0.01,
+    ) -> None:
+        super().__init__(init_kl_coef, target_kl, horizon, kp, ki, kd, d_filter, error_clip, kl_coef_min, kl_coef_max)
+        _check(_finite(min_rate) and min_rate >= 0, "min_rate", min_rate, "a finite float >= 0 (per rollout)")
+        self.min_rate = float(min_rate)
+        self.holds = 0
+
+    def _hold_integral(self, raw: float) -> bool:
+        hold = raw * self.derivative < 0 and abs(self.derivative) >= self.min_rate
+        self.holds += int(hold)
+        return hold
+
 
 CONTROLLERS: dict[str, type[KLController]] = {
-    c.name: c for c in (FixedController, AdaptiveController, ExponentialController, PIDController)
+    c.name: c
+    for c in (FixedController, AdaptiveController, ExponentialController, PIDController, ConditionalPIDController)
 }
 
 

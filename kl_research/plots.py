@@ -12,7 +12,7 @@ import pandas as pd
 
 from kl_research.analysis import BAND, TARGETED, UNTARGETED
 
-COLORS = {"fixed": "0.45", "adaptive": "C0", "exponential": "C2", "pid": "C3"}
+COLORS = {"fixed": "0.45", "adaptive": "C0", "exponential": "C2", "pid": "C3", "pid_ci": "C1"}
 LABELS = {
     "reward/mean": "reward (batch mean)",
     "kl/exact": "KL exact (nats/token)",
@@ -168,7 +168,7 @@ def _err(mean, lo, hi):
     return [np.nan_to_num(mean - lo), np.nan_to_num(hi - mean)]
 
 
-MARKERS = {"adaptive": "o", "exponential": "^", "pid": "s"}
+MARKERS = {"adaptive": "o", "exponential": "^", "pid": "s", "pid_ci": "D"}
 
 
 def frontier_plot(front: pd.DataFrame, cells: pd.DataFrame, targets: Sequence[float] | None = None) -> plt.Figure:

@@ -140,7 +140,7 @@ def plot_frontier(summaries: pd.DataFrame, path: Path) -> None:
         for beta, row in f.iterrows():
             xy = (row["kl"], row["reward"])
             ax.annotate(f"β={beta:g}", xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
-    markers = dict(zip(["adaptive", "exponential", "pid"], "o^s", strict=True))
+    markers = dict(zip(["adaptive", "exponential", "pid", "pid_ci"], "o^sD", strict=True))
     others = summaries[summaries["controller"] != "fixed"]
     targets = sorted(others["target_kl"].dropna().unique())
     cmap = plt.get_cmap("viridis")

@@ -70,6 +70,45 @@ def test_pid_and_adaptive_yamls_differ_only_in_p_and_d():
         assert dp == pytest.approx(da, abs=2e-3)
 
 
+def test_pid_ci_yaml_differs_from_pid_only_in_its_integration_rule():
+    from kl_research.reference import compose_config
+
+    pid = dict(compose_config(["controller=pid"]).controller)
+    ci = dict(compose_config(["controller=pid_ci"]).controller)
+    assert {k for k in ci if ci.get(k) != pid.get(k)} == {"name", "min_rate"}
+    # with a min_rate no filtered change can reach, it never holds: pid's trajectory exactly
+    a, b = build_controller(pid), build_controller({**ci, "min_rate": 1e9})
+    rng = random.Random(1)
+    for _ in range(50):
+        kl = rng.uniform(0.0, 0.3)
+        assert a.update(kl, 64) == b.update(kl, 64)
+
+
+def test_pid_ci_holds_the_integral_while_the_kl_closes_on_its_own():
+    """A rise towards a high target at the rate one update allows: pid winds log β down every rollout; pid_ci holds
+    its integral while the filtered change D shows the error closing, and integrates again once the KL stalls."""
+    common = {"init_kl_coef": 0.5, "target_kl": 0.2, "horizon": 256, "kp": 0.0, "kd": 0.0, "d_filter": 0.8}
+    pid = build_controller({"name": "pid", **common})
+    ci = build_controller({"name": "pid_ci", **common, "min_rate": 0.01})
+    step = -0.2 * 64 / 256  # one clipped rollout of the integral
+    rise = [0.005 * (t + 1) for t in range(30)]  # u from -0.975 to -0.25, D → +0.025 per rollout
+    for kl in rise:
+        pid.update(kl, 64)
+        ci.update(kl, 64)
+    assert pid.integral == pytest.approx(30 * step)
+    # the first update has no D yet and integrates; then D = 0.005, 0.009 (< min_rate: integrate), 0.0122 (held), …
+    assert ci.integral == pytest.approx(3 * step) and ci.holds == 27
+    assert ci.value == pytest.approx(0.5 * math.exp(3 * step))
+    for _ in range(40):  # the KL stalls short of the target: D decays below min_rate and the integral moves again
+        ci.update(rise[-1], 64)
+    assert ci.integral < 3 * step - 20 * 0.05 and ci.holds < 27 + 15
+    # a KL above target and falling on its own is held too (the same rule, the other sign)
+    down = build_controller({"name": "pid_ci", **common, "init_kl_coef": 0.1})
+    for kl in (0.6, 0.55, 0.5, 0.45, 0.4):
+        down.update(kl, 64)
+    assert down.holds >= 2 and down.integral < 5 * 0.05
+
+
 def test_adaptive_bounds_and_non_positive_guard():
     c = build_controller({"name": "adaptive", **BASE, "horizon": 100, "kl_coef_max": 0.21})
     assert c.update(10.0, 64) == 0.21  # clamped to the bound pid also uses
@@ -78,12 +117,25 @@ def test_adaptive_bounds_and_non_positive_guard():
         c.update(0.0, 64)  # 1 + (-0.2)·64/10 < 0
 
 
+def test_lower_clamps_of_adaptive_and_exponential():
+    c = build_controller({"name": "adaptive", **BASE, "horizon": 100, "kl_coef_min": 0.19})
+    assert c.update(0.0, 64) == 0.19  # 0.2·(1 − 0.2·64/100) = 0.1744, clamped up to the bound
+    assert c.update(0.0, 64) == 0.19
+    e = build_controller({"name": "exponential", **BASE, "gain": 1.0, "relative_error": True, "kl_coef_min": 0.15})
+    assert e.update(0.0, 64) == 0.15  # 0.2·exp(−1) = 0.074, clamped up
+    e2 = build_controller({"name": "exponential", **BASE, "gain": 1.0, "relative_error": True, "kl_coef_min": 0.05})
+    assert e2.update(0.0, 64) == pytest.approx(0.2 * math.exp(-1.0))  # inside the bounds: the rule itself
+
+
 def test_pid_derivative_is_filtered():
     c = build_controller({"name": "pid", **BASE, "horizon": 1e9, "kp": 0.0, "kd": 1.0, "d_filter": 0.5})
     c.update(0.1, 1)  # e = 0, D = 0 on the first step
     # D reads the unclipped relative error: 0.5/0.1 - 1 = 4; D = 0.5·0 + 0.5·(4 - 0) = 2 (the clipped e = 0.2
     # would have given 0.1): a KL far off target still shows its trend
     assert c.update(0.5, 1) == pytest.approx(0.2 * math.exp(2.0), rel=1e-6)
+    # from a non-zero D the filter keeps its memory: raw 0.4/0.1 − 1 = 3, D = 0.5·2 + 0.5·(3 − 4) = 0.5
+    # (without the memory term it would be −0.5)
+    assert c.update(0.4, 1) == pytest.approx(0.2 * math.exp(0.5), rel=1e-6)
 
 
 def test_pid_anti_windup():
@@ -144,6 +196,7 @@ def test_closed_loop_adaptive_and_pid_settle_fixed_does_not(seed):
         {"name": "adaptive", **BASE, "horizon": 300},
         {"name": "exponential", **BASE, "relative_error": True},
         {"name": "pid", **BASE, "horizon": 300, "kd": 0.3},
+        {"name": "pid_ci", **BASE, "horizon": 300, "kd": 0.3, "min_rate": 0.001},
     ],
 )
 def test_state_dict_round_trip_continues_identical_sequence(cfg):
@@ -177,6 +230,7 @@ def test_load_state_dict_rejects_other_controller():
         ({"name": "pid", **BASE, "horizon": 10, "kl_coef_min": 1.0, "kl_coef_max": 0.5}, "kl_coef_max"),
         ({"name": "pid", **BASE, "horizon": 10, "kp": -1.0}, "kp"),
         ({"name": "pid", **BASE, "horizon": 10, "d_filter": 1.0}, "d_filter"),
+        ({"name": "pid_ci", **BASE, "horizon": 10, "min_rate": -0.1}, "min_rate"),
         ({"name": "exponential", **BASE, "gain": float("nan")}, "gain"),
         ({"name": "fixed", "init_kl_coef": float("inf"), "target_kl": 0.1}, "init_kl_coef"),
     ],
@@ -198,7 +252,7 @@ def test_bad_name_and_keys():
 @pytest.mark.parametrize("name", list(CONTROLLERS))
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_kl_rejected(name, bad):
-    extra = {"horizon": 100} if name in ("adaptive", "pid") else {}
+    extra = {"horizon": 100} if name in ("adaptive", "pid", "pid_ci") else {}
     c = build_controller({"name": name, **BASE, **extra})
     with pytest.raises(ValueError, match="non-finite"):
         c.update(bad, 64)

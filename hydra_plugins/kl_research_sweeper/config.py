@@ -17,7 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 
-CONTROLLERS = ["fixed", "adaptive", "exponential", "pid"]
+CONTROLLERS = ["fixed", "adaptive", "exponential", "pid", "pid_ci"]
 TARGETS = [0.01, 0.02, 0.05, 0.10, 0.20]  # nats per response token (RESEARCH.md §2)
 SEEDS = [0, 1, 2]
 
