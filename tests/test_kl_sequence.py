@@ -14,128 +14,16 @@ case (π departs from π_ref only after a first token), and equal to the per-pos
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from kl_research import ppo
 from kl_research.kl import PENALTY_MODES, SEQUENCE_GRADIENT, gradient_kind
+from kl_research.tabular import DT, Tabular, trainer_pcfg
+from kl_research.tabular import case as _case
 from kl_research.train import advantages_and_returns, minibatch_loss
 
-DT = torch.float64
 OFFERED = [(m, e) for m, es in PENALTY_MODES.items() for e in es]
-
-
-class Tabular:
-    """π_θ(y_t | y_<t) = softmax(θ[prefix(y_<t)]) over V tokens, for responses of T tokens; π_ref likewise.
-
-    With `eos`, the token `eos` ends a response: positions after it are masked (the trainer's response_mask) and the
-    enumeration weights each masked position by 1/V, so the duplicates that differ only there sum to one response.
-    """
-
-    def __init__(self, V: int, T: int, theta: torch.Tensor, ref: torch.Tensor, eos: int | None = None) -> None:
-        self.V, self.T, self.eos = V, T, eos
-        self.theta, self.ref = theta, ref
-        self.Y = torch.tensor(list(itertools.product(range(V), repeat=T)))  # (N, T)
-        # prefix index of y_<t: offset of length t + the prefix read as a base-V number
-        offsets = [sum(V**k for k in range(t)) for t in range(T)]
-        idx = torch.zeros(self.Y.shape, dtype=torch.long)
-        for t in range(T):
-            num = torch.zeros(len(self.Y), dtype=torch.long)
-            for j in range(t):
-                num = num * V + self.Y[:, j]
-            idx[:, t] = offsets[t] + num
-        self.prefix = idx
-        self.mask = ppo.response_mask(self.Y, eos)
-
-    @staticmethod
-    def n_prefixes(V: int, T: int) -> int:
-        return sum(V**k for k in range(T))
-
-    def logprobs(self, table: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(table[self.prefix], dim=-1)  # (N, T, V)
-
-    def weights(self, logprobs: torch.Tensor) -> torch.Tensor:
-        """P(response) of each enumerated row, (N,): π over the unmasked positions, 1/V per masked one."""
-        lp = logprobs.gather(-1, self.Y.unsqueeze(-1)).squeeze(-1)
-        lp = torch.where(self.mask, lp, torch.full_like(lp, -torch.log(torch.tensor(float(self.V), dtype=DT))))
-        return lp.sum(1).exp()
-
-    def position_kl(self, logprobs: torch.Tensor) -> torch.Tensor:
-        ref = self.logprobs(self.ref)
-        return (logprobs.exp() * (logprobs - ref)).sum(-1)  # (N, T)
-
-    def sequence_kl_grad(self) -> tuple[torch.Tensor, float, float]:
-        """(∇_θ KL_seq / E[T], E[T], KL per token) by autograd of the enumeration: the ground truth."""
-        theta = self.theta.detach().clone().requires_grad_(True)
-        lp = self.logprobs(theta)
-        w = self.weights(lp)
-        kl_seq = (w * (self.position_kl(lp) * self.mask).sum(1)).sum()
-        expected_len = float((w.detach() * self.mask.sum(1)).sum())
-        (grad,) = torch.autograd.grad(kl_seq, theta)
-        return grad / expected_len, expected_len, float(kl_seq.detach()) / expected_len
-
-    def mode_grad(self, mode: str, penalty: str, beta: float = 1.0, **ppo_overrides) -> torch.Tensor:
-        """E_π[∇_θ minibatch_loss] for one (mode, penalty), with the task score 0, through the trainer's pieces."""
-        pcfg = OmegaConf.create(
-            dict(
-                kl_mode=mode,
-                kl_penalty=penalty,
-                gamma=1.0,
-                lam=1.0,
-                whiten_rewards=False,
-                whiten_advantages=False,
-                kl_baseline="none",
-                cliprange=0.2,
-                cliprange_value=0.2,
-                vf_coef=0.0,
-            )
-            | ppo_overrides
-        )
-        lp_old = self.logprobs(self.theta)
-        ref = self.logprobs(self.ref)
-        gather = lambda x: x.gather(-1, self.Y.unsqueeze(-1)).squeeze(-1)  # noqa: E731
-        batch = {
-            "mask": self.mask,
-            "response": self.Y,
-            "logp": gather(lp_old),
-            "ref_logp": gather(ref),
-            "values": torch.zeros(self.Y.shape, dtype=DT),
-            "exact_kl": self.position_kl(lp_old),
-            "ref_logprobs": ref,
-        }
-        scores = torch.zeros(len(self.Y), dtype=DT)
-        advantages, returns = advantages_and_returns(batch, scores, beta, pcfg)
-        # The expectation over responses: each row weighted by its probability under the sampling π (detached). The
-        # losses' masked means then divide Σ_y P(y)·Σ_t(...) by Σ_y P(y)·T_y = E[T]: a large batch's token count.
-        w = self.weights(lp_old).detach()
-        mb = {**batch, "mask": self.mask.to(DT) * w.unsqueeze(1)}
-        theta = self.theta.detach().clone().requires_grad_(True)
-        loss, _ = minibatch_loss(self.logprobs(theta), batch["values"], mb, advantages, returns, pcfg, beta)
-        (grad,) = torch.autograd.grad(loss, theta)
-        return grad
-
-
-def _case(kind: str, seed: int, V: int = 4, T: int = 3, eos: int | None = None, scale: float = 0.7) -> Tabular:
-    gen = torch.Generator().manual_seed(seed)
-    n = Tabular.n_prefixes(V, T)
-    ref = torch.randn(n, V, generator=gen, dtype=DT)
-    delta = scale * torch.randn(n, V, generator=gen, dtype=DT)
-    if kind == "structured":
-        # RLHF-shaped: π equals π_ref at the first position; after it, π departs only in what follows first token 0
-        # (the policy has learnt to steer into a prefix) and a little elsewhere
-        delta[0] = 0.0
-        tab = Tabular(V, T, ref + delta, ref, eos)
-        after0 = torch.tensor([bool(len(p) and p[0] == 0) for p in _prefixes(V, T)])
-        delta[~after0] *= 0.1
-    return Tabular(V, T, ref + delta, ref, eos) if kind != "structured" else Tabular(V, T, ref + delta, tab.ref, eos)
-
-
-def _prefixes(V: int, T: int) -> list[tuple[int, ...]]:
-    """The prefixes in Tabular's index order: by length, then as base-V numbers."""
-    return [p for t in range(T) for p in itertools.product(range(V), repeat=t)]
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -215,35 +103,10 @@ def _whitened_grad(tab: Tabular, beta: float, scores: torch.Tensor, whiten: bool
     σ, and E[Σ_s c·∇log π(y_s|y_<s)] = 0 exactly: whitening must scale the score's part by 1/σ and leave every KL part
     (analytic and through the returns) as it is.
     """
-    pcfg_extra = dict(whiten_advantages=whiten)
-    lp_old = tab.logprobs(tab.theta)
-    ref = tab.logprobs(tab.ref)
-    gather = lambda x: x.gather(-1, tab.Y.unsqueeze(-1)).squeeze(-1)  # noqa: E731
-    batch = {
-        "mask": tab.mask,
-        "response": tab.Y,
-        "logp": gather(lp_old),
-        "ref_logp": gather(ref),
-        "values": torch.zeros(tab.Y.shape, dtype=DT),
-        "exact_kl": tab.position_kl(lp_old),
-        "ref_logprobs": ref,
-    }
-    pcfg = OmegaConf.create(
-        dict(
-            kl_mode="sequence",
-            kl_penalty="exact",
-            gamma=1.0,
-            lam=1.0,
-            whiten_rewards=False,
-            kl_baseline="none",
-            cliprange=0.2,
-            cliprange_value=0.2,
-            vf_coef=0.0,
-        )
-        | pcfg_extra
-    )
+    batch = tab.batch()
+    pcfg = trainer_pcfg("sequence", "exact", whiten_advantages=whiten)
     advantages, returns = advantages_and_returns(batch, scores, beta, pcfg)
-    w = tab.weights(lp_old).detach()
+    w = tab.weights(tab.logprobs(tab.theta)).detach()
     mb = {**batch, "mask": tab.mask.to(DT) * w.unsqueeze(1)}
     theta = tab.theta.detach().clone().requires_grad_(True)
     loss, _ = minibatch_loss(tab.logprobs(theta), batch["values"], mb, advantages, returns, pcfg, beta)
@@ -276,3 +139,16 @@ def test_whitening_scales_the_score_and_leaves_both_kl_halves_alone():
     got = _whitened_grad(tab, beta, scores, whiten=True)
     torch.testing.assert_close(got, score_part / sigma + beta * truth, rtol=1e-9, atol=1e-12)
     assert abs(sigma - 1) > 0.2  # the check could tell a whitened KL part from an unwhitened one
+
+
+def test_one_response_estimates_average_to_the_expected_gradient():
+    """The variance measurement (scripts/kl_gradient.py variance) uses one-response gradients: their π-weighted mean
+    is the expected gradient, for both full modes."""
+    tab = _case("structured", 3, scale=0.8)
+    w = tab.weights(tab.logprobs(tab.theta)).detach()
+    for mode, penalty in [("sequence", "exact"), ("reward", "k1")]:
+        g = tab.per_response_grads(mode, penalty)
+        torch.testing.assert_close((w.view(-1, 1, 1) * g).sum(0), tab.mode_grad(mode, penalty), rtol=1e-9, atol=1e-12)
+    var_seq, sq = tab.gradient_variance("sequence", "exact")
+    var_k1, sq_k1 = tab.gradient_variance("reward", "k1")
+    assert sq == pytest.approx(sq_k1, rel=1e-9) and 0 < var_seq < var_k1
