@@ -232,8 +232,8 @@ def lm_variance(policy_dir: str | None, rollouts: int, seed: int) -> pd.DataFram
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from kl_research.data import build_prompts, load_corpus
     from kl_research import ppo
+    from kl_research.data import build_prompts, load_corpus
     from kl_research.kl import masked_mean
     from kl_research.policy import PolicyWithValue
     from kl_research.reference import compose_config, load_reference
