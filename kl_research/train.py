@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import socket
 import sys
 import time
@@ -47,6 +48,7 @@ from kl_research.runtime import (
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoints/last.pt"
+PREVIOUS_CHECKPOINT = "checkpoints/previous.pt"  # the one before last.pt, kept for a last.pt that cannot be read
 LOCK_FILE = ".lock"
 # Keys whose change does not change the trajectory: a restart may differ in these and still resume.
 RESUMABLE_DIFFS = ("steps", "wandb", "threads", "checkpoint_every", "sweep")
@@ -79,11 +81,64 @@ def run_dir_lock(out: Path) -> Iterator[None]:
         fh.close()  # releases the lock
 
 
-def atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path, keep_previous: Path | None = None) -> None:
+    """Write obj to path through a temporary file and a rename. With keep_previous, the file that was at path
+    becomes keep_previous first: a path later found unreadable (a disk fault, a full disk) still has a fallback."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    if keep_previous is not None and path.exists():
+        os.replace(path, keep_previous)
     os.replace(tmp, path)
+
+
+def load_checkpoint(out: Path) -> dict | None:
+    """The newest readable checkpoint of the run in out, or None if it has none.
+
+    Loaded with weights_only=True: tensors, numbers, strings and containers only, so a checkpoint can never run code
+    (a pickle with a __reduce__ is refused, naming the file). If last.pt cannot be read (truncated, corrupt), the
+    previous checkpoint is used with a warning naming the bad file; the run then repeats the steps after it, on the
+    same seeded trajectory. If neither can be read, a clear error names both.
+    """
+    last, previous = out / CHECKPOINT, out / PREVIOUS_CHECKPOINT
+    if not last.exists() and not previous.exists():
+        return None
+    errors = []
+    for path in (last, previous):
+        if not path.exists():
+            continue
+        try:
+            # to the CPU first: the RNG states must be CPU byte tensors; load_state_dict copies weights and optimizer
+            # state onto the device (and a checkpoint written on a GPU resumes on a CPU-only machine too)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "weights_only" in str(e) or "Unsupported global" in str(e):
+                raise RuntimeError(
+                    f"refusing to load {path}: it holds objects other than tensors, numbers and strings, which a "
+                    f"checkpoint of this project never does and which could run code when unpickled. Delete it (and "
+                    f"{previous.name} if that is also foreign) to start the run over. torch said: {e}"
+                ) from None
+            errors.append(f"{path}: {type(e).__name__}: {e}")
+            continue
+        except Exception as e:  # truncated zip, EOF, ...: unreadable, not foreign
+            errors.append(f"{path}: {type(e).__name__}: {e}")
+            continue
+        log.info("loaded checkpoint %s (step %d)", path, ckpt["step"])
+        if errors:
+            log.warning(
+                "checkpoint %s cannot be read (%s); resuming from the previous one, %s (step %d)",
+                last,
+                errors[0].split(": ", 1)[1],
+                path,
+                ckpt["step"],
+            )
+        return ckpt
+    raise RuntimeError(
+        "no readable checkpoint in "
+        f"{out / 'checkpoints'}: {'; '.join(errors)}. Delete the checkpoints/ folder to start the run over"
+    )
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -391,9 +446,7 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
     pcfg = cfg.ppo
     log.info("run %s in %s on %s (%d threads)", run_name(cfg), out, device, threads)
     ckpt_path = out / CHECKPOINT
-    # to the CPU first: the RNG states must be CPU byte tensors; load_state_dict copies weights and optimizer
-    # state onto the device (and a checkpoint written on a GPU resumes on a CPU-only machine too)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    ckpt = load_checkpoint(out)
     if ckpt is not None:
         diff = [
             k
@@ -453,7 +506,7 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         set_rng_state(ckpt["rng"])
         start_step, history, drift = ckpt["step"], ckpt["history"], ckpt["drift"]
         ppl_ref, elapsed_before = ckpt["ppl_ref"], ckpt["elapsed_s"]
-        log.info("resumed from %s at step %d (β = %.4g)", ckpt_path, start_step, controller.value)
+        log.info("resumed from a checkpoint at step %d of %d (β = %.4g)", start_step, cfg.steps, controller.value)
         ran = (ckpt.get("device_type", device.type), ckpt.get("precision", precision))
         if ran != (device.type, precision):
             log.warning(
@@ -488,6 +541,7 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
                 "config": resolved,
             },
             ckpt_path,
+            keep_previous=out / PREVIOUS_CHECKPOINT,
         )
 
     # 3. the loop

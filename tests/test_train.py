@@ -218,11 +218,23 @@ def assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeyp
     monkeypatch.setattr(train_mod, "rollout", dying_rollout)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, crashed)
-    assert len(read_metrics(crashed)) == 3 and not (crashed / "summary.json").exists()
-    monkeypatch.setattr(train_mod, "rollout", real_rollout)
+    before = read_metrics(crashed)
+    assert len(before) == 3 and not (crashed / "summary.json").exists()
+    resumed = {"n": 0}
+
+    def counting_rollout(*args, **kwargs):
+        resumed["n"] += 1
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "rollout", counting_rollout)
     train(cfg, crashed)
+    monkeypatch.setattr(train_mod, "rollout", real_rollout)
 
     a, b = read_metrics(full), read_metrics(crashed)
+    # a resume, not a rerun: only rollouts 3-5 ran again (the checkpoint is at step 2), and steps 1-2 are the records
+    # the killed process wrote, its own timings included (a rerun from step 1 would have measured new ones)
+    assert resumed["n"] == 3
+    assert b[:2] == before[:2]
     assert [r["kl/coef"] for r in a] == [r["kl/coef"] for r in b]  # the same β trajectory, bit for bit
     assert len({r["kl/coef"] for r in a}) > 1  # ... and β did move
     assert without_timing(a) == without_timing(b)
@@ -231,6 +243,64 @@ def assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeyp
 def test_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, monkeypatch):
     cfg = make_cfg(cache_dir, "steps=5", "controller=adaptive", "controller.horizon=16")
     assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch)
+
+
+def test_truncated_last_checkpoint_falls_back_to_the_previous_one(cache_dir, tmp_path, monkeypatch, caplog):
+    """A disk fault after the atomic rename leaves last.pt truncated: the resume warns naming it, continues from the
+    previous checkpoint, and ends on the uninterrupted run's trajectory."""
+    full = tmp_path / "full"
+    train(make_cfg(cache_dir, "steps=6", "controller=adaptive", "controller.horizon=16"), full)
+    out = tmp_path / "faulty"
+    train(make_cfg(cache_dir, "steps=4", "controller=adaptive", "controller.horizon=16"), out)
+    (out / "summary.json").unlink()
+    last = out / train_mod.CHECKPOINT
+    assert (out / train_mod.PREVIOUS_CHECKPOINT).exists()
+    last.write_bytes(last.read_bytes()[:1024])
+    calls = {"n": 0}
+    real_rollout = train_mod.rollout
+
+    def counting_rollout(*args, **kwargs):
+        calls["n"] += 1
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "rollout", counting_rollout)
+    with caplog.at_level("WARNING", logger="kl_research.train"):
+        train(make_cfg(cache_dir, "steps=6", "controller=adaptive", "controller.horizon=16"), out)
+    assert f"checkpoint {last} cannot be read" in caplog.text and "previous.pt (step 2)" in caplog.text
+    assert calls["n"] == 4  # steps 3-6, from the previous checkpoint
+    a, b = read_metrics(full), read_metrics(out)
+    assert [r["kl/coef"] for r in a] == [r["kl/coef"] for r in b]
+    assert without_timing(a) == without_timing(b)
+
+
+def test_no_readable_checkpoint_is_a_clear_error(cache_dir, tmp_path):
+    ckpt = tmp_path / train_mod.CHECKPOINT
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(
+        RuntimeError, match=r"no readable checkpoint in .*checkpoints.*last\.pt.*Delete the checkpoints"
+    ):
+        train(make_cfg(cache_dir, "steps=2"), tmp_path)
+
+
+class _OpensAFile:
+    """A pickle that runs code when loaded: its __reduce__ calls open(path, "w")."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_naming_the_file(cache_dir, tmp_path):
+    marker = tmp_path / "opened_by_the_checkpoint"
+    ckpt = tmp_path / "run" / train_mod.CHECKPOINT
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"step": 1, "payload": _OpensAFile(str(marker))}, ckpt)
+    with pytest.raises(RuntimeError, match=rf"refusing to load {ckpt}"):
+        train(make_cfg(cache_dir, "steps=2"), tmp_path / "run")
+    assert not marker.exists()
 
 
 def test_resume_refuses_a_different_config(cache_dir, tmp_path, monkeypatch):
@@ -642,12 +712,18 @@ def test_sigkilled_train_py_resumes_the_identical_trajectory_and_wandb_run(cache
     assert proc.wait(timeout=60) == -signal.SIGKILL  # killed mid-run, not finished
     assert ckpt.exists() and not (killed / "summary.json").exists()
     run_id = (killed / "wandb_id.txt").read_text().strip()
-    n_before = len(read_metrics(killed))
-    assert n_before < 40
+    before = read_metrics(killed)
+    assert len(before) < 40
+    saved_at = torch.load(ckpt, map_location="cpu", weights_only=True)["step"]
+    assert saved_at >= 2
 
-    subprocess.run(command(killed), cwd=repo, env=env, check=True, capture_output=True, timeout=600)
+    rerun = subprocess.run(command(killed), cwd=repo, env=env, check=True, capture_output=True, timeout=600, text=True)
     a, b = read_metrics(full), read_metrics(killed)
     assert len(b) == 40 and (killed / "summary.json").exists()
+    # it resumed rather than starting over: it says so, and the steps up to the checkpoint are the killed process's
+    # records, timings included (a run from step 1 would have measured its own)
+    assert f"resumed from a checkpoint at step {saved_at} of 40" in rerun.stdout + rerun.stderr
+    assert b[:saved_at] == before[:saved_at]
     assert without_timing(a) == without_timing(b)
     assert (killed / "wandb_id.txt").read_text().strip() == run_id  # the resumed W&B run is the killed one
     assert len(list((killed / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
