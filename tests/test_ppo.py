@@ -131,10 +131,10 @@ def test_exact_kl_loss_is_the_masked_mean_of_exact_kl_and_k2_loss_of_half_d_squa
     torch.testing.assert_close(ppo.k2_kl_loss(d, torch.zeros(3, 4), mask), (0.5 * d.square())[mask].mean())
 
 
-def _perturbed_policy(model, scale=0.3, seed=0):
+def _perturbed_policy(model, scale=0.3, seed=0, detach_value_head=True):
     from kl_research.policy import PolicyWithValue
 
-    policy = PolicyWithValue.from_reference(model)
+    policy = PolicyWithValue.from_reference(model, detach_value_head=detach_value_head)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in policy.lm.parameters():
@@ -145,8 +145,9 @@ def _perturbed_policy(model, scale=0.3, seed=0):
 @pytest.mark.parametrize("penalty", ["exact", "k2"])
 def test_kl_loss_mode_pulls_the_policy_back_and_beta_sets_how_hard(tiny_reference, penalty):
     """kl_mode=loss: with no task signal (zero advantages), PPO epochs on β·KL move a perturbed policy back towards
-    the reference, and more so at a larger β; with β = 0 they leave it where it is. The KL is measured exactly on
-    the rollout's sequences before and after the update."""
+    the reference, and more so at a larger β; with β = 0 they leave it exactly where it is, although the value loss
+    is not zero (returns = values + 1): with the trainer's detach_value_head it trains the head alone. The KL is
+    measured exactly on the rollout's sequences before and after the update."""
     import contextlib
 
     from omegaconf import OmegaConf
@@ -180,13 +181,13 @@ def test_kl_loss_mode_pulls_the_policy_back_and_beta_sets_how_hard(tiny_referenc
         policy.train()
         for _ in range(3):
             gen = torch.Generator().manual_seed(0)
-            ppo_update(policy, opt, batch, zeros, batch["values"], 4, pcfg, amp, gen, beta)
+            ppo_update(policy, opt, batch, zeros, batch["values"] + 1.0, 4, pcfg, amp, gen, beta)
         with torch.no_grad():
             logits, _ = policy.score(batch["seqs"], 4)
             ref_logits, _ = score_lm(model, batch["seqs"], 4)
             after = float(token_stats(logits, ref_logits, batch["response"], 1.0)[2].mean())
         kls[beta] = (before, after)
-    assert kls[0.0][1] == pytest.approx(kls[0.0][0], rel=0.05)  # no KL term, no signal: (almost) no move
+    assert kls[0.0][1] == pytest.approx(kls[0.0][0], rel=1e-6)  # no KL term, no task signal: no move at all
     assert kls[1.0][1] < 0.9 * kls[1.0][0]
     assert kls[10.0][1] < kls[1.0][1]
 
@@ -232,3 +233,114 @@ def test_sampling_draws_from_the_scored_distribution(tiny_reference):
     for v in top:
         sd = (p[v] * (1 - p[v]) / n).sqrt()
         assert abs(counts[v] / n - p[v]) < 4.5 * sd + 1e-4, (v, float(counts[v] / n), float(p[v]))
+
+
+def test_policy_and_value_losses_are_masked_means_over_real_tokens():
+    """Padding counts nowhere, and the mean is over the batch's real tokens (not per row, not over every slot)."""
+    old = torch.zeros(2, 3)
+    new = torch.tensor([[0.1, -0.1, 5.0], [0.05, 3.0, -4.0]])  # the large entries sit on padding
+    adv = torch.tensor([[1.0, 2.0, 100.0], [-1.0, 50.0, -70.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    loss, clipfrac, akl = ppo.policy_loss(new, old, adv, mask, 0.2)
+    r = new.exp()
+    per_token = torch.maximum(-adv * r, -adv * r.clamp(0.8, 1.2))
+    assert loss.item() == pytest.approx(per_token[mask].sum().item() / 3)
+    assert akl.item() == pytest.approx(0.5 * (0.01 + 0.01 + 0.0025) / 3)
+    assert clipfrac.item() == 0.0  # the clipped entries are padding
+    values, returns = torch.tensor([[1.0, 2.0, 9.0], [0.5, 8.0, 8.0]]), torch.tensor([[1.1, 1.9, 0.0], [0.0, 0.0, 0.0]])
+    vloss, _ = ppo.value_loss(values, values, returns, mask, 0.2)
+    assert vloss.item() == pytest.approx(0.5 * (0.01 + 0.01 + 0.25) / 3)
+
+
+def test_approx_kl_away_from_ratio_one():
+    """approx-KL(π_old‖π) = ½·E[(log π − log π_old)²], also for ratios far from 1 (any f with f(0) = 0 is not it)."""
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.3]]))
+    log_ratio = torch.tensor([[0.2, -0.4, 1.0]])
+    _, _, akl = ppo.policy_loss(old + log_ratio, old, torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), 0.2)
+    assert akl.item() == pytest.approx(0.5 * (0.04 + 0.16 + 1.0) / 3)
+
+
+def test_whiten_rewards_scales_the_rewards_keeping_their_mean():
+    from omegaconf import OmegaConf
+
+    from kl_research.train import advantages_and_returns
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    scores = torch.tensor([2.0, -1.0])
+    logp, ref_logp = torch.tensor([[0.1, 0.3, -0.2, 9.0], [0.0, 0.5, 9.0, 9.0]]), torch.zeros(2, 4)
+    batch = {"mask": mask, "logp": logp, "ref_logp": ref_logp, "values": torch.zeros(2, 4)}
+    base = dict(kl_mode="reward", kl_penalty="k1", gamma=1.0, lam=1.0, whiten_advantages=False)
+    beta = 0.5
+    raw = -beta * logp * mask
+    raw[0, 2] += 2.0
+    raw[1, 1] += -1.0
+    vals = raw[mask]
+    want = ((raw - vals.mean()) / vals.std() + vals.mean()) * mask  # unbiased std, mean kept (TRL's shift_mean=False)
+    _, ret = advantages_and_returns(batch, scores, beta, OmegaConf.create({**base, "whiten_rewards": True}))
+    torch.testing.assert_close(ret, want.flip(1).cumsum(1).flip(1) * mask, rtol=1e-5, atol=1e-6)
+    adv0, _ = advantages_and_returns(batch, scores, beta, OmegaConf.create({**base, "whiten_rewards": False}))
+    torch.testing.assert_close(adv0, raw.flip(1).cumsum(1).flip(1) * mask)
+
+
+def _one_update(model, pcfg_over, detach=True, advantages_scale=1.0, returns_shift=0.0):
+    import contextlib
+
+    from omegaconf import OmegaConf
+
+    from kl_research.reference import compose_config
+    from kl_research.train import make_optimizer, ppo_update, rollout
+
+    pcfg = OmegaConf.merge(compose_config([]).ppo, {"batch_size": 8, "minibatch_size": 4, **pcfg_over})
+    policy = _perturbed_policy(model, detach_value_head=detach)
+    prompts = torch.randint(1, 500, (8, 4), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    batch = rollout(
+        policy,
+        model,
+        prompts,
+        response_length=6,
+        temperature=1.0,
+        eos_token_id=None,
+        pad_token_id=0,
+        amp=contextlib.nullcontext(),
+        keep_ref_logprobs=True,
+    )
+    adv = advantages_scale * torch.randn(batch["logp"].shape, generator=torch.Generator().manual_seed(1))
+    opt = make_optimizer(policy, OmegaConf.merge(pcfg, {"lr": 1e-3}), torch.device("cpu"))
+    trunk = {k: v.clone() for k, v in policy.lm.state_dict().items()}
+    policy.train()
+    stats = ppo_update(
+        policy,
+        opt,
+        batch,
+        adv,
+        batch["values"] + returns_shift,
+        4,
+        pcfg,
+        contextlib.nullcontext(),
+        torch.Generator().manual_seed(0),
+        0.0,
+    )
+    moved = max(float((v - trunk[k]).abs().max()) for k, v in policy.lm.state_dict().items())
+    return stats, moved
+
+
+def test_target_approx_kl_stops_the_epochs_early(tiny_reference):
+    _, model, _, _ = tiny_reference
+    model.eval()
+    full, _ = _one_update(model, {"epochs": 3, "target_approx_kl": None})
+    stopped, _ = _one_update(model, {"epochs": 3, "target_approx_kl": 1e-12})
+    loose, _ = _one_update(model, {"epochs": 3, "target_approx_kl": 1e3})
+    assert full["epochs"] == 3 and loose["epochs"] == 3
+    assert stopped["epochs"] == 1 and stopped["approx_kl_last_epoch"] > 1e-12
+
+
+def test_detach_value_head_keeps_the_value_loss_off_the_policy(tiny_reference):
+    """With no policy signal (zero advantages, β = 0) and a value loss (returns ≠ values): detach_value_head=True,
+    the trainer's setting, leaves π's weights exactly as they were; False lets the value loss move them."""
+    _, model, _, _ = tiny_reference
+    model.eval()
+    _, moved_detached = _one_update(model, {"epochs": 1}, detach=True, advantages_scale=0.0, returns_shift=1.0)
+    _, moved_shared = _one_update(model, {"epochs": 1}, detach=False, advantages_scale=0.0, returns_shift=1.0)
+    assert moved_detached == 0.0
+    assert moved_shared > 1e-5
