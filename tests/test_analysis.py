@@ -278,6 +278,44 @@ def test_verdict_in_both_directions():
     assert not v.claim_holds.any() and v.note.str.contains("β=1").all()
 
 
+def test_verdict_rule_is_the_static_interval_not_means_nor_overlap():
+    """The rule: reward similar or better iff the controller's mean reward ≥ the static cell's lower 95 % bound; KL
+    closer iff its mean tracking error < the static cell's lower bound. Three controllers at target 0.1 against one
+    static cell with real spread (tail KL 0.13/0.14/0.15: tracking error 0.3/0.4/0.5, interval [0.152, 0.648]; reward
+    1.0/1.1/1.2, interval [0.852, 1.348]) tell that rule from its neighbours:
+    - adaptive: reward 1.0, below the static mean but inside its interval → similar (a comparison of means says no);
+    - pid: tracking error 0.25, below the static mean but inside its interval → not closer (means would say closer);
+    - exponential: reward 0.6/0.8/1.0, mean below the static lower bound while the two intervals overlap → not
+      similar (an overlap rule would say similar)."""
+    frames = []
+    for s in range(3):
+        frames.append(curve(f"fixed_s{s}", "fixed", 0.1, 0.2, s, history([0.13 + 0.01 * s] * 8, 1.0 + 0.1 * s)))
+        frames.append(curve(f"adaptive_s{s}", "adaptive", 0.1, 0.2, s, history([0.1 + 0.001 * (s - 1)] * 8, 1.0)))
+        frames.append(curve(f"pid_s{s}", "pid", 0.1, 0.2, s, history([0.125 + 0.0001 * s] * 8, 1.2)))
+        frames.append(curve(f"exp_s{s}", "exponential", 0.1, 0.2, s, history([0.1] * 8, 0.6 + 0.2 * s)))
+    cells = A.cell_stats(A.score_runs(pd.concat(frames, ignore_index=True)))
+    ada, pid, exp = (A.verdict(cells, controller=c).iloc[0] for c in ("adaptive", "pid", "exponential"))
+    assert ada.static_reward_lo == pytest.approx(1.1 - 4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
+    assert ada.static_tracking_error_lo == pytest.approx(0.4 - 4.302653 * 0.1 / math.sqrt(3), rel=1e-4)
+    assert ada.reward_mean < ada.static_reward_mean and ada.reward_similar_or_better
+    assert ada.kl_closer and ada.claim_holds
+    assert pid.static_tracking_error_lo < pid.tracking_error_mean < pid.static_tracking_error_mean
+    assert pid.reward_similar_or_better and not pid.kl_closer and not pid.claim_holds
+    assert exp.reward_mean < exp.static_reward_lo and exp.reward_hi > exp.static_reward_lo  # intervals overlap
+    assert not exp.reward_similar_or_better and exp.kl_closer and not exp.claim_holds
+    # a one-seed static cell has no interval: no claim either way, and the note says why
+    one = A.cell_stats(
+        A.score_runs(
+            pd.concat(
+                [f for f in frames if f["seed"].iloc[0] == 0 or f["controller"].iloc[0] != "fixed"], ignore_index=True
+            )
+        )
+    )
+    v = A.verdict(one, controller="adaptive").iloc[0]
+    assert v.static_n == 1 and not v.reward_similar_or_better and not v.kl_closer and not v.claim_holds
+    assert "fixed cell has 1 seed(s): no interval" in v.note
+
+
 def test_verdict_against_the_frontier_and_closest_static_beta():
     frames = [verdict_curves()]
     for s in range(3):  # a second fixed β at KL 0.04, reward 0.8
