@@ -605,6 +605,18 @@ def test_wandb_loader_with_a_fake_api(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ outputs
+def assert_drawn_pngs(folder: Path) -> None:
+    """Every PNG in folder decodes to a figure-sized image with something drawn on it (not blank, not truncated)."""
+    import matplotlib.image
+
+    pngs = sorted(folder.glob("*.png"))
+    assert pngs
+    for png in pngs:
+        img = matplotlib.image.imread(png)
+        assert img.shape[0] >= 300 and img.shape[1] >= 400, (png.name, img.shape)
+        assert img[..., :3].std() > 0.03, png.name
+
+
 def header(path: Path) -> list[str]:
     return path.read_text().splitlines()[0].split(",")
 
@@ -616,12 +628,32 @@ def test_make_results_writes_tables_plots_and_verdict(tmp_path):
     finally:
         sys.path.remove(str(REPO / "scripts"))
     sweep = synthetic_sweep(tmp_path)
+    for s in (0, 1):  # pid beside adaptive at 0.1: tail KL 0.1 / 0.102, overshoot 0.2 (adaptive's: 0.5)
+        kl = [0.02, 0.12, 0.1, 0.1 + 0.002 * s]
+        write_run(sweep, f"pid_kl0.1_s{s}", config("pid", 0.1, 0.2, s), history(kl, [0.3, 0.3, 0.3, 0.5 + s]))
     fdir = tmp_path / "frontier" / "t"
     for b, k in ((0.01, 0.5), (1.0, 0.005)):
         for s in (0, 1):
             write_run(fdir, f"fixed_b{b:g}_s{s}", config("fixed", 0.05, b, s), history([0.0, k, k, k], 0.1))
     out = tmp_path / "results"
     md = make_results.main([str(sweep), "--frontier", str(fdir), "--out", str(out)])
+    # what the tables say, not only that they exist
+    band = pd.read_csv(out / "band.csv").set_index(["controller", "target_kl"])
+    assert sorted(band.index) == [("adaptive", 0.02), ("adaptive", 0.1), ("pid", 0.1)]
+    pid_band = band.loc[("pid", 0.1)]
+    assert pid_band.kl_mean == pytest.approx(0.101) and pid_band.n_seeds == 2  # tail = last step of 4: 0.1, 0.102
+    assert pid_band.kl_lo == pytest.approx(0.101 - 12.7062 * 0.001414214 / math.sqrt(2), rel=1e-4)
+    assert pid_band.holds_band and band.loc[("adaptive", 0.02)].kl_mean == pytest.approx(0.0205)
+    cmp = pd.read_csv(out / "pid_vs_adaptive.csv")
+    assert len(cmp) == 1 and (cmp.a.iloc[0], cmp.b.iloc[0], cmp.target_kl.iloc[0]) == ("pid", "adaptive", 0.1)
+    row = cmp.iloc[0]
+    assert row.a_overshoot_mean == pytest.approx(0.2) and row.b_overshoot_mean == pytest.approx(0.5)
+    assert row.diff_overshoot == pytest.approx(-0.3) and row.significant_overshoot and row.lower_overshoot
+    assert row.a_reward_mean == pytest.approx(1.0) and not row.significant_reward and row.equal_reward
+    est = pd.read_csv(out / "estimators.csv").set_index("estimator")
+    # the synthetic curves log k1 = 1.1·exact, k2 = 0.9·exact, k3 = exact, seed = 3·exact
+    assert est.ratio_median.to_dict() == pytest.approx({"k1": 1.1, "k2": 0.9, "k3": 1.0, "seed": 3.0})
+    assert est.loc["k3", "bias"] == pytest.approx(0.0) and est.loc["seed", "rel_bias"] == pytest.approx(2.0)
     names = {p.name for p in out.iterdir()}
     for f in ("results.md", "verdict.csv", "verdict.json", "cells.csv", "scores.csv", "frontier.csv", "summaries.csv"):
         assert f in names
@@ -631,6 +663,7 @@ def test_make_results_writes_tables_plots_and_verdict(tmp_path):
         assert f in names
     for f in ("ppl.png", "ppl_vs_kl.png", "pid_vs_adaptive.csv"):
         assert f in names
+    assert_drawn_pngs(out)
     verdict = json.loads((out / "verdict.json").read_text())
     sweep_a = A.add_frontier_runs(A.load_sweep(sweep), A.load_sweep(fdir))
     a = A.analyse(sweep_a)
@@ -652,7 +685,7 @@ def test_make_results_writes_tables_plots_and_verdict(tmp_path):
     ]
     assert "make_results.py" in (out / "command.txt").read_text()
     assert json.loads((out / "versions.json").read_text())["pandas"] == pd.__version__
-    assert len(pd.read_csv(out / "summaries.csv")) == 10
+    assert len(pd.read_csv(out / "summaries.csv")) == 12
     # Never remove a column of the committed results (cells, frontier, summaries): only add.
     committed = REPO / "results" / "sweep"
     # (columns that come from what the runs recorded, the POOL_KEYS ppo.kl_mode / ppo.kl_penalty and summary.json's

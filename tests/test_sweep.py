@@ -256,6 +256,9 @@ def test_report_numbers_equal_the_runs_summaries(tmp_path):
     assert "| pid_kl0.05_s1 | pid | 0.05 | 0.2 | 1 | 0.7 |" in md
     assert json.loads((out / "failed.json").read_text()) == {"pid_kl0.1_s0": "no summary.json"}
     assert {"frontier.png", "kl.png", "beta.png"} <= {p.name for p in out.iterdir()}
+    from test_analysis import assert_drawn_pngs
+
+    assert_drawn_pngs(out)
     curves = load_curves(tmp_path)
     assert len(curves) == 12 and set(curves["run"]) == {"fixed_s0", "pid_kl0.05_s0", "pid_kl0.05_s1"}
     assert load_summaries(tmp_path)["run"].tolist() == ["fixed_s0", "pid_kl0.05_s0", "pid_kl0.05_s1"]

@@ -78,7 +78,18 @@ def without_timing(recs: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in recs]
 
 
-def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog):
+def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog, monkeypatch):
+    import matplotlib.figure
+    import matplotlib.image
+
+    saved = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):  # the figure behind curves.png, to read what it shows
+        saved[Path(path).name] = fig
+        return real_savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
     cfg = make_cfg(cache_dir, "steps=3", "controller=pid", "controller.target_kl=0.05")
     with caplog.at_level(logging.INFO, logger="kl_research.train"):
         summary = train(cfg, tmp_path)
@@ -115,6 +126,29 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog):
     assert f"precision=auto → {summary['precision']}: bf16 trunk " in caplog.text
     for f in ("summary.json", "curves.png", "samples.jsonl", "checkpoints/last.pt"):
         assert (tmp_path / f).exists(), f
+    # curves.png shows this run: KL per step with the target and its band, β per step, perplexity from the reference's
+    fig = saved["curves.png"]
+    axes = {a.get_ylabel(): a for a in fig.axes}
+    kl_ax = axes["KL (nats/token)"]
+    lines = {ln.get_label(): ln for ln in kl_ax.get_lines()}
+    assert list(lines["exact"].get_ydata()) == [r["kl/exact"] for r in recs]
+    assert list(lines["target"].get_ydata()) == [0.05, 0.05]
+    assert list(axes["β (kl/coef)"].get_lines()[0].get_ydata()) == [r["kl/coef"] for r in recs]
+    ppl = {ln.get_label(): ln for ln in axes["held-out perplexity"].get_lines()}
+    assert list(ppl["policy"].get_ydata()) == [
+        recs[1]["eval/ppl_ref"],
+        recs[1]["eval/ppl_heldout"],
+        recs[2]["eval/ppl_heldout"],
+    ]
+    png = matplotlib.image.imread(tmp_path / "curves.png")
+    assert png.shape[0] > 500 and png.shape[1] > 800 and png[..., :3].std() > 0.05  # a drawn figure, not a blank
+    # samples.jsonl: the decoded prompt/response/score of the logged steps (samples_every=2, and the last step)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in samples}) == [2, 3] and len(samples) == 16
+    assert all(set(r) == {"step", "prompt", "response", "reward"} for r in samples)
+    assert all(isinstance(r["prompt"], str) and r["prompt"] and isinstance(r["response"], str) for r in samples)
+    last = [r["reward"] for r in samples if r["step"] == 3]
+    assert sum(last) / len(last) == pytest.approx(recs[2]["reward/mean"], abs=1e-6)  # the whole batch of 8: its mean
     # the final policy loads with plain transformers
     lm = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     assert lm.config.n_layer == 1
