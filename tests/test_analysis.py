@@ -613,7 +613,7 @@ def assert_drawn_pngs(folder: Path) -> None:
     assert pngs
     for png in pngs:
         img = matplotlib.image.imread(png)
-        assert img.shape[0] >= 300 and img.shape[1] >= 400, (png.name, img.shape)
+        assert img.shape[0] >= 200 and img.shape[1] >= 200, (png.name, img.shape)
         assert img[..., :3].std() > 0.03, png.name
 
 
