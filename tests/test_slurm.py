@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 from test_sweep import check_tiny_sweep, env, fake_app, only_sweep_dir, run_sweep, submitted_ids, wait_for
 
@@ -74,6 +75,10 @@ def test_tiny_sweep_through_submitit_slurm(tmp_path):
     assert sacct.stdout.count("COMPLETED") == 3, sacct.stdout  # the failing job fails inside Hydra, not SLURM
     assert "ValueError" in (sweep_dir / "pid_kl-1_s0" / "error.txt").read_text()
     print(f"tiny SLURM sweep (3 jobs): {wall:.0f} s")
+
+
+def job_state(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
 def in_squeue(job_id: str) -> bool:
@@ -156,3 +161,66 @@ def test_cancelled_slurm_job_and_resume_after_the_sweep_process_died(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(calls()) == 5
     assert "Jobs: 4, complete: 4, failed: 0" in (sweep_dir / "report" / "report.md").read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_requeued_slurm_job_resumes_from_its_checkpoint_and_counts_once(tmp_path):
+    """README "SLURM": a preempted or requeued job resumes from its checkpoint. A real trainer job on the real
+    cluster is `scontrol requeue`d after its first checkpoint: SLURM kills it and runs it again as the same array
+    task; the rerun says it resumed, ends on the uninterrupted run's trajectory (timings aside), and the sweep's
+    report counts it once."""
+    need_slurm()
+    from omegaconf import OmegaConf
+    from test_sweep import CACHE, REPO, TINY
+    from test_train import read_metrics, without_timing
+
+    from kl_research.train import CHECKPOINT, train
+
+    name = "adaptive_kl0.05_s0"
+    cmd = [
+        sys.executable,
+        str(REPO / "sweep.py"),
+        *TINY,
+        f"cache_dir={CACHE}",
+        f"sweep.root={tmp_path}",
+        "sweep.name=requeue",
+        "sweep.controllers=[adaptive]",
+        "sweep.targets=[0.05]",
+        "sweep.seeds=[0]",
+        "steps=200",
+        "controller.horizon=16",
+        "hydra/launcher=slurm",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=2",
+        "hydra.launcher.timeout_min=20",
+    ]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: list((tmp_path / "requeue").glob(f"*/{name}/{CHECKPOINT}")), timeout=600, what="a checkpoint")
+        sweep_dir = only_sweep_dir(tmp_path, "requeue")
+        run = sweep_dir / name
+        job_id = submitted_ids(sweep_dir)[name]
+        assert not (run / "summary.json").exists(), "the job finished before it could be requeued"
+        subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)
+        # SLURM holds a requeued job for ~2 min (BeginTime); release it at once
+        wait_for(lambda: job_state(job_id) == "PENDING", timeout=120, what="the requeued job to be pending")
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
+        out = proc.communicate(timeout=900)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    states = subprocess.run(["sacct", "-n", "-X", "-D", "-j", job_id, "-o", "State"], capture_output=True, text=True)
+    assert "REQUEUED" in states.stdout and "COMPLETED" in states.stdout, states.stdout
+    log = (run / "sweep.log").read_text()
+    assert "resumed from a checkpoint at step" in log, log[-2000:]
+    # the same trajectory as the job run once, start to end, in this process from the job's own config
+    full = tmp_path / "uninterrupted"
+    train(OmegaConf.load(run / ".hydra" / "config.yaml"), full)
+    a, b = read_metrics(full), read_metrics(run)
+    assert len(b) == 200 and [r["kl/coef"] for r in a] == [r["kl/coef"] for r in b]
+    assert without_timing(a) == without_timing(b)
+    # ... and the report counts it once
+    assert "Jobs: 1, complete: 1, failed: 0" in (sweep_dir / "report" / "report.md").read_text()
+    assert list(pd.read_csv(sweep_dir / "report" / "summaries.csv")["run"]) == [name]
