@@ -299,7 +299,7 @@ def lm_variance(policy_dir: str | None, rollouts: int, seed: int) -> pd.DataFram
         sq = float(mean.square().sum()) - var / len(gs)  # unbiased ‖E g‖²
         rows.append(
             {
-                "source": f"tiny LM, batch {cfg.ppo.batch_size}, policy {policy_dir or 'reference'}",
+                "source": f"tiny LM, batch {cfg.ppo.batch_size}, policy {Path(policy_dir).parent.name if policy_dir else 'reference'}",
                 "kl_per_token": float(np.mean(kls)),
                 "mode": f"{mode}+{penalty}",
                 "baseline": base,
