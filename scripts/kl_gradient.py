@@ -291,6 +291,7 @@ def lm_variance(policy_dir: str | None, rollouts: int, seed: int) -> pd.DataFram
             loss, _ = minibatch_loss(logprobs, values, batch, adv, ret, pcfg, 1.0)
             g = torch.autograd.grad(loss, params, retain_graph=True)
             grads[(mode, penalty, base)].append(torch.cat([x.reshape(-1) for x in g]).double())
+    where = Path(policy_dir).parent.name if policy_dir else "reference"
     rows = []
     for (mode, penalty, base), gs in grads.items():
         G = torch.stack(gs)
@@ -299,7 +300,7 @@ def lm_variance(policy_dir: str | None, rollouts: int, seed: int) -> pd.DataFram
         sq = float(mean.square().sum()) - var / len(gs)  # unbiased ‖E g‖²
         rows.append(
             {
-                "source": f"tiny LM, batch {cfg.ppo.batch_size}, policy {Path(policy_dir).parent.name if policy_dir else 'reference'}",
+                "source": f"tiny LM, batch {cfg.ppo.batch_size}, policy {where}",
                 "kl_per_token": float(np.mean(kls)),
                 "mode": f"{mode}+{penalty}",
                 "baseline": base,
