@@ -6,7 +6,8 @@ the exact commands and the versions. Every number comes from kl_research.analysi
     python scripts/make_results.py --wandb <entity>/kl-research --group kl_grid   # runs logged online
 
 Writes <out>/: results.md (controllability first), controllability.csv (per β) and controllability_checks.csv,
-verdict.{csv,json}, band.csv (does each controller hold the band?), pid_vs_adaptive.csv (Welch's t-test per
+verdict.{csv,json}, band.csv (does each controller hold the band?), pid_vs_adaptive.csv and, when the sweep has
+pid_ci, pid_ci_vs_pid.csv (Welch's t-test per
 metric), cells.csv, scores.csv, frontier.csv, estimators.csv, estimators_by_cell.csv, summaries.{csv,json},
 frontier.png, curves.png (KL and β per target), controllability.png, training.png (reward, KL, β), ppl.png,
 ppl_vs_kl.png, command.txt, versions.json. Intervals: 95 % Student-t of the mean over seeds.
@@ -128,6 +129,8 @@ def write_results(a: A.Analysis, out: Path, commands: list[str]) -> Path:
         )
     )
     a.pid_vs_adaptive.to_csv(out / "pid_vs_adaptive.csv", index=False)
+    if {"pid", "pid_ci"} <= set(a.scores["controller"]):  # the integration rule alone: pid_ci differs from pid in it
+        A.compare_controllers(a.scores, a="pid_ci", b="pid").to_csv(out / "pid_ci_vs_pid.csv", index=False)
     (out / "command.txt").write_text("\n".join(commands) + "\n")
     (out / "versions.json").write_text(json.dumps(versions(), indent=1))
 
