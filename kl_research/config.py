@@ -87,7 +87,8 @@ class PPOSchema:
     lr: float = 5e-5
     adam_eps: float = 1e-5
     max_grad_norm: float = 1.0
-    kl_mode: str = "loss"  # loss: + β·KL per position in the policy loss (partial sequence-level gradient) | reward:
+    kl_mode: str = "sequence"  # the default, full gradient (results/kl_gradient) | loss: + β·KL per position in the
+    # policy loss (partial sequence-level gradient) | reward:
     # −β·k1 per token in the reward (full, high variance) | sequence: loss + exact KL-to-go in the returns (full)
     kl_penalty: str = "exact"  # loss → exact | k2; reward → k1; sequence → exact (kl.PENALTY_MODES)
     kl_signal: str = "exact"  # estimator of the batch KL fed to the controller

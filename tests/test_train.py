@@ -368,8 +368,8 @@ def test_a_second_copy_of_a_job_in_its_run_dir_fails_at_once_naming_the_first(ca
     [
         ("ppo.minibatch_size=3", r"ppo\.minibatch_size=3 is invalid; allowed: a divisor of ppo\.batch_size=8"),
         ("ppo.response_length=0", r"ppo\.response_length=0 is invalid"),
-        ("ppo.kl_penalty=k9", r"ppo\.kl_penalty='k9' with ppo\.kl_mode='loss' is refused: it is not a KL estimator"),
-        ("ppo.kl_penalty=k3", r"ppo\.kl_penalty='k3' with ppo\.kl_mode='loss' is refused.*ppo\.kl_penalty=exact"),
+        ("ppo.kl_penalty=k9", r"ppo\.kl_penalty='k9' with ppo\.kl_mode='sequence' is refused: it is not a KL estimator"),
+        ("ppo.kl_penalty=k3", r"ppo\.kl_penalty='k3' with ppo\.kl_mode='sequence' is refused.*ppo\.kl_penalty=exact"),
         ("ppo.kl_mode=reward", r"ppo\.kl_penalty='exact' with ppo\.kl_mode='reward' is refused.*kl_penalty=k1"),
         ("ppo.target_approx_kl=0", r"ppo\.target_approx_kl=0\.0 is invalid"),
         (
@@ -547,7 +547,7 @@ def test_wandb_offline_history_reads_back(cache_dir, tmp_path, monkeypatch):
     assert run.display_name == "adaptive_kl0.05_s0"  # <controller>_kl<target>_s<seed>
     assert run.run_id == (tmp_path / "wandb_id.txt").read_text().strip()
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
-    assert config["ppo"]["kl_mode"] == "loss" and config["controller"]["name"] == "adaptive"
+    assert config["ppo"]["kl_mode"] == "sequence" and config["controller"]["name"] == "adaptive"
     assert config["seed"] == 0 and config["steps"] == 2
 
 
