@@ -368,7 +368,7 @@ def test_a_second_copy_of_a_job_in_its_run_dir_fails_at_once_naming_the_first(ca
     [
         ("ppo.minibatch_size=3", r"ppo\.minibatch_size=3 is invalid; allowed: a divisor of ppo\.batch_size=8"),
         ("ppo.response_length=0", r"ppo\.response_length=0 is invalid"),
-        ("ppo.kl_penalty=k9", r"ppo\.kl_penalty='k9' with ppo\.kl_mode='sequence' is refused: it is not a KL estimator"),
+        ("ppo.kl_penalty=k9", r"ppo\.kl_penalty='k9' with ppo\.kl_mode='sequence' is refused: it is not a KL"),
         ("ppo.kl_penalty=k3", r"ppo\.kl_penalty='k3' with ppo\.kl_mode='sequence' is refused.*ppo\.kl_penalty=exact"),
         ("ppo.kl_mode=reward", r"ppo\.kl_penalty='exact' with ppo\.kl_mode='reward' is refused.*kl_penalty=k1"),
         ("ppo.target_approx_kl=0", r"ppo\.target_approx_kl=0\.0 is invalid"),
