@@ -144,7 +144,7 @@ def test_sweep_config_composes_with_the_default_grid():
     cfg = compose_sweep()
     s = cfg.hydra.sweeper
     assert s._target_.endswith("KLGridSweeper")
-    assert (list(s.controllers), list(s.targets), list(s.seeds)) == (CONTROLLERS, TARGETS, [0, 1, 2, 3, 4])
+    assert (list(s.controllers), list(s.targets), list(s.seeds)) == ([*CONTROLLERS, "pid_ci"], TARGETS, [0, 1, 2, 3, 4])
     assert s.fixed_betas is None and s.fresh is False
     assert cfg.hydra.mode.name == "MULTIRUN"
     assert cfg.wandb.group == "kl_grid"
@@ -524,6 +524,10 @@ def test_stopping_a_local_sweep_stops_its_jobs(tmp_path, sig):
         wait_for(lambda: calls.exists() and "pid_kl0.05_s1" in calls.read_text(), 60, "the held job to start")
         sweep_dir = only_sweep_dir(app / "multirun")
         task = local_task_pid(sweep_dir, "pid_kl0.05_s1")
+        # the unheld job must have finished (its process too: on a loaded machine it can still be running here)
+        wait_for(lambda: (sweep_dir / "pid_kl0.05_s0" / "summary.json").is_file(), 60, "the unheld job to finish")
+        done = submitted_ids(sweep_dir)["pid_kl0.05_s0"]
+        wait_for(lambda: not Path(f"/proc/{done}").exists(), 60, "the unheld job's process to end")
         proc.send_signal(getattr(signal, sig))
         out = proc.communicate(timeout=60)[0]
     finally:
