@@ -97,13 +97,16 @@ class Tabular:
             "ref_logprobs": ref,
         }
 
-    def mode_grad(self, mode: str, penalty: str, beta: float = 1.0, **ppo_overrides) -> torch.Tensor:
-        """E_π[∇_θ minibatch_loss] for one (mode, penalty), with the task score 0, through the trainer's pieces."""
+    def mode_grad(
+        self, mode: str, penalty: str, beta: float = 1.0, scores: torch.Tensor | None = None, **ppo_overrides
+    ) -> torch.Tensor:
+        """E_π[∇_θ minibatch_loss] for one (mode, penalty), through the trainer's pieces; the task score of each
+        enumerated response is `scores` (default 0: the KL part alone)."""
         from kl_research.train import advantages_and_returns, minibatch_loss
 
         pcfg = trainer_pcfg(mode, penalty, **ppo_overrides)
         batch = self.batch()
-        scores = torch.zeros(len(self.Y), dtype=DT)
+        scores = torch.zeros(len(self.Y), dtype=DT) if scores is None else scores
         advantages, returns = advantages_and_returns(batch, scores, beta, pcfg)
         # The expectation over responses: each row weighted by its probability under the sampling π (detached). The
         # losses' masked means then divide Σ_y P(y)·Σ_t(...) by Σ_y P(y)·T_y = E[T]: a large batch's token count.

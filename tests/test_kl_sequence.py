@@ -19,9 +19,8 @@ import torch
 
 from kl_research import ppo
 from kl_research.kl import PENALTY_MODES, SEQUENCE_GRADIENT, gradient_kind
-from kl_research.tabular import DT, Tabular, trainer_pcfg
+from kl_research.tabular import DT, Tabular
 from kl_research.tabular import case as _case
-from kl_research.train import advantages_and_returns, minibatch_loss
 
 OFFERED = [(m, e) for m, es in PENALTY_MODES.items() for e in es]
 
@@ -103,14 +102,7 @@ def _whitened_grad(tab: Tabular, beta: float, scores: torch.Tensor, whiten: bool
     σ, and E[Σ_s c·∇log π(y_s|y_<s)] = 0 exactly: whitening must scale the score's part by 1/σ and leave every KL part
     (analytic and through the returns) as it is.
     """
-    batch = tab.batch()
-    pcfg = trainer_pcfg("sequence", "exact", whiten_advantages=whiten)
-    advantages, returns = advantages_and_returns(batch, scores, beta, pcfg)
-    w = tab.weights(tab.logprobs(tab.theta)).detach()
-    mb = {**batch, "mask": tab.mask.to(DT) * w.unsqueeze(1)}
-    theta = tab.theta.detach().clone().requires_grad_(True)
-    loss, _ = minibatch_loss(tab.logprobs(theta), batch["values"], mb, advantages, returns, pcfg, beta)
-    return torch.autograd.grad(loss, theta)[0]
+    return tab.mode_grad("sequence", "exact", beta, scores=scores, whiten_advantages=whiten)
 
 
 def test_whitening_scales_the_score_and_leaves_both_kl_halves_alone():
