@@ -4,9 +4,9 @@
     python -m benchmark.bench --shape gpt2-small --batch 8     # GPT-2-small shape, random init
     python -m benchmark.bench --shape gpt2-mid --threads 2 --steps 3 --warmup 1
 
-One step = `train.rollout` (generate with the KV cache, then one scoring pass each for policy + values and
+One step = `rollout.rollout` (generate with the KV cache, then one scoring pass each for policy + values and
 reference) → synthetic task score + shaped rewards + GAE + whitening (the `ppo` functions train() calls) →
-`train.ppo_update` (epochs × minibatches). The generation time is taken around `policy.lm.generate` inside
+`algos.policy_update` (epochs × minibatches). The generation time is taken around `policy.lm.generate` inside
 the real rollout; scoring = rollout − generation. Models are random-init GPT-2s (no download); EOS is
 disabled so every response has exactly `response_len` tokens and every step does the same work.
 
@@ -153,10 +153,12 @@ def bench(
 ) -> dict[str, Any]:
     """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record."""
     from benchmark.gemm import gemm_fields
+    from kl_research.algos import PPO, policy_update, uses_exact_kl_loss
     from kl_research.precision_probe import Workload, auto_precision
     from kl_research.reference import compose_config, resolve_cache_dir
+    from kl_research.rollout import rollout
     from kl_research.runtime import autocast, resolve_device, resolve_precision, setup_allocator, setup_threads
-    from kl_research.train import advantages_and_returns, make_optimizer, ppo_update, rollout, uses_exact_kl_loss
+    from kl_research.train import make_optimizer
 
     # The benchmark workload is the classic PPO step TRL 0.11 runs (benchmark/bench_trl.py): −β·k1 in the reward and 4
     # epochs, whatever the training defaults are (they moved to the exact-KL loss and 2 epochs for controllability).
@@ -225,11 +227,11 @@ def bench(
         sync()
         t1 = time.perf_counter()
         scores = torch.randn(B, generator=gen).to(dev)  # synthetic task score (the reward model is not timed)
-        advantages, returns = advantages_and_returns(batch, scores, 0.1, pcfg)
+        advantages, returns = PPO(pcfg).advantages(batch, scores, 0.1)
         sync()
         t2 = time.perf_counter()
         policy.train()
-        ppo_update(policy, optimizer, batch, advantages, returns, P, pcfg, amp, shuffle_gen, 0.1)
+        policy_update(PPO(pcfg), policy, optimizer, batch, advantages, returns, P, amp, shuffle_gen, 0.1)
         policy.eval()
         sync()
         t3 = time.perf_counter()
@@ -305,11 +307,12 @@ def gemm_floors(roll, policy, prompts, R, pcfg, optimizer, shuffle_gen, amp) -> 
     """The GEMMs one step of the real trainer dispatches (benchmark.gemm), timed alone, per phase.
 
     Recorded on one extra step after the timed ones: the rollout, the bare `generate` alone (the same shapes:
-    EOS is off, so generation always runs R steps), score = rollout − generate, and one `ppo_update`.
+    EOS is off, so generation always runs R steps), score = rollout − generate, and one `policy_update`.
     """
     from benchmark.gemm import GemmRecorder, gemm_floor
     from kl_research import ppo
-    from kl_research.train import ppo_update, sampling_kwargs
+    from kl_research.algos import PPO, policy_update
+    from kl_research.rollout import sampling_kwargs
 
     B, P = prompts.shape
     with GemmRecorder() as rec_roll:
@@ -321,7 +324,7 @@ def gemm_floors(roll, policy, prompts, R, pcfg, optimizer, shuffle_gen, amp) -> 
     returns = torch.randn(B, R, device=mask.device)
     policy.train()
     with GemmRecorder() as rec_upd:
-        ppo_update(policy, optimizer, batch, advantages, returns, P, pcfg, amp, shuffle_gen)
+        policy_update(PPO(pcfg), policy, optimizer, batch, advantages, returns, P, amp, shuffle_gen)
     policy.eval()
     score_calls = rec_roll.calls - rec_gen.calls
     return {
@@ -333,7 +336,7 @@ def gemm_floors(roll, policy, prompts, R, pcfg, optimizer, shuffle_gen, amp) -> 
 
 def floor_times(policy, ref, prompts, R, pcfg, n_minibatches, steps, warmup, amp, seed) -> dict[str, float]:
     """Median seconds of the bare HF calls doing the same work: generate, 2 forwards, forward+backward+AdamW."""
-    from kl_research.train import sampling_kwargs
+    from kl_research.rollout import sampling_kwargs
 
     lm = policy.lm
     B = prompts.shape[0]

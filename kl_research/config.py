@@ -71,6 +71,45 @@ class PIDCISchema(PIDSchema):
     min_rate: float = 0.01  # |D| (relative error per rollout) below which the integral never holds
 
 
+# --------------------------------------------------------------------------------------------------- algo
+@dataclass
+class AlgoSchema:
+    name: str = MISSING  # registry key in kl_research.algos: ppo | grpo
+
+
+@dataclass
+class PPOAlgoSchema(AlgoSchema):
+    """PPO with a value head and GAE; its settings are the `ppo` group's."""
+
+    name: str = "ppo"
+
+
+@dataclass
+class GRPOAlgoSchema(AlgoSchema):
+    """GRPO: G responses per prompt, group-normalised score advantages, no value head (conf/algo/grpo.yaml)."""
+
+    name: str = "grpo"
+    group_size: int = 8  # G responses per prompt (TRL's num_generations default); ppo.batch_size = prompts × G
+    std_eps: float = 1e-4  # advantage = (score − group mean) / (group std + std_eps), as TRL
+
+    def __post_init__(self) -> None:
+        _need(self.group_size >= 2, "algo", self, "group_size", "an int >= 2 (a group of one has no baseline)")
+        _need(self.std_eps > 0, "algo", self, "std_eps", "a float > 0")
+
+
+# The `ppo` keys that only PPO has (the value head, GAE, whitening of the batch's advantages). algo=grpo sets them to
+# null (conf/algo/grpo.yaml) and refuses any value given for them; algo=ppo refuses null.
+PPO_ONLY_KEYS = (
+    "vf_coef",
+    "cliprange_value",
+    "gamma",
+    "lam",
+    "whiten_rewards",
+    "whiten_advantages",
+    "detach_value_head",
+)
+
+
 # ---------------------------------------------------------------------------------------------------- ppo
 @dataclass
 class PPOSchema:
@@ -80,10 +119,10 @@ class PPOSchema:
     response_length: int = 24  # max new tokens per response
     temperature: float = 1.0  # sampling and scoring temperature (RESEARCH.md §2)
     cliprange: float = 0.2  # policy ratio clip
-    cliprange_value: float = 0.2  # value clip around the rollout's values
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
+    cliprange_value: float | None = 0.2  # value clip around the rollout's values (PPO only, as the next six)
+    vf_coef: float | None = 0.1
+    gamma: float | None = 1.0
+    lam: float | None = 0.95
     lr: float = 5e-5
     adam_eps: float = 1e-5
     max_grad_norm: float = 1.0
@@ -93,9 +132,9 @@ class PPOSchema:
     kl_penalty: str = "exact"  # loss → exact | k2; reward → k1; sequence → exact (kl.PENALTY_MODES)
     kl_signal: str = "exact"  # estimator of the batch KL fed to the controller
     kl_baseline: str = "loo"  # kl_mode=sequence: KL-to-go baseline (loo: leave-one-out mean per position | none)
-    whiten_rewards: bool = False
-    whiten_advantages: bool = True  # the task score's advantages (with kl_mode=reward: the penalised ones)
-    detach_value_head: bool = True  # value head on a detached trunk: the value loss never moves π
+    whiten_rewards: bool | None = False
+    whiten_advantages: bool | None = True  # the task score's advantages (with kl_mode=reward: the penalised ones)
+    detach_value_head: bool | None = True  # value head on a detached trunk: the value loss never moves π
     target_approx_kl: float | None = None  # stop an update's epochs once an epoch's mean approx-KL exceeds it
 
     def __post_init__(self) -> None:
@@ -111,10 +150,11 @@ class PPOSchema:
         )
         need(self.temperature > 0, "temperature", "a float > 0")
         need(self.cliprange > 0, "cliprange", "a float > 0")
-        need(self.cliprange_value > 0, "cliprange_value", "a float > 0")
-        need(self.vf_coef >= 0, "vf_coef", "a float >= 0")
-        need(0 <= self.gamma <= 1, "gamma", "a float in [0, 1]")
-        need(0 <= self.lam <= 1, "lam", "a float in [0, 1]")
+        # PPO_ONLY_KEYS may be null here; validate() checks them against the algorithm
+        need(self.cliprange_value is None or self.cliprange_value > 0, "cliprange_value", "a float > 0")
+        need(self.vf_coef is None or self.vf_coef >= 0, "vf_coef", "a float >= 0")
+        need(self.gamma is None or 0 <= self.gamma <= 1, "gamma", "a float in [0, 1]")
+        need(self.lam is None or 0 <= self.lam <= 1, "lam", "a float in [0, 1]")
         need(self.lr > 0, "lr", "a float > 0")
         need(self.adam_eps > 0, "adam_eps", "a float > 0")
         need(self.max_grad_norm > 0, "max_grad_norm", "a float > 0")
@@ -300,6 +340,8 @@ def register_configs() -> None:
     for schema in (FixedSchema, AdaptiveSchema, ExponentialSchema, PIDSchema, PIDCISchema):
         cs.store(group="schema/controller", name=schema.name, node=schema)
     cs.store(group="schema/ppo", name="ppo", node=PPOSchema)
+    for schema in (PPOAlgoSchema, GRPOAlgoSchema):
+        cs.store(group="schema/algo", name=schema.name, node=schema)
     cs.store(group="schema/wandb", name="wandb", node=WandbSchema)
     for schema in (TinyModelSchema, PretrainedModelSchema):
         cs.store(group="schema/model", name=schema.name, node=schema)
@@ -348,10 +390,38 @@ def check_context(cfg: DictConfig) -> None:
         )
 
 
+def check_algo(cfg: DictConfig) -> None:
+    """The `ppo` keys against the algorithm: PPO needs its value-head/GAE keys, GRPO has none of them, and GRPO's
+    rollout is whole groups."""
+    algo = cfg.get("algo")
+    name = algo.name if algo is not None else "ppo"
+    pcfg = cfg.ppo
+    if name == "ppo":
+        for key in PPO_ONLY_KEYS:
+            if pcfg.get(key) is None:
+                raise ValueError(f"ppo.{key}=None is invalid with algo=ppo; allowed: a value (conf/ppo/default.yaml)")
+        return
+    for key in PPO_ONLY_KEYS:
+        if pcfg.get(key) is not None:
+            raise ValueError(
+                f"ppo.{key}={pcfg.get(key)!r} is invalid with algo={name}: it is a PPO setting (value head, GAE or the "
+                f"batch whitening of advantages) and {name} has none; allowed: null (leave it unset: "
+                f"conf/algo/{name}.yaml sets it so)"
+            )
+    if pcfg.batch_size % algo.group_size != 0:
+        raise ValueError(
+            f"algo.group_size={algo.group_size} is invalid with ppo.batch_size={pcfg.batch_size}: a rollout is whole "
+            f"groups; allowed: a divisor of ppo.batch_size (ppo.batch_size = prompts × algo.group_size)"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Run every schema's range checks. Raises ValueError naming the key, the value and what is allowed."""
-    for section in ("controller", "ppo", "wandb", "model", "data", "reward"):
-        OmegaConf.to_object(cfg[section])
+    sections = ("controller", "ppo", "wandb", "model", "data", "reward", "algo")
+    for section in sections:
+        if section in cfg:  # algo: configs written before the algo group have none (they are PPO)
+            OmegaConf.to_object(cfg[section])
+    check_algo(cfg)
 
     def need(ok: bool, key: str, allowed: str) -> None:
         if not ok:

@@ -25,23 +25,33 @@ SIGNAL_ESTIMATORS = (*ESTIMATORS, "exact")
 #     ∇KL_seq = E[Σ_t ∇KL_t(y_<t)]  +  E[Σ_s ∇log π(y_s|y_<s) · Σ_{t>s} KL_t(y_<t)]
 #               (pathwise, per position)  (score function: what token s does to every later position's KL)
 # - reward  + k1:    −β·k1 per token through γ = 1 returns: both terms, unbiased, through a sampled log-ratio
-#                    (high variance). FULL.
+#                    (high variance). FULL. (algo=grpo: the same returns, Σ_{t>=s} k1_t, added to the advantage.)
 # - loss    + exact: β·Σ_v π(v)(log π(v) − log π_ref(v)) per position, differentiated analytically: the first term
 #                    only. PARTIAL (Tang & Munos 2025; Shah et al. 2025).
 # - loss    + k2:    ½(log π(y) − log π_ref(y))² through log π: on-policy the same first term in expectation. PARTIAL.
+# - loss    + k3:    (r − 1) − log r through log π, the KL loss of GRPO (DeepSeekMath) and TRL's GRPOTrainer: its
+#                    expected gradient is the per-position term of the *reverse* KL(π_ref‖π), not of KL(π‖π_ref).
+#                    PARTIAL-REVERSE. Offered so that the anchors' loss can be reproduced for comparison; never the
+#                    default. Forward and reverse agree to second order, so near the targets (≤ 0.2 nats) it behaves
+#                    much like loss+k2; the controllers still measure and hold KL(π‖π_ref).
 # - sequence + exact: the analytic per-position term (as loss+exact) plus each position's exact KL credited through
 #                    the returns to the earlier tokens that led to it (ppo.kl_to_go): both terms, with no sampled
 #                    log-ratio anywhere. FULL.
-# tests/test_kl_sequence.py checks each pair through the trainer's own pieces against the autograd gradient of the
-# enumerated KL_seq (float64 identities); tests/test_kl.py checks the one-token case of every pair.
-PENALTY_MODES: dict[str, tuple[str, ...]] = {"sequence": ("exact",), "loss": ("exact", "k2"), "reward": ("k1",)}
+# tests/test_kl_sequence.py checks each pair, for PPO and GRPO, through the trainer's own pieces against the autograd
+# gradient of the enumerated KL_seq (float64 identities); tests/test_kl.py checks the one-token case of every pair.
+PENALTY_MODES: dict[str, tuple[str, ...]] = {
+    "sequence": ("exact",),
+    "loss": ("exact", "k2", "k3"),
+    "reward": ("k1",),
+}
 # What each offered (mode, penalty) differentiates at the sequence level: "full" = ∇KL_seq in expectation,
-# "partial" = the per-position pathwise term only.
+# "partial" = the per-position pathwise term only, "partial-reverse" = that term of the reverse KL(π_ref‖π).
 SEQUENCE_GRADIENT: dict[tuple[str, str], str] = {
     ("sequence", "exact"): "full",
     ("reward", "k1"): "full",
     ("loss", "exact"): "partial",
     ("loss", "k2"): "partial",
+    ("loss", "k3"): "partial-reverse",
 }
 _REFUSED_WHY = {
     ("reward", "k2"): "as a per-token reward only its score-function term E[k2·∇log π] reaches π, and that is a "
@@ -51,7 +61,6 @@ _REFUSED_WHY = {
     ("reward", "seed"): "the seed's exp(d)·d is biased (importance-weighted the wrong way) and so is its gradient; "
     "it stays available as an estimator (kl/seed) and as a controller signal (ppo.kl_signal=seed)",
     ("loss", "k1"): "the expected gradient of k1 = d through log π is E_π[∇log π] = 0: it pulls nothing",
-    ("loss", "k3"): "through log π, k3's expected gradient is that of the reverse KL(π_ref‖π), not KL(π‖π_ref)",
     ("loss", "seed"): "the seed's exp(d)·d is biased and so is its gradient",
     ("reward", "exact"): "the exact KL is a sum over the vocabulary, not a sampled token's value; as a loss it "
     "is differentiated analytically, and ppo.kl_mode=sequence also credits it to earlier tokens through the returns",
@@ -59,7 +68,8 @@ _REFUSED_WHY = {
 
 
 def gradient_kind(mode: str, estimator: str) -> str:
-    """'full' or 'partial': what an offered (ppo.kl_mode, ppo.kl_penalty) pair differentiates of KL_seq."""
+    """'full', 'partial' or 'partial-reverse': what an offered (ppo.kl_mode, ppo.kl_penalty) pair differentiates of
+    KL_seq (SEQUENCE_GRADIENT)."""
     check_penalty(mode, estimator)
     return SEQUENCE_GRADIENT[(mode, estimator)]
 
@@ -81,7 +91,8 @@ def check_penalty(mode: str, estimator: str) -> None:
         f"ppo.kl_penalty={estimator!r} with ppo.kl_mode={mode!r} is refused: {why}. The full gradient of the "
         f"response's KL with no sampled log-ratio is ppo.kl_mode=sequence ppo.kl_penalty=exact; the classic reward "
         f"shaping (full, high variance) is ppo.kl_mode=reward ppo.kl_penalty=k1; ppo.kl_mode=loss (exact or k2) "
-        f"differentiates each position's KL only (partial). Allowed: {allowed}"
+        f"differentiates each position's KL only (partial), and with k3 (GRPO's loss) the reverse KL's. "
+        f"Allowed: {allowed}"
     )
 
 

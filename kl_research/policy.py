@@ -55,23 +55,29 @@ def fp32_head(lm: PreTrainedModel) -> bool:
 
 
 class PolicyWithValue(nn.Module):
-    def __init__(self, lm: PreTrainedModel, detach_value_head: bool = False):
+    """The policy LM and, for PPO, a scalar value head on its last hidden state (value_head=False: none, as GRPO)."""
+
+    def __init__(self, lm: PreTrainedModel, detach_value_head: bool = False, value_head: bool = True):
         super().__init__()
         self.lm = lm
         # True: the value head reads a detached trunk, so the value loss trains the head alone and never moves π
         self.detach_value_head = detach_value_head
-        hidden = lm.config.get_text_config().hidden_size
-        self.v_head = nn.Linear(hidden, 1)
-        nn.init.zeros_(self.v_head.weight)
-        nn.init.zeros_(self.v_head.bias)
+        self.v_head: nn.Linear | None = None
+        if value_head:
+            hidden = lm.config.get_text_config().hidden_size
+            self.v_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.v_head.weight)
+            nn.init.zeros_(self.v_head.bias)
 
     @classmethod
-    def from_reference(cls, reference: PreTrainedModel, detach_value_head: bool = False) -> PolicyWithValue:
+    def from_reference(
+        cls, reference: PreTrainedModel, detach_value_head: bool = False, value_head: bool = True
+    ) -> PolicyWithValue:
         lm = copy.deepcopy(reference)
         disable_dropout(lm)
         fp32_head(lm)
         lm.requires_grad_(True)
-        return cls(lm, detach_value_head)
+        return cls(lm, detach_value_head, value_head)
 
     def score(
         self, input_ids: torch.Tensor, prompt_len: int, with_values: bool = True
@@ -79,11 +85,15 @@ class PolicyWithValue(nn.Module):
         """Logits and values at the positions that predict the response tokens.
 
         input_ids: (B, P + R) prompt followed by response (prompts all have length P, no padding).
-        Returns logits (B, R, V) and values (B, R) in fp32: position t is the state before response
-        token t. Causal attention: tokens after EOS cannot affect earlier positions, so no mask needed.
+        Returns logits (B, R, V) and values (B, R) in fp32 (None without a value head): position t is the state
+        before response token t. Causal attention: tokens after EOS cannot affect earlier positions, so no mask needed.
         """
         return score_lm(
-            self.lm, input_ids, prompt_len, self.v_head if with_values else None, detach_values=self.detach_value_head
+            self.lm,
+            input_ids,
+            prompt_len,
+            self.v_head if with_values else None,
+            detach_values=self.detach_value_head,
         )
 
 

@@ -68,6 +68,25 @@ def kl_to_go(token_kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return later * mask
 
 
+def reward_to_go(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T): at each response token s, Σ_{t>=s} x_t over its sequence's response (the γ = 1 return of per-token
+    rewards x). Zero outside the mask."""
+    x = x * mask
+    return x.flip(1).cumsum(1).flip(1) * mask
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """GRPO's advantage of each response (B,): (score − its group's mean) / (the group's std + eps).
+
+    scores: (B,) with B = prompts × group_size, the G responses to one prompt adjacent. The std is the unbiased one
+    (DeepSeekMath's GRPO, TRL). A group whose scores are all equal gets advantage 0: it carries no preference.
+    """
+    g = scores.reshape(-1, group_size)
+    mean = g.mean(1, keepdim=True)
+    std = g.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+    return ((g - mean) / (std + eps)).reshape(-1)
+
+
 def leave_one_out_baseline(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T): at each position, the mean of x over the *other* sequences whose response reaches that position.
 
@@ -134,6 +153,14 @@ def k2_kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -
     """Mean over response tokens of ½(log π_θ(y) − log π_ref(y))² at the sampled tokens, differentiable in log π_θ.
     On-policy its expected gradient is E_π[d·∇log π] = ∇KL(π‖π_ref) (not so for k1 or k3 as a loss). (B, T)."""
     return masked_mean(0.5 * (logp - ref_logp).square(), mask)
+
+
+def k3_kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over response tokens of k3 = π_ref(y)/π(y) − 1 − log(π_ref(y)/π(y)) at the sampled tokens, through log π:
+    the KL loss of DeepSeekMath's GRPO and TRL's GRPOTrainer. On-policy its expected gradient at one position is
+    E_π[(1 − π_ref/π)∇log π] = ∇KL(π_ref‖π), the *reverse* KL's, and per position only (kl.SEQUENCE_GRADIENT)."""
+    d = logp - ref_logp
+    return masked_mean(torch.expm1(-d) + d, mask)
 
 
 def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:

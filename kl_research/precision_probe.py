@@ -122,16 +122,17 @@ def measure(policy: torch.nn.Module, work: Workload, device: torch.device) -> di
     prompts[prompts == pad] = (pad + 1) % vocab
     amps = {"fp32": contextlib.nullcontext(), "bf16": torch.autocast(device.type, dtype=torch.bfloat16)}
 
-    def update(amp) -> None:  # as ppo_update: trunk under amp, log-softmax in fp32, backward
+    def update(amp) -> None:  # as algos.policy_update: trunk under amp, log-softmax in fp32, backward
         with amp:
             logits, values = policy.score(mb_ids, work.prompt_len)
-        (torch.log_softmax(logits, dim=-1).mean() + values.mean()).backward()
+        loss = torch.log_softmax(logits, dim=-1).mean()
+        (loss if values is None else loss + values.mean()).backward()
 
     def score(amp) -> None:  # as rollout's scoring pass
         with torch.inference_mode(), amp:
             policy.score(batch_ids, work.prompt_len)
 
-    def generate(amp) -> None:  # as rollout's sampling (train.sampling_kwargs), never stopped early by an EOS
+    def generate(amp) -> None:  # as rollout's sampling (rollout.sampling_kwargs), never stopped early by an EOS
         with torch.inference_mode(), amp:
             policy.lm.generate(
                 input_ids=prompts,

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-log = logging.getLogger(__name__)
+from kl_research.analysis.control import TAIL_FRACTION, control_metrics
 
-TAIL_FRACTION = 0.25  # summaries average the last 25 % of steps (RESEARCH.md §5)
+log = logging.getLogger(__name__)
 
 
 class RunLogger:
@@ -194,10 +194,8 @@ class RunLogger:
 def summarize(history: list[dict[str, Any]], cfg: DictConfig, wall_time_s: float) -> dict[str, Any]:
     """Tail-window statistics of RESEARCH.md §5 (last 25 % of steps), KL measured by `kl/exact`. The control
     metrics (tracking error, in-band fraction, IAE, settle step, overshoot, KL after the first update, mean
-    approx-KL per rollout) come from :func:`kl_research.analysis.control_metrics`, the same function that
+    approx-KL per rollout) come from :func:`kl_research.analysis.control.control_metrics`, the same function that
     rescores runs in the analysis, so summary.json and the analysis can never disagree."""
-    from kl_research.analysis import control_metrics  # analysis imports this module: import on use
-
     target = float(cfg.controller.target_kl)
     n_tail = max(1, math.ceil(TAIL_FRACTION * len(history)))
     tail = history[-n_tail:]

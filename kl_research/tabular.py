@@ -11,12 +11,13 @@ import torch
 from omegaconf import OmegaConf
 
 from kl_research import ppo
+from kl_research.algos import ALGORITHMS, Algorithm
 
 DT = torch.float64
 
 
 def trainer_pcfg(mode: str, penalty: str, **overrides):
-    """The PPO settings under which the trainer's pieces compute a mode's *expected* KL gradient: γ = 1, λ = 1, no
+    """The `ppo` settings under which the trainer's pieces compute a mode's *expected* KL gradient: γ = 1, λ = 1, no
     value baseline (values 0), no whitening, no KL-to-go baseline, vf_coef 0."""
     base = dict(
         kl_mode=mode,
@@ -97,45 +98,56 @@ class Tabular:
             "ref_logprobs": ref,
         }
 
-    def mode_grad(
-        self, mode: str, penalty: str, beta: float = 1.0, scores: torch.Tensor | None = None, **ppo_overrides
-    ) -> torch.Tensor:
-        """E_π[∇_θ minibatch_loss] for one (mode, penalty), through the trainer's pieces; the task score of each
-        enumerated response is `scores` (default 0: the KL part alone)."""
-        from kl_research.train import advantages_and_returns, minibatch_loss
+    def algorithm(self, name: str, pcfg) -> Algorithm:
+        """The trainer's algorithm `name` over the enumeration; for GRPO the whole enumeration is one group (its
+        group mean is unweighted: the tests give GRPO equal scores, i.e. the KL part alone)."""
+        algo = OmegaConf.create({"name": name, "group_size": len(self.Y), "std_eps": 1e-4})
+        if name == "grpo":
+            pcfg = OmegaConf.merge(pcfg, {"batch_size": len(self.Y)})
+        return ALGORITHMS[name](pcfg, algo)
 
+    def mode_grad(
+        self,
+        mode: str,
+        penalty: str,
+        beta: float = 1.0,
+        scores: torch.Tensor | None = None,
+        algo: str = "ppo",
+        **ppo_overrides,
+    ) -> torch.Tensor:
+        """E_π[∇_θ algo.loss] for one (mode, penalty), through the trainer's pieces (algos.PPO or algos.GRPO); the
+        task score of each enumerated response is `scores` (default 0: the KL part alone)."""
         pcfg = trainer_pcfg(mode, penalty, **ppo_overrides)
+        alg = self.algorithm(algo, pcfg)
         batch = self.batch()
         scores = torch.zeros(len(self.Y), dtype=DT) if scores is None else scores
-        advantages, returns = advantages_and_returns(batch, scores, beta, pcfg)
+        advantages, returns = alg.advantages(batch, scores, beta)
         # The expectation over responses: each row weighted by its probability under the sampling π (detached). The
         # losses' masked means then divide Σ_y P(y)·Σ_t(...) by Σ_y P(y)·T_y = E[T]: a large batch's token count.
         w = self.weights(self.logprobs(self.theta)).detach()
         mb = {**batch, "mask": self.mask.to(DT) * w.unsqueeze(1)}
         theta = self.theta.detach().clone().requires_grad_(True)
-        loss, _ = minibatch_loss(self.logprobs(theta), batch["values"], mb, advantages, returns, pcfg, beta)
+        loss, _ = alg.loss(self.logprobs(theta), batch["values"], mb, advantages, returns, beta)
         (grad,) = torch.autograd.grad(loss, theta)
         return grad
 
     def per_response_grads(self, mode: str, penalty: str, beta: float = 1.0, **ppo_overrides) -> torch.Tensor:
         """(N, *θ.shape): the one-response gradient estimate of each enumerated response (a batch of one; no
         baseline can use other responses). Its π-weighted mean is mode_grad's, times E[T]/T for fixed lengths."""
-        from kl_research.train import advantages_and_returns, minibatch_loss
-
         pcfg = trainer_pcfg(mode, penalty, **ppo_overrides)
+        alg = self.algorithm("ppo", pcfg)
         batch = self.batch()
-        advantages, returns = advantages_and_returns(batch, torch.zeros(len(self.Y), dtype=DT), beta, pcfg)
+        advantages, returns = alg.advantages(batch, torch.zeros(len(self.Y), dtype=DT), beta)
         out = []
         for i in range(len(self.Y)):
             one = {k: v[i : i + 1] for k, v in batch.items()}
             theta = self.theta.detach().clone().requires_grad_(True)
-            loss, _ = minibatch_loss(
+            loss, _ = alg.loss(
                 self.logprobs(theta)[i : i + 1],
                 one["values"],
                 one,
                 advantages[i : i + 1],
                 returns[i : i + 1],
-                pcfg,
                 beta,
             )
             out.append(torch.autograd.grad(loss, theta)[0])

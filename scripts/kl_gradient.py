@@ -19,7 +19,7 @@ no value baseline, λ = 1: the KL part alone), writing <out>/variance.csv:
 - exactly, on enumerated tabular policies (kl_research.tabular): E‖g − E g‖² of the one-response estimate g;
 - on the embedded default's real rollouts: R independent rollouts of batch 64 from a trained policy (--policy, a
   run's policy/ dir; default: the reference itself moved by nothing, i.e. KL 0, which is uninformative), the
-  gradient of minibatch_loss over the whole batch w.r.t. every parameter, and E‖g − ḡ‖² / ‖ḡ‖² over the rollouts.
+  gradient of PPO's minibatch loss over the whole batch w.r.t. every parameter, and E‖g − ḡ‖² / ‖ḡ‖² over the rollouts.
 """
 
 from __future__ import annotations
@@ -233,13 +233,14 @@ def lm_variance(policy_dir: str | None, rollouts: int, seed: int) -> pd.DataFram
     from transformers import AutoModelForCausalLM
 
     from kl_research import ppo
+    from kl_research.algos import PPO
     from kl_research.data import build_prompts, load_corpus
     from kl_research.kl import masked_mean
     from kl_research.policy import PolicyWithValue
     from kl_research.reference import compose_config, load_reference
+    from kl_research.rollout import rollout
     from kl_research.runtime import seed_everything
     from kl_research.tabular import trainer_pcfg
-    from kl_research.train import advantages_and_returns, minibatch_loss, rollout
 
     torch.set_num_threads(1)
     cfg = compose_config([])
@@ -278,17 +279,17 @@ def lm_variance(policy_dir: str | None, rollouts: int, seed: int) -> pd.DataFram
             amp=contextlib.nullcontext(),
             keep_ref_logprobs=True,
         )
-        batch = {k: v.clone() for k, v in batch.items()}  # out of inference mode (as ppo_update's minibatch slices)
+        batch = {k: v.clone() for k, v in batch.items()}  # out of inference mode (as policy_update's minibatch slices)
         batch["values"] = torch.zeros_like(batch["logp"])  # no value baseline: the KL part alone
         kls.append(float(masked_mean(batch["exact_kl"], batch["mask"])))
         logits, values = policy.score(batch["seqs"], P)
         logprobs = torch.log_softmax(logits.float(), -1)
         for mode, penalty, base in arms:
             pcfg = trainer_pcfg(mode, penalty, kl_baseline=base)
-            adv, ret = advantages_and_returns(batch, torch.zeros(len(prompts)), 1.0, pcfg)
+            adv, ret = PPO(pcfg).advantages(batch, torch.zeros(len(prompts)), 1.0)
             if mode == "reward" and base == "loo":
                 adv = adv - ppo.leave_one_out_baseline(adv, batch["mask"])
-            loss, _ = minibatch_loss(logprobs, values, batch, adv, ret, pcfg, 1.0)
+            loss, _ = PPO(pcfg).loss(logprobs, values, batch, adv, ret, 1.0)
             g = torch.autograd.grad(loss, params, retain_graph=True)
             grads[(mode, penalty, base)].append(torch.cat([x.reshape(-1) for x in g]).double())
     where = Path(policy_dir).parent.name if policy_dir else "reference"

@@ -82,7 +82,7 @@ def test_rollout_scores_each_model_once(tiny_shape):
     """No forward pass done twice: one full-sequence trunk pass each for policy (+values) and reference."""
     import contextlib
 
-    from kl_research.train import rollout
+    from kl_research.rollout import rollout
 
     ref, policy, dims = bench.build_models(tiny_shape)
     P, R = 4, 6

@@ -135,8 +135,9 @@ def _expected_gradients(z: torch.Tensor, z_ref: torch.Tensor) -> tuple[torch.Ten
                 lpy = torch.log_softmax(zy, -1)
                 k = token_kl(lpy[y], ref_lp[y], est).double()
                 obj = k.detach() * lpy[y] if mode == "reward" else k
-                if mode == "loss" and est == "k2":  # the trainer's function itself
-                    obj = ppo.k2_kl_loss(lpy[y].view(1, 1), ref_lp[y].view(1, 1), one)
+                if mode == "loss" and est in ("k2", "k3"):  # the trainer's functions themselves
+                    loss_fn = ppo.k2_kl_loss if est == "k2" else ppo.k3_kl_loss
+                    obj = loss_fn(lpy[y].view(1, 1), ref_lp[y].view(1, 1), one)
                 g += p[y] * torch.autograd.grad(obj, zy)[0]
             out[(mode, est)] = g
     zy = z.clone().requires_grad_(True)
@@ -181,7 +182,11 @@ def test_one_token_gradients_are_identities_in_float64(scale):
         lp, rlp = torch.log_softmax(z, -1), torch.log_softmax(zr, -1)
         kls.append(float((lp.exp() * (lp - rlp)).sum()))
     assert (0.05 <= min(kls) and max(kls) <= 0.6) if scale == 1.0 else (0.002 <= min(kls) and max(kls) <= 0.04), kls
-    allowed = {(m, e) for m, es in PENALTY_MODES.items() for e in es if m != "sequence"}
+    from kl_research.kl import SEQUENCE_GRADIENT
+
+    # the offered pairs whose one-token gradient is the forward KL's (loss+k3, offered as GRPO's loss, is the reverse)
+    allowed = {(m, e) for m, es in PENALTY_MODES.items() for e in es if m != "sequence"} - {("loss", "k3")}
+    assert SEQUENCE_GRADIENT[("loss", "k3")] == "partial-reverse"
     assert allowed <= set(results[0][1])
     for (z, zr), (true, out) in zip(cases, results, strict=True):
         assert true.dtype == torch.float64 and all(g.dtype == torch.float64 for g in out.values())
@@ -201,7 +206,6 @@ def test_one_token_gradients_are_identities_in_float64(scale):
         ("reward", "k2", "score-function"),
         ("reward", "seed", "biased"),
         ("loss", "k1", "pulls nothing"),
-        ("loss", "k3", "reverse"),
         ("reward", "exact", "vocabulary"),
     ],
 )
@@ -212,7 +216,8 @@ def test_refused_penalty_names_the_mode_that_works(mode, est, hint):
         check_penalty(mode, est)
     assert hint in str(err.value) and "ppo.kl_mode=sequence ppo.kl_penalty=exact" in str(err.value)
     assert "(full sequence-level gradient)" in str(err.value) and "(partial sequence-level gradient)" in str(err.value)
-    for m, e in (("loss", "exact"), ("loss", "k2"), ("reward", "k1"), ("sequence", "exact")):
+    assert "ppo.kl_mode=loss ppo.kl_penalty=k3 (partial-reverse sequence-level gradient)" in str(err.value)
+    for m, e in (("loss", "exact"), ("loss", "k2"), ("loss", "k3"), ("reward", "k1"), ("sequence", "exact")):
         check_penalty(m, e)  # no error
     with pytest.raises(ValueError, match=r"ppo\.kl_mode='lose' is invalid"):
         check_penalty("lose", "exact")

@@ -2,14 +2,16 @@
 
 A tabular policy: one logit vector per prefix, a vocabulary of V tokens, responses of T tokens, every response
 enumerated, float64 end to end. For each offered (ppo.kl_mode, ppo.kl_penalty) the *expected* gradient is computed
-with `train.advantages_and_returns` (shaped rewards, GAE at γ = 1, λ = 1, no value baseline, no whitening) and
-`train.minibatch_loss` (the policy loss at ratio 1 and the mode's own KL term), weighting each enumerated response by
+with `algos.PPO.advantages` (shaped rewards, GAE at γ = 1, λ = 1, no value baseline, no whitening) and
+`algos.PPO.loss` (the policy loss at ratio 1 and the mode's own KL term), weighting each enumerated response by
 its probability; it is compared with the autograd gradient of the enumerated sequence KL
 
     KL_seq(θ) = Σ_y π_θ(y) Σ_t KL_t(y_<t)      (per response token: / E[T], the count the trainer divides by)
 
 Full modes equal it to float64 rounding (identities, not cosines). Partial modes are shown partial on the RLHF-shaped
-case (π departs from π_ref only after a first token), and equal to the per-position term alone.
+case (π departs from π_ref only after a first token), and equal to the per-position term alone; GRPO's k3 loss equals
+the per-position term of the reverse KL(π_ref‖π). Every check runs through both algorithms' pieces (algos.PPO and
+algos.GRPO, whose advantage puts the KL credit beside the group-normalised score).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from kl_research.tabular import DT, Tabular
 from kl_research.tabular import case as _case
 
 OFFERED = [(m, e) for m, es in PENALTY_MODES.items() for e in es]
+FORWARD_PARTIAL = [e for e in PENALTY_MODES["loss"] if SEQUENCE_GRADIENT[("loss", e)] == "partial"]
+ALGOS = ("ppo", "grpo")
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,33 +45,54 @@ CASES = [
 
 def test_every_offered_mode_is_labelled():
     assert set(SEQUENCE_GRADIENT) == set(OFFERED)
-    assert {gradient_kind(m, e) for m, e in OFFERED} == {"full", "partial"}
+    assert {gradient_kind(m, e) for m, e in OFFERED} == {"full", "partial", "partial-reverse"}
     assert gradient_kind("sequence", "exact") == "full" and gradient_kind("reward", "k1") == "full"
     assert gradient_kind("loss", "exact") == "partial" and gradient_kind("loss", "k2") == "partial"
+    assert gradient_kind("loss", "k3") == "partial-reverse"
+    assert FORWARD_PARTIAL == ["exact", "k2"]
 
 
+@pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("kind,seed,kw", CASES)
 @pytest.mark.parametrize("mode,penalty", [mp for mp in OFFERED if SEQUENCE_GRADIENT[mp] == "full"])
-def test_full_modes_equal_the_gradient_of_the_sequence_kl(kind, seed, kw, mode, penalty):
+def test_full_modes_equal_the_gradient_of_the_sequence_kl(kind, seed, kw, mode, penalty, algo):
     tab = _case(kind, seed, **kw)
     truth, _, kl = tab.sequence_kl_grad()
     assert 0.005 < kl < 1.0
     for beta in (1.0, 0.3):
-        got = tab.mode_grad(mode, penalty, beta=beta)
+        got = tab.mode_grad(mode, penalty, beta=beta, algo=algo)
         torch.testing.assert_close(got, beta * truth, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind,seed,kw", CASES)
-def test_partial_modes_equal_the_per_position_term(kind, seed, kw):
-    """loss+exact and loss+k2 are the same in expectation: E[Σ_t ∇KL_t(y_<t)] at the sampled prefixes, exactly."""
-    tab = _case(kind, seed, **kw)
+def _per_position_grad(tab: Tabular, reverse: bool = False) -> torch.Tensor:
+    """E_π[Σ_t ∇KL_t(y_<t)] / E[T] at the sampled prefixes (weights detached): the first term of ∇KL_seq; with
+    reverse, the same of KL(π_ref‖π)_t = Σ_v π_ref(v)(log π_ref(v) − log π(v))."""
     theta = tab.theta.detach().clone().requires_grad_(True)
     w = tab.weights(tab.logprobs(tab.theta)).detach()
     expected_len = float((w * tab.mask.sum(1)).sum())
-    per_position = (w * (tab.position_kl(tab.logprobs(theta)) * tab.mask).sum(1)).sum() / expected_len
-    (first_term,) = torch.autograd.grad(per_position, theta)
-    for penalty in PENALTY_MODES["loss"]:
-        torch.testing.assert_close(tab.mode_grad("loss", penalty), first_term, rtol=1e-9, atol=1e-12)
+    lp = tab.logprobs(theta)
+    if reverse:
+        ref = tab.logprobs(tab.ref)
+        kl_t = (ref.exp() * (ref - lp)).sum(-1)
+    else:
+        kl_t = tab.position_kl(lp)
+    per_position = (w * (kl_t * tab.mask).sum(1)).sum() / expected_len
+    (grad,) = torch.autograd.grad(per_position, theta)
+    return grad
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("kind,seed,kw", CASES)
+def test_partial_modes_equal_the_per_position_term(kind, seed, kw, algo):
+    """loss+exact and loss+k2 are the same in expectation: E[Σ_t ∇KL_t(y_<t)] at the sampled prefixes, exactly; and
+    loss+k3 (GRPO's anchors' loss) is that term of the reverse KL(π_ref‖π), exactly, which is not the forward one."""
+    tab = _case(kind, seed, **kw)
+    first_term = _per_position_grad(tab)
+    for penalty in FORWARD_PARTIAL:
+        torch.testing.assert_close(tab.mode_grad("loss", penalty, algo=algo), first_term, rtol=1e-9, atol=1e-12)
+    k3 = tab.mode_grad("loss", "k3", algo=algo)
+    torch.testing.assert_close(k3, _per_position_grad(tab, reverse=True), rtol=1e-9, atol=1e-12)
+    assert (k3 - first_term).norm() > 1e-3 * first_term.norm()
 
 
 @pytest.mark.parametrize("seed,kw", [(2, {"scale": 1.0}), (3, {"scale": 0.8}), (4, {"eos": 3}), (6, {"T": 4, "V": 3})])
@@ -76,7 +101,7 @@ def test_partial_modes_miss_the_score_function_term_when_pi_departs_after_a_firs
     truth, _, kl = tab.sequence_kl_grad()
     assert 0.005 < kl < 0.5  # near the targets' range, not only far out
     full = tab.mode_grad("sequence", "exact")
-    for penalty in PENALTY_MODES["loss"]:
+    for penalty in FORWARD_PARTIAL:
         part = tab.mode_grad("loss", penalty)
         assert _cos(part, truth) < 0.95 and part.norm() < 0.95 * truth.norm(), (penalty, _cos(part, truth))
         # and what is missing is exactly the score-function term the sequence mode adds through the returns
@@ -85,14 +110,15 @@ def test_partial_modes_miss_the_score_function_term_when_pi_departs_after_a_firs
 
 def test_the_reward_path_pulls_pi_towards_the_reference():
     """A step against the reward+k1 gradient lowers the sequence KL (swapping log π and log π_ref in
-    advantages_and_returns flips the gradient, and the KL rises instead)."""
+    PPO.advantages flips the gradient, and the KL rises instead)."""
     tab = _case("structured", 2, scale=1.0)
     _, _, kl0 = tab.sequence_kl_grad()
-    for mode, penalty in [("reward", "k1"), ("sequence", "exact")]:
-        step = tab.mode_grad(mode, penalty)
-        moved = Tabular(tab.V, tab.T, tab.theta - 0.5 * step / step.norm(), tab.ref)
-        _, _, kl1 = moved.sequence_kl_grad()
-        assert kl1 < 0.9 * kl0, (mode, kl0, kl1)
+    for algo in ALGOS:
+        for mode, penalty in [("reward", "k1"), ("sequence", "exact")]:
+            step = tab.mode_grad(mode, penalty, algo=algo)
+            moved = Tabular(tab.V, tab.T, tab.theta - 0.5 * step / step.norm(), tab.ref)
+            _, _, kl1 = moved.sequence_kl_grad()
+            assert kl1 < 0.9 * kl0, (algo, mode, kl0, kl1)
 
 
 def _whitened_grad(tab: Tabular, beta: float, scores: torch.Tensor, whiten: bool) -> torch.Tensor:

@@ -99,9 +99,9 @@ def test_logprobs_and_entropy_use_the_temperature():
 
 
 def test_rollout_token_stats_equal_the_reference_functions():
-    """train.token_stats (one log-softmax per model, chunked) gives the numbers of the plain functions."""
+    """rollout.token_stats (one log-softmax per model, chunked) gives the numbers of the plain functions."""
     from kl_research.kl import exact_token_kl
-    from kl_research.train import token_stats
+    from kl_research.rollout import token_stats
 
     torch.manual_seed(0)
     B, R, V = 7, 5, 3001  # odd sizes: several chunks, a ragged last one
@@ -152,8 +152,10 @@ def test_kl_loss_mode_pulls_the_policy_back_and_beta_sets_how_hard(tiny_referenc
 
     from omegaconf import OmegaConf
 
+    from kl_research.algos import PPO, policy_update
     from kl_research.policy import score_lm
-    from kl_research.train import make_optimizer, ppo_update, rollout, token_stats
+    from kl_research.rollout import rollout, token_stats
+    from kl_research.train import make_optimizer
 
     cfg, model, _, _ = tiny_reference
     model.eval()
@@ -181,7 +183,7 @@ def test_kl_loss_mode_pulls_the_policy_back_and_beta_sets_how_hard(tiny_referenc
         policy.train()
         for _ in range(3):
             gen = torch.Generator().manual_seed(0)
-            ppo_update(policy, opt, batch, zeros, batch["values"] + 1.0, 4, pcfg, amp, gen, beta)
+            policy_update(PPO(pcfg), policy, opt, batch, zeros, batch["values"] + 1.0, 4, amp, gen, beta)
         with torch.no_grad():
             logits, _ = policy.score(batch["seqs"], 4)
             ref_logits, _ = score_lm(model, batch["seqs"], 4)
@@ -215,7 +217,7 @@ def test_sampling_draws_from_the_scored_distribution(tiny_reference):
     """generate with the trainer's settings samples the first response token from exactly softmax of the logits
     the scoring pass computes, EOS included (a min_new_tokens processor would make EOS impossible there)."""
     from kl_research.policy import PolicyWithValue
-    from kl_research.train import sampling_kwargs
+    from kl_research.rollout import sampling_kwargs
 
     _, model, tok, _ = tiny_reference
     policy = PolicyWithValue.from_reference(model).eval()
@@ -263,7 +265,7 @@ def test_approx_kl_away_from_ratio_one():
 def test_whiten_rewards_scales_the_rewards_keeping_their_mean():
     from omegaconf import OmegaConf
 
-    from kl_research.train import advantages_and_returns
+    from kl_research.algos import PPO
 
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     scores = torch.tensor([2.0, -1.0])
@@ -276,9 +278,9 @@ def test_whiten_rewards_scales_the_rewards_keeping_their_mean():
     raw[1, 1] += -1.0
     vals = raw[mask]
     want = ((raw - vals.mean()) / vals.std() + vals.mean()) * mask  # unbiased std, mean kept (TRL's shift_mean=False)
-    _, ret = advantages_and_returns(batch, scores, beta, OmegaConf.create({**base, "whiten_rewards": True}))
+    _, ret = PPO(OmegaConf.create({**base, "whiten_rewards": True})).advantages(batch, scores, beta)
     torch.testing.assert_close(ret, want.flip(1).cumsum(1).flip(1) * mask, rtol=1e-5, atol=1e-6)
-    adv0, _ = advantages_and_returns(batch, scores, beta, OmegaConf.create({**base, "whiten_rewards": False}))
+    adv0, _ = PPO(OmegaConf.create({**base, "whiten_rewards": False})).advantages(batch, scores, beta)
     torch.testing.assert_close(adv0, raw.flip(1).cumsum(1).flip(1) * mask)
 
 
@@ -287,8 +289,10 @@ def _one_update(model, pcfg_over, detach=True, advantages_scale=1.0, returns_shi
 
     from omegaconf import OmegaConf
 
+    from kl_research.algos import PPO, policy_update
     from kl_research.reference import compose_config
-    from kl_research.train import make_optimizer, ppo_update, rollout
+    from kl_research.rollout import rollout
+    from kl_research.train import make_optimizer
 
     pcfg = OmegaConf.merge(compose_config([]).ppo, {"batch_size": 8, "minibatch_size": 4, **pcfg_over})
     policy = _perturbed_policy(model, detach_value_head=detach)
@@ -309,14 +313,14 @@ def _one_update(model, pcfg_over, detach=True, advantages_scale=1.0, returns_shi
     opt = make_optimizer(policy, OmegaConf.merge(pcfg, {"lr": 1e-3}), torch.device("cpu"))
     trunk = {k: v.clone() for k, v in policy.lm.state_dict().items()}
     policy.train()
-    stats = ppo_update(
+    stats = policy_update(
+        PPO(pcfg),
         policy,
         opt,
         batch,
         adv,
         batch["values"] + returns_shift,
         4,
-        pcfg,
         contextlib.nullcontext(),
         torch.Generator().manual_seed(0),
         0.0,

@@ -632,6 +632,31 @@ def test_tiny_sweep_through_submitit_local(tmp_path):
     print(f"tiny local sweep (3 jobs, 2 in parallel): {wall:.0f} s")
 
 
+def test_grpo_sweep_runs_reports_and_analyses_as_grpo(tmp_path):
+    """`sweep.py algo=grpo`: every job is a GRPO job, the report and the analysis read it unchanged, and the runs carry
+    algo.name=grpo so that they never pool with PPO runs."""
+    from omegaconf import OmegaConf
+
+    from kl_research import analysis as A
+
+    grid = ["algo=grpo", "algo.group_size=4", "sweep.controllers=[fixed,adaptive]", "sweep.targets=[0.05]"]
+    r = run_sweep(tmp_path, *grid, "sweep.seeds=[0]", "steps=3", "sweep.name=grpo")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sweep_dir = only_sweep_dir(tmp_path, "grpo")
+    check_tiny_sweep(sweep_dir, ok=["fixed_s0", "adaptive_kl0.05_s0"], failed=[], steps=3)
+    for run in ("fixed_s0", "adaptive_kl0.05_s0"):
+        cfg = OmegaConf.load(sweep_dir / run / ".hydra" / "config.yaml")
+        assert cfg.algo.name == "grpo" and cfg.ppo.vf_coef is None
+        assert not any("loss/value" in line for line in (sweep_dir / run / "metrics.jsonl").read_text().splitlines())
+    res = A.analyse(A.load_sweep(sweep_dir))
+    assert set(res.scores["algo.name"]) == {"grpo"} and set(res.cells["algo.name"]) == {"grpo"}
+    old = res.sweep.configs.assign(**{"algo.name": ["grpo", float("nan")]})  # as if one run predated the algo group
+    mixed = A.attach_config(res.scores.drop(columns=["algo.name"]), old)
+    assert set(mixed["algo.name"]) == {"grpo", "ppo"}  # a run from before the algo group counts as PPO ...
+    with pytest.raises(ValueError, match=r"differ in algo\.name"):
+        A.require_one_variant(mixed, "a PPO/GRPO mix")  # ... and never pools with GRPO
+
+
 @pytest.mark.slow
 def test_train_multirun_gets_a_named_dir_a_wandb_group_and_threads_per_job(tmp_path):
     """`python train.py -m` (Hydra's BasicSweeper) with the project's local launcher: two jobs side by side."""

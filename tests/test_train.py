@@ -279,6 +279,21 @@ def test_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, mon
     assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch)
 
 
+def test_grpo_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, monkeypatch):
+    """The same guarantee under algo=grpo (its policy has no value head; its prompts are drawn in groups)."""
+    cfg = make_cfg(
+        cache_dir, "steps=5", "algo=grpo", "algo.group_size=4", "controller=adaptive", "controller.horizon=16"
+    )
+    assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch)
+    recs = read_metrics(tmp_path / "full")
+    assert not any("loss/value" in r for r in recs)  # no value head, no value loss
+    # short VADER-scored responses often tie within a group (advantage 0); where they do not, the update moves π
+    assert any(r["reward/std"] > 0 for r in recs) and recs[-1]["kl/exact"] > 1e-6
+    assert not (tmp_path / "full" / "policy" / "value_head.safetensors").exists()
+    ckpt = torch.load(tmp_path / "full" / train_mod.CHECKPOINT, weights_only=True)
+    assert not any(k.startswith("v_head") for k in ckpt["policy"]) and ckpt["config"]["algo"]["name"] == "grpo"
+
+
 def test_truncated_last_checkpoint_falls_back_to_the_previous_one(cache_dir, tmp_path, monkeypatch, caplog):
     """A disk fault after the atomic rename leaves last.pt truncated: the resume warns naming it, continues from the
     previous checkpoint, and ends on the uninterrupted run's trajectory."""
@@ -386,6 +401,12 @@ def test_a_second_copy_of_a_job_in_its_run_dir_fails_at_once_naming_the_first(ca
         ("steps=0", r"steps=0 is invalid"),
         ("precision=fp8", r"precision='fp8' is invalid; allowed: auto, fp32, bf16"),
         ("compile=fast", r"compile='fast' is invalid; allowed: false, default, reduce-overhead"),
+        ("algo=grpo ppo.vf_coef=0.5", r"ppo\.vf_coef=0\.5 is invalid with algo=grpo: it is a PPO setting"),
+        ("algo=grpo ppo.detach_value_head=true", r"ppo\.detach_value_head=True is invalid with algo=grpo"),
+        ("algo=grpo algo.group_size=3", r"algo\.group_size=3 is invalid with ppo\.batch_size=8"),
+        ("algo=grpo algo.group_size=1", r"algo\.group_size=1 is invalid; allowed: an int >= 2"),
+        ("ppo.gamma=null", r"ppo\.gamma=None is invalid with algo=ppo"),
+        ("algo=grpo ppo.kl_mode=loss ppo.kl_penalty=k1", r"ppo\.kl_penalty='k1' with ppo\.kl_mode='loss' is refused"),
     ],
 )
 def test_bad_config_fails_before_anything_loads(cache_dir, tmp_path, monkeypatch, override, message):

@@ -1,0 +1,114 @@
+"""One rollout: sample responses with the KV cache, then score the policy (+ values) and the reference once each.
+
+Sampling is exactly softmax(logits/T) (no top-k/top-p, RESEARCH.md §2), and the per-token numbers every KL mode and
+estimator needs come from one log-softmax per model (`token_stats`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kl_research import ppo
+from kl_research.kl import tempered
+from kl_research.policy import PolicyWithValue, score_lm
+
+
+def token_stats(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    response: torch.Tensor,
+    temperature: float,
+    ref_logprobs_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log π(y), log π_ref(y), exact KL and entropy, each (B, R), from the (B, R, V) logits of π and π_ref.
+
+    The same numbers as ppo.gather_logprobs, kl.exact_token_kl and ppo.entropy_from_logits (the same ops in
+    the same order, row by row), but one log-softmax per model shared by all four instead of five, computed a
+    few sequences at a time so that the (b, R, V) temporaries stay cache-sized (~8 MB) instead of full-batch.
+    ref_logprobs_out: an optional (B, R, V) fp32 buffer that receives log π_ref (the KL-loss mode needs it).
+    """
+    B, R, V = logits.shape
+    rows = max(1, (1 << 21) // (R * V))  # sequences per chunk
+    out = torch.empty(4, B, R, dtype=torch.float32, device=logits.device)
+    for s in range(0, B, rows):
+        lp = torch.log_softmax(tempered(logits[s : s + rows], temperature), dim=-1)  # (b, R, V) log π
+        ref_lp = torch.log_softmax(tempered(ref_logits[s : s + rows], temperature), dim=-1)  # (b, R, V) log π_ref
+        if ref_logprobs_out is not None:
+            ref_logprobs_out[s : s + rows] = ref_lp
+        idx = response[s : s + rows].unsqueeze(-1)  # (b, R, 1)
+        out[0, s : s + rows] = lp.gather(-1, idx).squeeze(-1)
+        out[1, s : s + rows] = ref_lp.gather(-1, idx).squeeze(-1)
+        p = lp.exp()
+        out[3, s : s + rows] = -(p * lp).sum(-1)  # entropy
+        out[2, s : s + rows] = (p * lp.sub_(ref_lp)).sum(-1)  # Σ_v π(v)·(log π(v) − log π_ref(v)); lp spent
+    return out[0], out[1], out[2], out[3]
+
+
+def sampling_kwargs(
+    prompts: torch.Tensor, temperature: float, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int
+) -> dict[str, Any]:
+    """`generate` settings that sample exactly from softmax(logits/T): no top-k, no top-p, no min_new_tokens
+    (RESEARCH.md §2, §4: any logits processor makes the sampling distribution differ from the one the log-probs are
+    scored with; a response that is only EOS is fine, its mask has one token)."""
+    return dict(
+        attention_mask=torch.ones_like(prompts),  # prompts all have one length: no padding
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+    )
+
+
+@torch.inference_mode()
+def rollout(
+    policy: PolicyWithValue,
+    ref_model: torch.nn.Module,
+    prompts: torch.Tensor,
+    *,
+    response_length: int,
+    temperature: float,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    amp,
+    keep_ref_logprobs: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Sample responses with the KV cache, then score policy (+values) and reference once each.
+
+    prompts: (B, P) token ids, all of length P. Returns response ids (B, R), mask (B, R), and fp32 logp, ref_logp,
+    values (B, R; absent without a value head), exact KL, entropy (B, R); with keep_ref_logprobs also the
+    reference's full-vocabulary log-probs (B, R, V), which the exact-KL loss reuses in every minibatch.
+    """
+    B, P = prompts.shape
+    with amp:
+        seqs = policy.lm.generate(
+            input_ids=prompts, **sampling_kwargs(prompts, temperature, response_length, eos_token_id, pad_token_id)
+        )  # (B, P + R'), R' <= R when every sequence stopped early
+    if seqs.shape[1] < P + response_length:  # pad to a fixed R so every rollout has one shape
+        pad = torch.full((B, P + response_length - seqs.shape[1]), pad_token_id, dtype=seqs.dtype, device=seqs.device)
+        seqs = torch.cat([seqs, pad], 1)
+    response = seqs[:, P:]  # (B, R)
+    mask = ppo.response_mask(response, eos_token_id)  # (B, R)
+    with amp:
+        logits, values = policy.score(seqs, P)  # (B, R, V), (B, R)
+        ref_logits, _ = score_lm(ref_model, seqs, P)  # (B, R, V)
+    ref_logprobs = torch.empty_like(ref_logits) if keep_ref_logprobs else None
+    logp, ref_logp, exact_kl, entropy = token_stats(logits, ref_logits, response, temperature, ref_logprobs)
+    extra = {"ref_logprobs": ref_logprobs} if keep_ref_logprobs else {}
+    if values is not None:  # a policy without a value head (algo=grpo) has none
+        extra["values"] = values
+    return {
+        **extra,
+        "seqs": seqs,
+        "response": response,
+        "mask": mask,
+        "logp": logp,
+        "ref_logp": ref_logp,
+        "exact_kl": exact_kl,
+        "entropy": entropy,
+    }
