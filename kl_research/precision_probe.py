@@ -10,9 +10,13 @@ cleared and the global RNG state is restored afterwards, so the run's trajectory
 - the scoring: an inference forward on (batch, prompt + response) tokens;
 - the generation: `generate` of response_len tokens for (batch, prompt) tokens with the KV cache, as the rollout.
 A step's model work is `updates` (= epochs x minibatches) of the first, 2 of the second (policy and reference) and
-one of the third. fp32 and bf16 alternate after a warm-up, and the medians are compared: bf16 is chosen only when the
-step is at least MARGIN (1.2x) faster. (Generation matters: at the tiny default on a Zen 5 CPU the trunk passes alone
-are 1.15x faster in bf16, generation not at all, and a whole training step 1.0-1.09x.)
+one of the third. fp32 and bf16 alternate after a warm-up round, and the medians are compared: bf16 is chosen only
+when the step is at least MARGIN (1.2x) faster. The probe costs in proportion to what it has to tell apart (`done`):
+one timed round when the answer is far from the margin either way (bf16 ≥ 1.25x slower, as on every AVX2-only CPU,
+or ≥ 1.8x faster), at least 3 and then up to a BUDGET_S of rounds when it is close (the tiny default on a Zen 5 CPU
+probes 1.10-1.15x). On a 135 M-parameter model on an AVX2 CPU that is 2 rounds instead of 5. (Generation
+matters: at the tiny default on a Zen 5 CPU the trunk passes alone are 1.15x faster in bf16, generation not at all,
+and a whole training step 1.0-1.09x.)
 
 The decision and its numbers are cached as JSON, one file per key, under <cache dir>/precision/: the key is the CPU
 (model name, the flags that decide bf16 matmul speed), the torch version, the thread count, the model's shape and
@@ -45,10 +49,23 @@ log = logging.getLogger(__name__)
 # 1.10-1.14x probe was a whole-step 0.96-1.09x (noise). The bench's gpt2-mid shape probed 1.32x there (once, ad hoc);
 # on an AMX Xeon its score + update measured 1.28x faster in bf16 (issue 13), a gain worth taking.
 MARGIN = 1.20
-FORMAT = 2  # bump when the probe's procedure changes: older cache files are then ignored
-WARMUP = 2  # rounds before timing (the first bf16 call builds oneDNN primitives)
-REPS = (3, 15)  # timed rounds: at least 3, at most 15, fewer once BUDGET_S is spent (big models)
+FORMAT = 3  # bump when the probe's procedure changes: older cache files are then ignored
+WARMUP = 1  # rounds before timing (the first bf16 call builds oneDNN primitives; the second is warm)
+REPS = (3, 15)  # timed rounds when the answer is close to MARGIN: at least 3, at most 15, fewer once BUDGET_S is spent
 BUDGET_S = 3.0
+DECISIVE = 1.5  # one timed round decides when fp32/bf16 is this factor outside MARGIN, either way
+
+
+def done(rounds: int, ratio: float, elapsed_s: float) -> bool:
+    """Whether the probe has timed enough rounds: `rounds` timed so far, the current fp32/bf16 ratio of the step's
+    medians, `elapsed_s` since it started. A ratio far outside MARGIN (≤ MARGIN/DECISIVE or ≥ MARGIN·DECISIVE) is
+    decided by one round, as no round-to-round noise of a few percent could move it across; a close one takes REPS[0]
+    rounds and then stops once BUDGET_S is spent, or at REPS[1]."""
+    if rounds >= REPS[1]:
+        return True
+    if rounds >= 1 and (ratio <= MARGIN / DECISIVE or ratio >= MARGIN * DECISIVE):
+        return True
+    return rounds >= REPS[0] and elapsed_s > BUDGET_S
 
 
 @dataclass(frozen=True)
@@ -149,6 +166,11 @@ def measure(policy: torch.nn.Module, work: Workload, device: torch.device) -> di
 
     parts = {"update": update, "score": score, "generate": generate}
     times: dict[tuple[str, str], list[float]] = {(p, part): [] for p in amps for part in parts}
+
+    def step_s() -> dict[str, float]:
+        med = {k: statistics.median(v) for k, v in times.items()}
+        return {p: work.updates * med[p, "update"] + 2 * med[p, "score"] + med[p, "generate"] for p in amps}
+
     rng = rng_state()
     t0 = time.perf_counter()
     try:
@@ -159,14 +181,17 @@ def measure(policy: torch.nn.Module, work: Workload, device: torch.device) -> di
                     fn(amp)
                     if i >= WARMUP:
                         times[p, part].append(time.perf_counter() - t)
-            if i + 1 - WARMUP >= REPS[0] and time.perf_counter() - t0 > BUDGET_S:
-                break
+            rounds = i + 1 - WARMUP
+            if rounds >= 1:
+                now = step_s()
+                if done(rounds, now["fp32"] / now["bf16"], time.perf_counter() - t0):
+                    break
     finally:
         for prm in policy.parameters():
             prm.grad = None
         set_rng_state(rng)
     med = {k: statistics.median(v) for k, v in times.items()}
-    step = {p: work.updates * med[p, "update"] + 2 * med[p, "score"] + med[p, "generate"] for p in amps}
+    step = step_s()
     return {
         "fp32_s": step["fp32"],
         "bf16_s": step["bf16"],

@@ -174,7 +174,20 @@ def test_the_real_probe_times_both_precisions_and_leaves_the_policy_and_rng_alon
     assert torch.equal(torch.rand(3), expected_draw)  # the global RNG is where it was
     assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
     assert all(p.grad is None for p in policy.parameters())
-    assert m["fp32_s"] > 0 and m["bf16_s"] > 0 and m["rounds"] >= precision_probe.REPS[0]
+    assert m["fp32_s"] > 0 and m["bf16_s"] > 0 and m["rounds"] >= 1
+    ratio = m["fp32_s"] / m["bf16_s"]
+    assert precision_probe.done(m["rounds"], ratio, m["probe_s"])  # it stopped by its own rule
     for p in ("fp32", "bf16"):  # step = updates × update + 2 × score + generate
         step = WORK.updates * m["update_s"][p] + 2 * m["score_s"][p] + m["generate_s"][p]
         assert m[f"{p}_s"] == pytest.approx(step) and m["generate_s"][p] > 0
+
+
+def test_the_probe_costs_in_proportion_to_what_it_must_tell_apart():
+    """One timed round when bf16 is far from the margin either way (≥ 1.25x slower, as on AVX2-only CPUs, or ≥ 1.8x
+    faster); at least 3 rounds and then a time budget when it is close; never more than REPS[1]."""
+    done, (lo, hi), budget = precision_probe.done, precision_probe.REPS, precision_probe.BUDGET_S
+    assert done(1, 1 / 8, 0.1) and done(1, 0.79, 0.1) and done(1, 1.81, 0.1)  # decisive: one round
+    assert not done(1, 1.1, 100.0) and not done(2, 0.85, 100.0)  # close: not before REPS[0] rounds
+    assert not done(lo, 1.1, budget / 2) and done(lo, 1.1, budget + 0.1)  # then until the budget is spent
+    assert done(hi, 1.2, 0.0)
+    assert not done(0, 1 / 8, 100.0)  # nothing timed yet
