@@ -248,7 +248,7 @@ class ConditionalPIDController(PIDController):
 
         hold iff  u_t · D_t < 0  and  |D_t| ≥ min_rate       (D_t: the filtered change of u = KL/target − 1)
 
-    Why (README "Results", pid at 0.2): the KL can rise by only ~0.005 nats/token per rollout (one PPO update's
+    Why (docs/results.md, pid at 0.2): the KL can rise by only ~0.005 nats/token per rollout (one PPO update's
     reach), so at a 0.2 target it needs ~40 rollouts to arrive whatever β is; meanwhile the error stays at its clip
     and Ziegler's integral winds log β down by 0.05 per rollout, to a β far below the one that holds 0.2, and the KL
     overshoots when it gets there. Holding the integral while the plant is already moving the right way leaves β

@@ -1,4 +1,4 @@
-"""The pilot runs behind the PPO and controller defaults (README "Controllability"), as one markdown table.
+"""The pilot runs behind the PPO and controller defaults (docs/controllability.md), as one markdown table.
 
     python scripts/pilot_table.py results/pilots > results/pilots/table.md
 

@@ -166,7 +166,7 @@ def test_cancelled_slurm_job_and_resume_after_the_sweep_process_died(tmp_path):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_requeued_slurm_job_resumes_from_its_checkpoint_and_counts_once(tmp_path):
-    """README "SLURM": a preempted or requeued job resumes from its checkpoint. A real trainer job on the real
+    """docs/sweeps.md: a preempted or requeued job resumes from its checkpoint. A real trainer job on the real
     cluster is `scontrol requeue`d after its first checkpoint: SLURM kills it and runs it again as the same array
     task; the rerun says it resumed, ends on the uninterrupted run's trajectory (timings aside), and the sweep's
     report counts it once."""
