@@ -147,7 +147,7 @@ class GRPO(Algorithm):
         −β·(Σ_{t>s} exact KL_t − baseline) with kl_mode=sequence, −β·(Σ_{t>=s} k1_t − baseline) with kl_mode=reward
         (the γ = 1 return of PPO's per-token −β·k1). The KL part is not normalised: β keeps its meaning."""
         pcfg, mask = self.pcfg, batch["mask"]
-        group = ppo.group_advantages(scores, self.acfg.group_size, self.acfg.std_eps)
+        group = ppo.group_advantages(scores, self.acfg.group_size, self.acfg.std_eps, self.acfg.scale_rewards)
         advantages = group.to(batch["logp"].dtype).unsqueeze(1) * mask
         if pcfg.kl_mode == "sequence":
             advantages = advantages - beta * self.kl_credit(batch, ppo.kl_to_go(batch["exact_kl"], mask))

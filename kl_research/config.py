@@ -91,6 +91,7 @@ class GRPOAlgoSchema(AlgoSchema):
     name: str = "grpo"
     group_size: int = 8  # G responses per prompt (TRL's num_generations default); ppo.batch_size = prompts × G
     std_eps: float = 1e-4  # advantage = (score − group mean) / (group std + std_eps), as TRL
+    scale_rewards: bool = True  # false: score − group mean, no division by the std (Dr. GRPO)
 
     def __post_init__(self) -> None:
         _need(self.group_size >= 2, "algo", self, "group_size", "an int >= 2 (a group of one has no baseline)")

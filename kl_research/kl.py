@@ -78,7 +78,7 @@ def check_penalty(mode: str, estimator: str) -> None:
     """Refuse a (ppo.kl_mode, ppo.kl_penalty) pair whose expected gradient is not ∇KL(π‖π_ref) at one token,
     naming the pairs that are offered and what each differentiates at the sequence level."""
     if mode not in PENALTY_MODES:
-        raise ValueError(f'ppo.kl_mode={mode!r} is invalid; allowed: {", ".join(PENALTY_MODES)} (docs/kl-contract.md)')
+        raise ValueError(f"ppo.kl_mode={mode!r} is invalid; allowed: {', '.join(PENALTY_MODES)} (docs/kl-contract.md)")
     if estimator in PENALTY_MODES[mode]:
         return
     allowed = "; ".join(

@@ -75,16 +75,19 @@ def reward_to_go(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.flip(1).cumsum(1).flip(1) * mask
 
 
-def group_advantages(scores: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
-    """GRPO's advantage of each response (B,): (score − its group's mean) / (the group's std + eps).
+def group_advantages(scores: torch.Tensor, group_size: int, eps: float, scale: bool = True) -> torch.Tensor:
+    """GRPO's advantage of each response (B,): (score − its group's mean) / (the group's std + eps), or without the
+    division (scale=False: Dr. GRPO's choice, Liu et al. 2025, which removes the std's per-prompt weighting).
 
     scores: (B,) with B = prompts × group_size, the G responses to one prompt adjacent. The std is the unbiased one
     (DeepSeekMath's GRPO, TRL). A group whose scores are all equal gets advantage 0: it carries no preference.
     """
     g = scores.reshape(-1, group_size)
-    mean = g.mean(1, keepdim=True)
-    std = g.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
-    return ((g - mean) / (std + eps)).reshape(-1)
+    centred = g - g.mean(1, keepdim=True)
+    if not scale:
+        return centred.reshape(-1)
+    std = g.std(1, keepdim=True) if group_size > 1 else torch.zeros_like(centred[:, :1])
+    return (centred / (std + eps)).reshape(-1)
 
 
 def leave_one_out_baseline(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,7 @@ class Tabular:
     def algorithm(self, name: str, pcfg) -> Algorithm:
         """The trainer's algorithm `name` over the enumeration; for GRPO the whole enumeration is one group (its
         group mean is unweighted: the tests give GRPO equal scores, i.e. the KL part alone)."""
-        algo = OmegaConf.create({"name": name, "group_size": len(self.Y), "std_eps": 1e-4})
+        algo = OmegaConf.create({"name": name, "group_size": len(self.Y), "std_eps": 1e-4, "scale_rewards": True})
         if name == "grpo":
             pcfg = OmegaConf.merge(pcfg, {"batch_size": len(self.Y)})
         return ALGORITHMS[name](pcfg, algo)

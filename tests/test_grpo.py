@@ -32,11 +32,13 @@ def test_group_advantage_is_the_group_normalised_score():
     torch.testing.assert_close(adv[:4], (g1 - 3.0) / (std + 1e-4))
     assert torch.equal(adv[4:], torch.zeros(4))  # equal scores: no preference, advantage 0
     assert abs(float(adv[:4].sum())) < 1e-6
+    unscaled = ppo.group_advantages(scores, 4, 1e-4, scale=False)  # Dr. GRPO: centred, not divided by the std
+    torch.testing.assert_close(unscaled, torch.tensor([-2.0, -1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]))
 
 
 def test_grpo_advantage_is_the_same_on_every_response_token_and_zero_after_eos():
     pcfg = _compose("algo=grpo", "algo.group_size=2", "ppo.batch_size=4").ppo
-    algo = GRPO(pcfg, OmegaConf.create({"group_size": 2, "std_eps": 1e-4}))
+    algo = GRPO(pcfg, OmegaConf.create({"group_size": 2, "std_eps": 1e-4, "scale_rewards": True}))
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
     z = torch.zeros(4, 3)
     batch = {"mask": mask, "logp": z, "ref_logp": z, "exact_kl": z}  # π = π_ref: the KL credit is 0
