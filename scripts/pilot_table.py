@@ -1,6 +1,7 @@
 """The pilot runs behind the PPO and controller defaults (docs/controllability.md), as one markdown table.
 
     python scripts/pilot_table.py results/pilots > results/pilots/table.md
+    python scripts/pilot_table.py results/smollm2/pilots "model=smollm2, sequence mode, fixed β, 2 threads" > ...
 
 Each results/pilots/<name>/ holds the run's metrics.jsonl and the exact `python train.py ...` command (every setting
 that differs from today's defaults is spelled out in it, so rerunning the command reproduces the run).
@@ -14,6 +15,13 @@ import sys
 from pathlib import Path
 
 KEYS = (
+    "model=",
+    "algo=",
+    "algo.group_size",
+    "ppo.batch_size",
+    "ppo.minibatch_size",
+    "ppo.kl_mode",
+    "ppo.kl_penalty",
     "ppo.lr",
     "ppo.epochs",
     "controller=",
@@ -45,11 +53,11 @@ def row(run: Path) -> str:
     )
 
 
-def main(root: str) -> None:
+def main(root: str, beyond: str = "loss mode, exact KL, batch 64, minibatch 16, 24 tokens, 1 thread") -> None:
     runs = sorted(p for p in Path(root).iterdir() if (p / "metrics.jsonl").exists())
     print(
-        "| run | settings (beyond: loss mode, exact KL, batch 64, minibatch 16, 24 tokens, 1 thread) | KL after "
-        "update 1 | mean approx-KL per rollout | tail KL mean [min, max] (last 25 %) | final β |"
+        f"| run | settings (beyond: {beyond}) | KL after update 1 | mean approx-KL per rollout | tail KL mean "
+        "[min, max] (last 25 %) | final β |"
     )
     print("|---|---|---|---|---|---|")
     for run in runs:
@@ -57,4 +65,4 @@ def main(root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "results/pilots")
+    main(*(sys.argv[1:] or ["results/pilots"]))
