@@ -9,12 +9,14 @@ in :func:`validate`, which ``train.py`` calls before it loads anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from kl_research.controllers import build_controller
 from kl_research.kl import SIGNAL_ESTIMATORS, check_estimator, check_penalty
+from kl_research.runtime import resolve_cache_dir
 
 
 # --------------------------------------------------------------------------------------------- controller
@@ -378,6 +380,12 @@ def register_configs() -> None:
 COMPILE_MODES = (False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def gguf_cache_dir(cfg_cache_dir: str | None, model: DictConfig) -> Path:
+    """The cache dir of a packaged GGUF model (model.name=gguf): <cache>/reference/gguf-<sha256[:16]>, keyed by the
+    GGUF file's hash (the package is only how it travels)."""
+    return resolve_cache_dir(cfg_cache_dir) / "reference" / f"gguf-{model.sha256[:16]}"
+
+
 def model_context(model: DictConfig, cfg_cache_dir: str | None = None) -> int | None:
     """The model's context length, known before any weights load: the tiny reference's n_positions, or
     max_position_embeddings / n_positions from a local pretrained directory's config.json (None when unknown, e.g.
@@ -389,8 +397,6 @@ def model_context(model: DictConfig, cfg_cache_dir: str | None = None) -> int | 
 
     path = model.get("path", "")
     if model.name == "gguf":  # the converted model's config, once cached
-        from kl_research.reference import gguf_cache_dir
-
         path = gguf_cache_dir(cfg_cache_dir, model) / "model"
     config = Path(str(path)) / "config.json"
     if config.is_file():

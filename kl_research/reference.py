@@ -39,8 +39,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kl_research.config import gguf_cache_dir
 from kl_research.data import Corpus, build_prompts, corpus_fingerprint, load_corpus
-from kl_research.runtime import autocast, torch_threads
+from kl_research.runtime import autocast, resolve_cache_dir, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,6 @@ NOT_IN_KEY = ("eval_every",)
 
 
 # ------------------------------------------------------------------------------------------------- paths
-def resolve_cache_dir(cfg_cache_dir: str | None) -> Path:
-    """The cache root: the `cache_dir` config key, else $KL_RESEARCH_CACHE, else $XDG_CACHE_HOME or ~/.cache,
-    + /kl-research."""
-    if cfg_cache_dir:
-        return Path(cfg_cache_dir).expanduser().resolve()
-    env = os.environ.get("KL_RESEARCH_CACHE")
-    if env:
-        return Path(env).expanduser().resolve()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return (Path(base) / "kl-research").expanduser().resolve()
-
-
 def reference_key(cfg: DictConfig, corpus: Corpus) -> tuple[str, dict]:
     """(hex digest, the JSON-able description it hashes) of everything that determines the tiny reference."""
     model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in NOT_IN_KEY}
@@ -308,11 +297,6 @@ def ensure_reference(cfg: DictConfig) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------ packaged GGUF
-def gguf_cache_dir(cfg_cache_dir: str | None, model: DictConfig) -> Path:
-    """<cache>/reference/gguf-<sha256[:16]>: keyed by the GGUF file's hash (the package is only how it travels)."""
-    return resolve_cache_dir(cfg_cache_dir) / "reference" / f"gguf-{model.sha256[:16]}"
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

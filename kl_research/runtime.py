@@ -177,3 +177,15 @@ def seed_everything(seed: int) -> None:
     """Seed Python's and torch's global RNGs (torch.manual_seed seeds every CUDA device too)."""
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def resolve_cache_dir(cfg_cache_dir: str | None) -> Path:
+    """The cache root: the `cache_dir` config key, else $KL_RESEARCH_CACHE, else $XDG_CACHE_HOME or ~/.cache,
+    + /kl-research."""
+    if cfg_cache_dir:
+        return Path(cfg_cache_dir).expanduser().resolve()
+    env = os.environ.get("KL_RESEARCH_CACHE")
+    if env:
+        return Path(env).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return (Path(base) / "kl-research").expanduser().resolve()

@@ -72,9 +72,12 @@ def test_the_committed_results_reproduce_from_their_committed_runs(tmp_path, nam
     """results/<name>/ was written by make_results.py from the runs committed beside it (command.txt): the analysis
     run again on them today gives the committed tables, number for number."""
     results = REPO / "results" / name
-    command = (results / "command.txt").read_text().split()
-    assert command[:2] == ["python", "scripts/make_results.py"], command
+    text = (results / "command.txt").read_text()
+    lines = [x for x in text.splitlines() if x.startswith("python scripts/make_results")]
+    assert len(lines) == 1, lines  # the analysis command (the sweeps that made the runs are on the lines before it)
+    command = lines[0].split()
     args = [a if a != f"results/{name}" else str(tmp_path) for a in command[2:]]
+    assert all(Path(REPO / a).is_dir() for a in args if a.startswith("results/")), args  # its runs are committed
     subprocess.run([sys.executable, "scripts/make_results.py", *args], cwd=REPO, check=True, capture_output=True)
     tables = sorted(p.name for p in results.glob("*.csv") if p.stat().st_size > 1)  # verdict.csv: empty without fixed
     assert {"cells.csv", "band.csv", "scores.csv", "pid_ci_vs_pid.csv", "pid_vs_adaptive.csv"} <= set(tables)
