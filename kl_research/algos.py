@@ -220,7 +220,7 @@ def policy_update(
             if not torch.isfinite(loss):
                 named = ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
                 raise FloatingPointError(
-                    f"non-finite {algo.name} loss ({named}); stopping; the last good checkpoint is kept"
+                    f"non-finite {algo.name.upper()} loss ({named}); stopping; the last good checkpoint is kept"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
