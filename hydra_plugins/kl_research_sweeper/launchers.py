@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,27 @@ def _sigterm_raises() -> Any:
         return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
         return None
+
+
+# squeue's states for a job the controller still holds (pending, running, requeued, held, ...)
+_ACTIVE_STATES = "PD,R,CG,CF,RQ,RH,RF,RS,S,SE,SO,ST"
+
+
+def _still_queued(job_id: str) -> bool:
+    """Whether SLURM's controller still holds the job (waiting, running, or requeued to run again). After a requeue,
+    accounting (submitit's ``done()`` reads sacct) can report the attempt the requeue ended as COMPLETED while the
+    job waits to run again: its result is not written yet. squeue asks the controller, which knows. False when
+    squeue cannot answer (then ``done()`` decides alone)."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-t", _ACTIVE_STATES, "-o", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
 
 
 class _TolerantMixin:
@@ -114,6 +136,8 @@ class _TolerantMixin:
                 for i, job in list(running.items()):
                     if not job.done():
                         continue
+                    if self._EXECUTOR != "local" and _still_queued(job.job_id):
+                        continue  # requeued: sacct says the ended attempt is done, the job itself is not
                     del running[i]
                     try:
                         results[i] = job.results()[0]
