@@ -67,7 +67,7 @@ def test_the_project_modules_import_each_other_without_a_cycle():
             visit(m)
 
 
-@pytest.mark.parametrize("name", ["pid_ci"])
+@pytest.mark.parametrize("name", ["pid_ci", "sweep"])
 def test_the_committed_results_reproduce_from_their_committed_runs(tmp_path, name):
     """results/<name>/ was written by make_results.py from the runs committed beside it (command.txt): the analysis
     run again on them today gives the committed tables, number for number."""
