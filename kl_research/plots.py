@@ -94,7 +94,7 @@ def curves_by_target(
             if j == 0:
                 ax.set_ylabel(LABELS.get(key, key))
             if i == len(keys) - 1:
-                ax.set_xlabel("PPO step (rollout)")
+                ax.set_xlabel("rollout (one policy update each)")
     handles, labels = _unique_legend(axes)
     fig.legend(handles, labels, fontsize=8, loc="upper right", ncol=min(4, len(labels)))
     fig.suptitle("mean over seeds; shaded: ±1 sd across seeds", x=0.01, ha="left", fontsize=9)
@@ -133,7 +133,7 @@ def kl_curves(curves: pd.DataFrame, controllers: Sequence[str] = TARGETED, panel
             if i == 0:
                 ax.set_title(f"target KL {t:g} nats/token" if t is not None else "")
             else:
-                ax.set_xlabel("rollout (PPO step)")
+                ax.set_xlabel("rollout (one policy update each)")
             if j == 0:
                 ax.set_ylabel("KL exact (nats/token)" if i == 0 else "β (kl/coef)")
     handles, labels = _unique_legend(axes)
@@ -268,7 +268,27 @@ def controllability_plot(table: pd.DataFrame, targets: Sequence[float]) -> plt.F
     return fig
 
 
-def save(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
+def variant_label(runs: pd.DataFrame) -> str:
+    """What the runs are, for a figure's corner: the algorithm and the KL mode (analysis.runs.POOL_KEYS), e.g.
+    "GRPO · KL sequence+exact"; empty where the runs record neither."""
+
+    def one(key: str) -> str | None:
+        vals = runs[key].dropna().astype(str).unique() if key in runs else []
+        return vals[0] if len(vals) == 1 else None
+
+    algo, mode, penalty = one("algo.name"), one("ppo.kl_mode"), one("ppo.kl_penalty")
+    parts = [algo.upper()] if algo else []
+    if mode and penalty:
+        parts.append(f"KL {mode}+{penalty}")
+    return " · ".join(parts)
+
+
+def save(fig: plt.Figure, path: str | Path, dpi: int = 120, label: str = "") -> Path:
+    """Write ``fig`` to ``path``; ``label`` (:func:`variant_label`) goes in its top-left corner."""
+    if label and fig.get_suptitle():  # a left-aligned suptitle (curves_by_target) takes it in front
+        fig.suptitle(f"{label}; {fig.get_suptitle()}", x=0.01, ha="left", fontsize=9)
+    elif label:  # the top-left corner, which the panels' centred titles leave free
+        fig.text(0.004, 0.996, label, ha="left", va="top", fontsize=7, color="0.3")
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return Path(path)

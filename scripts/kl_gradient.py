@@ -1,7 +1,12 @@
-"""Issue 19: which KL gradient buys more reward per nat? The fixed-β frontiers of several KL modes, side by side.
+"""Which KL gradient buys more reward per nat? The fixed-β frontiers of several KL modes, side by side, for one
+algorithm (PPO: results/kl_gradient, issue 19; GRPO with TRL's loss+k3 beside the default: results/grpo/kl_modes).
 
     python scripts/kl_gradient.py frontier --sweep multirun/kg_sequence/<time> \
         --sweep multirun/kg_loss/<time> --sweep multirun/kg_reward/<time> --out results/kl_gradient
+    python scripts/kl_gradient.py frontier --sweep results/grpo/frontier_runs --sweep results/grpo/k3_frontier_runs \
+        --out results/grpo/kl_modes
+
+A --sweep is a sweep dir or a folder of run dirs, one KL mode each; all of them must be one algorithm (algo.name).
     python scripts/kl_gradient.py variance [--policy multirun/kg_sequence/<time>/fixed_b0.5_s0/policy]
 
 Writes <out>/:
@@ -50,15 +55,19 @@ LABELS = {
     ("loss", "exact"): "loss+exact",
     ("loss", "k2"): "loss+k2",
     ("reward", "k1"): "reward+k1",
+    ("loss", "k3"): "loss+k3",
 }
-COLORS = {"sequence+exact": "C3", "loss+exact": "C0", "reward+k1": "C2", "loss+k2": "C4"}
+COLORS = {"sequence+exact": "C3", "loss+exact": "C0", "reward+k1": "C2", "loss+k2": "C4", "loss+k3": "C1"}
 
 
 def load_mode(sweep_dir: str | Path) -> pd.DataFrame:
-    """Per-run tail metrics of a fixed-β sweep, with its KL mode (one mode per sweep, refused otherwise)."""
+    """Per-run tail metrics of the fixed-β runs of a sweep, with its KL mode (one mode per sweep, refused
+    otherwise). Runs of other controllers in the same dir (a grid's adaptive, pid, ...) are left out."""
     sweep = A.load_sweep(sweep_dir)
     scores = A.attach_config(A.score_runs(sweep.curves, targets=A.GRID_TARGETS), sweep.configs)
-    runs = scores.drop_duplicates("run").copy()
+    runs = scores[scores["controller"] == "fixed"].drop_duplicates("run").copy()
+    if runs.empty:
+        raise ValueError(f"{sweep_dir}: no fixed-β runs (controller=fixed) to draw a frontier from")
     A.require_one_variant(runs, f"the frontier of {sweep_dir}")
     pair = (runs["ppo.kl_mode"].iloc[0], runs["ppo.kl_penalty"].iloc[0])
     runs["mode"] = LABELS.get(pair, "+".join(pair))
@@ -98,7 +107,16 @@ def at_targets(runs: pd.DataFrame, targets=A.GRID_TARGETS) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot(front: pd.DataFrame, at: pd.DataFrame, targets=A.GRID_TARGETS) -> plt.Figure:
+def one_algorithm(runs: pd.DataFrame) -> str:
+    """The one algorithm (algo.name) of all the sweeps' runs; frontiers of PPO and GRPO are never drawn as one."""
+    # runs from before the algo group record no algo.name: they were PPO (analysis.runs.KEY_DEFAULTS)
+    algos = sorted(runs.get("algo.name", pd.Series("ppo", index=runs.index)).astype(str).unique())
+    if len(algos) != 1:
+        raise ValueError(f"the sweeps mix algorithms (algo.name: {', '.join(algos)}); compare KL modes within one")
+    return algos[0]
+
+
+def plot(front: pd.DataFrame, at: pd.DataFrame, targets=A.GRID_TARGETS, algo: str = "ppo") -> plt.Figure:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.5, 4.4))
     for mode, f in front.groupby("mode"):
         f = f.sort_values("kl_mean")
@@ -132,7 +150,7 @@ def plot(front: pd.DataFrame, at: pd.DataFrame, targets=A.GRID_TARGETS) -> plt.F
     ax.set_xlabel("tail KL(π‖π_ref), nats/token (last 25 % of rollouts)")
     ax.set_ylabel("tail reward")
     n = int(front["n_seeds"].min())
-    ax.set_title(f"fixed-β frontiers (β annotated; mean, 95 % t-interval, {n} seeds)", fontsize=9)
+    ax.set_title(f"{algo.upper()}: fixed-β frontiers (β annotated; mean, 95 % t-interval, {n} seeds)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     modes = sorted(at["mode"].unique())
     width = 0.8 / len(modes)
@@ -154,6 +172,11 @@ def frontier_main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = pd.concat([load_mode(d) for d in args.sweep], ignore_index=True)
+    algo = one_algorithm(runs)
+    twice = runs[runs.duplicated(["mode", "init_kl_coef", "seed"], keep=False)]
+    if len(twice):  # two --sweep dirs of one mode (a frontier and a grid's fixed arm) share a (β, seed)
+        pairs = sorted({(m, float(b), int(s)) for m, b, s in twice[["mode", "init_kl_coef", "seed"]].to_numpy()})
+        raise ValueError(f"(mode, β, seed) found in more than one --sweep dir, it would count twice: {pairs}")
     fronts, checks = [], []
     for mode, m in runs.groupby("mode"):
         f = A.frontier(m)
@@ -169,6 +192,7 @@ def frontier_main(args: argparse.Namespace) -> None:
     ctrl = pd.concat(checks, ignore_index=True)
     ctrl[["mode", *[c for c in ctrl.columns if c != "mode"]]].to_csv(out / "controllability.csv", index=False)
     cols = [
+        "algo.name",
         "mode",
         "gradient",
         "ppo.kl_mode",
@@ -186,7 +210,7 @@ def frontier_main(args: argparse.Namespace) -> None:
     runs[[c for c in cols if c in runs]].sort_values(["mode", "init_kl_coef", "seed"]).to_csv(
         out / "scores.csv", index=False
     )
-    fig = plot(front, at)
+    fig = plot(front, at, algo=algo)
     fig.savefig(out / "frontier.png", dpi=130)
     (out / "command.txt").write_text("python " + " ".join(shlex.quote(a) for a in sys.argv) + "\n")
     pd.set_option("display.width", 200)

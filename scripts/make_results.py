@@ -136,20 +136,22 @@ def write_results(a: A.Analysis, out: Path, commands: list[str]) -> Path:
 
     targets = [float(t) for t in sorted(a.band["target_kl"].unique())] if len(a.band) else list(A.GRID_TARGETS)
     plots = []
+    label = P.variant_label(a.scores)  # the algorithm and KL mode, on every figure
+
+    def save(fig, name: str) -> None:
+        P.save(fig, out / name, label=label)
+        plots.append(name)
+
     if len(a.frontier) or len(a.cells):
-        P.save(P.frontier_plot(a.frontier, a.cells, targets), out / "frontier.png")
-        plots.append("frontier.png")
+        save(P.frontier_plot(a.frontier, a.cells, targets), "frontier.png")
     if len(s.curves):
-        P.save(P.kl_curves(s.curves), out / "curves.png")
-        plots.append("curves.png")
+        save(P.kl_curves(s.curves), "curves.png")
     if len(a.frontier):
-        P.save(P.controllability_plot(ctl.table, targets), out / "controllability.png")
-        plots.append("controllability.png")
+        save(P.controllability_plot(ctl.table, targets), "controllability.png")
     if len(s.curves):
-        P.save(P.curves_by_target(s.curves), out / "training.png")
-        P.save(P.curves_by_target(s.curves, ["eval/ppl_heldout"]), out / "ppl.png")
-        P.save(P.ppl_vs_kl(s.curves), out / "ppl_vs_kl.png")
-        plots += ["training.png", "ppl.png", "ppl_vs_kl.png"]
+        save(P.curves_by_target(s.curves), "training.png")
+        save(P.curves_by_target(s.curves, ["eval/ppl_heldout"]), "ppl.png")
+        save(P.ppl_vs_kl(s.curves), "ppl_vs_kl.png")
 
     ctl_tab = (
         ci_table(ctl.table, ["init_kl_coef", "n_seeds", "steps"], ["kl", "reward"])
