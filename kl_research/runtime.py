@@ -9,6 +9,8 @@ import ctypes
 import os
 import platform
 import random
+import resource
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,6 +82,17 @@ def resolve_device(name: str) -> torch.device:
 
 # The CPU flags that decide how fast bf16 matmuls run (AMX tiles; AVX-512 bf16 dot products; their absence).
 BF16_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx2")
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak memory so far, in MB (2^20 bytes): its peak resident set (``getrusage``; on a CPU it holds
+    the models, Adam's state and every activation) and, on CUDA, the peak of tensors allocated on the device. Logged
+    per step as ``memory/peak_rss_mb`` (``memory/cuda_peak_mb``) and in summary.json (a resumed job: since resume)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"memory/peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 1024)}
+    if device.type == "cuda":
+        out["memory/cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def cpu_features() -> dict[str, Any]:

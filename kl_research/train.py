@@ -44,6 +44,7 @@ from kl_research.runlog import RunLogger, plot_curves, summarize
 from kl_research.runtime import (
     PrecisionChoice,
     autocast,
+    peak_memory_mb,
     resolve_device,
     resolve_precision,
     rng_state,
@@ -354,6 +355,7 @@ class Job:
             "time/step_s": step_s,
             "time/rollout_s": t_rollout - t0,
             "throughput/tokens_per_s": n_tokens / step_s,
+            **peak_memory_mb(self.device),
         }
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             from kl_research.evaluate import distinct_n
@@ -438,7 +440,8 @@ class Job:
         self.tokenizer.save_pretrained(out / "policy")
         if self.policy.v_head is not None:
             save_file(self.policy.v_head.state_dict(), str(out / "policy" / "value_head.safetensors"))
-        summary = {**summarize(self.history, cfg, wall), "device": str(self.device), **self.choice.record()}
+        memory = {k.removeprefix("memory/"): round(v, 1) for k, v in peak_memory_mb(self.device).items()}
+        summary = {**summarize(self.history, cfg, wall), "device": str(self.device), **self.choice.record(), **memory}
         plot_curves(self.history, self.target, out / "curves.png", title=run_name(cfg))
         log.info(
             "done: reward %.3f, KL %.4g (target %g), tracking error %.2f, β %.4g, ppl %.2f (ref %.2f), %.0f s",

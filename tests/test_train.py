@@ -55,9 +55,10 @@ METRICS = [
     "time/step_s",
     "time/rollout_s",
     "throughput/tokens_per_s",
+    "memory/peak_rss_mb",
 ]
 EVAL_METRICS = ["eval/ppl_heldout", "eval/ppl_ref", "eval/distinct_2"]
-TIMING = ("time/", "throughput/")
+TIMING = ("time/", "throughput/", "memory/")  # differ between runs of the same job
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,14 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog, monkeypatch)
     assert summary["kl"] == pytest.approx(recs[-1]["kl/exact"])
     assert summary["final_beta"] == recs[-1]["kl/coef_next"]
     assert summary["device"] == "cpu"
+    # peak memory: the process's resident peak so far, never falling
+    peaks = [r["memory/peak_rss_mb"] for r in recs]
+    assert peaks == sorted(peaks) and summary["peak_rss_mb"] >= peaks[-1] - 0.1
+    # in MB: a Python process with torch holds > 100 MB, and never more than the kernel's high-water mark of it
+    hwm_kb = next(
+        int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM")
+    )
+    assert 100 < peaks[0] <= summary["peak_rss_mb"] <= hwm_kb / 1024 + 1
     # precision=auto on a CPU: measured by the probe (or read from its cache), logged with its numbers
     assert summary["precision"] in ("fp32", "bf16") and summary["precision_source"] in ("probe", "cache")
     assert summary["precision_fp32_s"] > 0 and summary["precision_bf16_s"] > 0
