@@ -24,6 +24,7 @@ from hydra import compose, initialize_config_dir
 
 import kl_research.config  # noqa: F401  (registers the schemas)
 from hydra_plugins.kl_research_sweeper.grid import Grid, expand_grid, fingerprint, grid_from_overrides
+from hydra_plugins.kl_research_sweeper.launchers import squeue_ids
 from hydra_plugins.kl_research_sweeper.sweeper import STATE_FILE, check_launcher, choose_sweep_dir
 from kl_research.analysis import load_curves, load_summaries
 from kl_research.report import write_report
@@ -172,6 +173,15 @@ def test_stock_submitit_launchers_are_refused_naming_ours():
     for stock, ours in (("submitit_local", "local"), ("submitit_slurm", "slurm")):
         with pytest.raises(ValueError, match=f"use hydra/launcher={ours},"):
             check_launcher(compose_sweep(f"hydra/launcher={stock}"))
+
+
+def test_squeue_ids_expand_a_pending_arrays_compacted_tasks():
+    """The launcher (is a requeued job still held?) and the sweeper (did an earlier run's job outlive it?) read
+    squeue's job ids through one parser: a pending array shows as 123_[4-6,9%2], its running tasks one by one."""
+    text = "77\n123_[4-6,9%2]\n123_2\n124_[0]\n"
+    assert squeue_ids(text) == {"77", "123_4", "123_5", "123_6", "123_9", "123_2", "124_0"}
+    assert "123_7" not in squeue_ids(text) and "123_3" not in squeue_ids(text)  # not every task of the array
+    assert squeue_ids("") == set()
 
 
 # ---------------------------------------------------------------------------------------- sweep dir rule

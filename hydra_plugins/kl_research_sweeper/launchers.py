@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import time
@@ -62,21 +63,33 @@ def _sigterm_raises() -> Any:
 _ACTIVE_STATES = "PD,R,CG,CF,RQ,RH,RF,RS,S,SE,SO,ST"
 
 
-def _still_queued(job_id: str) -> bool:
-    """Whether SLURM's controller still holds the job (waiting, running, or requeued to run again). After a requeue,
-    accounting (submitit's ``done()`` reads sacct) can report the attempt the requeue ended as COMPLETED while the
-    job waits to run again: its result is not written yet. squeue asks the controller, which knows. False when
-    squeue cannot answer (then ``done()`` decides alone)."""
+def squeue_ids(text: str) -> set[str]:
+    """The job ids in ``squeue -o %i`` output, a pending array's compacted tasks expanded: ``123_[4-6,9%2]`` is
+    123_4, 123_5, 123_6 and 123_9 (``%2`` is the array's parallelism limit, not a task)."""
+    ids: set[str] = set()
+    for tok in text.split():
+        m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", tok)
+        if m is None:
+            ids.add(tok)
+            continue
+        for part in m.group(2).split("%")[0].split(","):
+            lo, _, hi = part.partition("-")
+            ids.update(f"{m.group(1)}_{t}" for t in range(int(lo), int(hi or lo) + 1))
+    return ids
+
+
+def slurm_active_jobs() -> set[str] | None:
+    """The ids of the jobs SLURM's controller still holds (waiting, running, requeued to run again, held, ...), or
+    None when squeue cannot answer. After a requeue, accounting (submitit's ``done()`` reads sacct) can report the
+    attempt the requeue ended as COMPLETED while the job waits to run again; squeue asks the controller, which knows.
+    The launcher asks it before taking a finished job's result; the sweeper before resubmitting an earlier run's."""
     try:
         out = subprocess.run(
-            ["squeue", "-h", "-j", str(job_id), "-t", _ACTIVE_STATES, "-o", "%T"],
-            capture_output=True,
-            text=True,
-            timeout=30,
+            ["squeue", "-h", "-t", _ACTIVE_STATES, "-o", "%i"], capture_output=True, text=True, timeout=60, check=True
         )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and bool(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return squeue_ids(out.stdout)
 
 
 class _TolerantMixin:
@@ -136,7 +149,7 @@ class _TolerantMixin:
                 for i, job in list(running.items()):
                     if not job.done():
                         continue
-                    if self._EXECUTOR != "local" and _still_queued(job.job_id):
+                    if self._EXECUTOR != "local" and str(job.job_id) in (slurm_active_jobs() or ()):
                         continue  # requeued: sacct says the ended attempt is done, the job itself is not
                     del running[i]
                     try:

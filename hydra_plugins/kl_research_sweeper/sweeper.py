@@ -35,7 +35,6 @@ import fcntl
 import json
 import logging
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -127,7 +126,7 @@ def queued_slurm_jobs(sweep_dir: Path, names: set[str]) -> dict[str, str]:
     """Run-dir name -> SLURM job id, for the jobs among ``names`` that an earlier run of this sweep submitted
     to SLURM and that ``squeue`` still lists (pending, running, requeued). Resubmitting them would run two
     copies of a job in one run dir."""
-    from hydra_plugins.kl_research_sweeper.launchers import SUBMITTED
+    from hydra_plugins.kl_research_sweeper.launchers import SUBMITTED, slurm_active_jobs
 
     path = sweep_dir / SUBMITTED
     if not path.is_file():
@@ -139,15 +138,11 @@ def queued_slurm_jobs(sweep_dir: Path, names: set[str]) -> dict[str, str]:
             latest[rec["subdir"]] = str(rec["job_id"])
     if not latest:
         return {}
-    try:
-        out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=60, check=True)
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning(f"cannot check whether earlier SLURM jobs of this sweep still run ({e}); resubmitting them")
+    queued = slurm_active_jobs()
+    if queued is None:
+        log.warning("cannot ask squeue whether earlier SLURM jobs of this sweep still run; resubmitting them")
         return {}
-    queued = set(out.stdout.split())
-    # squeue shows a pending array's tasks as 123_[4-7]: match on the array id too.
-    queued_arrays = {q.split("_")[0] for q in queued if "[" in q}
-    return {n: i for n, i in latest.items() if i in queued or i.split("_")[0] in queued_arrays}
+    return {n: i for n, i in latest.items() if i in queued}
 
 
 STOCK_LAUNCHERS = {  # hydra-submitit-launcher's own, by _target_ -> the project's launcher config
