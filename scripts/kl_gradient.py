@@ -116,11 +116,18 @@ def one_algorithm(runs: pd.DataFrame) -> str:
     return algos[0]
 
 
-def plot(front: pd.DataFrame, at: pd.DataFrame, targets=A.GRID_TARGETS, algo: str = "ppo") -> plt.Figure:
+def plot(
+    front: pd.DataFrame, at: pd.DataFrame, targets=A.GRID_TARGETS, algo: str = "ppo", runs: pd.DataFrame | None = None
+) -> plt.Figure:
+    """Left: each mode's frontier, mean and 95 % t-interval per β, with every seed's run as a faint dot (with 3
+    seeds a t-interval of KL can reach below 0: its whisker then runs to the axis' edge). Right: reward at equal KL."""
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.5, 4.4))
     for mode, f in front.groupby("mode"):
         f = f.sort_values("kl_mean")
         c = COLORS.get(mode)
+        if runs is not None:
+            r = runs[(runs["mode"] == mode) & (runs["kl"] > 0)]
+            ax.scatter(r["kl"], r["reward"], s=9, color=c, alpha=0.35, lw=0, zorder=1)
         xerr = [f["kl_mean"] - f["kl_lo"], f["kl_hi"] - f["kl_mean"]]
         yerr = [f["reward_mean"] - f["reward_lo"], f["reward_hi"] - f["reward_mean"]]
         grad = f["gradient"].iloc[0]
@@ -150,7 +157,7 @@ def plot(front: pd.DataFrame, at: pd.DataFrame, targets=A.GRID_TARGETS, algo: st
     ax.set_xlabel("tail KL(π‖π_ref), nats/token (last 25 % of rollouts)")
     ax.set_ylabel("tail reward")
     n = int(front["n_seeds"].min())
-    ax.set_title(f"{algo.upper()}: fixed-β frontiers (β annotated; mean, 95 % t-interval, {n} seeds)", fontsize=9)
+    ax.set_title(f"{algo.upper()}: fixed-β frontiers (β annotated; mean, 95 % t-interval; dots: {n} seeds)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     modes = sorted(at["mode"].unique())
     width = 0.8 / len(modes)
@@ -210,7 +217,7 @@ def frontier_main(args: argparse.Namespace) -> None:
     runs[[c for c in cols if c in runs]].sort_values(["mode", "init_kl_coef", "seed"]).to_csv(
         out / "scores.csv", index=False
     )
-    fig = plot(front, at, algo=algo)
+    fig = plot(front, at, algo=algo, runs=runs)
     fig.savefig(out / "frontier.png", dpi=130)
     (out / "command.txt").write_text("python " + " ".join(shlex.quote(a) for a in sys.argv) + "\n")
     pd.set_option("display.width", 200)

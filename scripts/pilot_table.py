@@ -48,8 +48,8 @@ def row(run: Path) -> str:
     beta = recs[-1]["kl/coef_next"]
     cmd = (run / "command.txt").read_text().strip()
     return (
-        f"| {run.name} | {settings(cmd)} | {kl[1]:.4f} | {approx:.5f} | {sum(tail) / len(tail):.4f} "
-        f"[{min(tail):.4f}, {max(tail):.4f}] | {beta:.3g} |"
+        f"| {run.name} | {settings(cmd)} | {kl[1]:.3g} | {approx:.3g} | {sum(tail) / len(tail):.3g} "
+        f"[{min(tail):.3g}, {max(tail):.3g}] | {beta:.3g} |"
     )
 
 

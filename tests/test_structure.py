@@ -67,7 +67,23 @@ def test_the_project_modules_import_each_other_without_a_cycle():
             visit(m)
 
 
-@pytest.mark.parametrize("name", ["pid_ci", "sweep"])
+# the tables each committed analysis must have (pairwise tests need both arms in the grid)
+TABLES = {
+    "pid_ci": {"cells.csv", "band.csv", "scores.csv", "pid_ci_vs_pid.csv", "pid_vs_adaptive.csv"},
+    "sweep": {"cells.csv", "band.csv", "scores.csv", "frontier.csv", "pid_ci_vs_pid.csv", "pid_vs_adaptive.csv"},
+    "grpo": {
+        "cells.csv",
+        "band.csv",
+        "scores.csv",
+        "frontier.csv",
+        "verdict.csv",
+        "pid_vs_adaptive.csv",
+        "pid_ci_vs_pid.csv",
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
 def test_the_committed_results_reproduce_from_their_committed_runs(tmp_path, name):
     """results/<name>/ was written by make_results.py from the runs committed beside it (command.txt): the analysis
     run again on them today gives the committed tables, number for number."""
@@ -80,7 +96,35 @@ def test_the_committed_results_reproduce_from_their_committed_runs(tmp_path, nam
     assert all(Path(REPO / a).is_dir() for a in args if a.startswith("results/")), args  # its runs are committed
     subprocess.run([sys.executable, "scripts/make_results.py", *args], cwd=REPO, check=True, capture_output=True)
     tables = sorted(p.name for p in results.glob("*.csv") if p.stat().st_size > 1)  # verdict.csv: empty without fixed
-    assert {"cells.csv", "band.csv", "scores.csv", "pid_ci_vs_pid.csv", "pid_vs_adaptive.csv"} <= set(tables)
+    assert TABLES[name] <= set(tables)
     for table in tables:
         committed, again = pd.read_csv(results / table), pd.read_csv(tmp_path / table)
         pd.testing.assert_frame_equal(again, committed, check_exact=False, rtol=1e-9, obj=table)
+
+
+def test_the_grpo_kl_mode_frontiers_reproduce_and_never_mix_algorithms(tmp_path):
+    """results/grpo/kl_modes (the default sequence+exact beside TRL's loss+k3, under GRPO) was written by
+    scripts/kl_gradient.py from the committed runs: run again it gives the same tables. A PPO frontier passed beside
+    a GRPO one is refused, naming both algorithms."""
+    results = REPO / "results" / "grpo" / "kl_modes"
+    lines = [
+        x for x in (results / "command.txt").read_text().splitlines() if x.startswith("python scripts/kl_gradient")
+    ]
+    assert len(lines) == 1, lines
+    args = lines[0].split()[2:]
+    args[args.index("--out") + 1] = str(tmp_path)
+    sweeps = [args[i + 1] for i, a in enumerate(args) if a == "--sweep"]
+    assert len(sweeps) >= 2 and all((REPO / d).is_dir() for d in sweeps), sweeps
+    subprocess.run([sys.executable, "scripts/kl_gradient.py", *args], cwd=REPO, check=True, capture_output=True)
+    for table in ("frontier.csv", "at_targets.csv", "controllability.csv", "scores.csv"):
+        committed, again = pd.read_csv(results / table), pd.read_csv(tmp_path / table)
+        pd.testing.assert_frame_equal(again, committed, check_exact=False, rtol=1e-9, obj=table)
+    assert set(pd.read_csv(results / "scores.csv")["mode"]) == {"sequence+exact", "loss+k3"}
+    ppo_and_grpo = ["--sweep", "results/sweep/frontier_runs", "--sweep", "results/grpo/k3_frontier_runs"]
+    mixed = subprocess.run(
+        [sys.executable, "scripts/kl_gradient.py", "frontier", *ppo_and_grpo, "--out", str(tmp_path / "mixed")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert mixed.returncode != 0 and "mix algorithms (algo.name: grpo, ppo)" in mixed.stderr, mixed.stderr[-2000:]
