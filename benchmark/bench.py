@@ -25,7 +25,6 @@ import contextlib
 import functools
 import json
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -128,10 +127,6 @@ class _Timer:
             self.times.append(time.perf_counter() - t)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def versions() -> dict[str, Any]:
     import transformers
 
@@ -186,7 +181,14 @@ def bench(
     from kl_research.precision_probe import Workload, auto_precision
     from kl_research.reference import compose_config, resolve_cache_dir
     from kl_research.rollout import rollout
-    from kl_research.runtime import autocast, resolve_device, resolve_precision, setup_allocator, setup_threads
+    from kl_research.runtime import (
+        autocast,
+        peak_memory_mb,
+        resolve_device,
+        resolve_precision,
+        setup_allocator,
+        setup_threads,
+    )
     from kl_research.train import make_optimizer
 
     # The benchmark workload is the classic PPO step TRL 0.11 runs (benchmark/bench_trl.py): −β·k1 in the reward and 4
@@ -282,7 +284,7 @@ def bench(
     med = {k: _median([r[k] for r in runs]) for k in runs[0]}
     med["score_and_update"] = _median([r["score"] + r["advantages"] + r["update"] for r in runs])
     cpu = med.pop("cpu")  # process CPU seconds (all threads) per step: ≈ threads × total when the cores are ours
-    rss = peak_rss_mb()
+    rss = peak_memory_mb(torch.device("cpu"))["memory/peak_rss_mb"]  # the process's, as a run logs it
     n_mb = pcfg.epochs * -(-B // pcfg.minibatch_size)
     rec: dict[str, Any] = {
         "bench": "ppo_step",
