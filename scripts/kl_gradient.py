@@ -3,11 +3,12 @@ algorithm (PPO: results/kl_gradient, issue 19; GRPO with TRL's loss+k3 beside th
 
     python scripts/kl_gradient.py frontier --sweep multirun/kg_sequence/<time> \
         --sweep multirun/kg_loss/<time> --sweep multirun/kg_reward/<time> --out results/kl_gradient
-    python scripts/kl_gradient.py frontier --sweep results/grpo/frontier_runs --sweep results/grpo/k3_frontier_runs \
-        --out results/grpo/kl_modes
-
-A --sweep is a sweep dir or a folder of run dirs, one KL mode each; all of them must be one algorithm (algo.name).
+    python scripts/kl_gradient.py frontier --sweep results/grpo/runs --sweep results/grpo/frontier_runs \
+        --sweep results/grpo/k3_frontier_runs --out results/grpo/kl_modes
     python scripts/kl_gradient.py variance [--policy multirun/kg_sequence/<time>/fixed_b0.5_s0/policy]
+
+A --sweep is a sweep dir or a folder of run dirs, of one KL mode; its fixed-β runs are used (a grid's fixed arm
+included). Several may share a mode if no (β, seed) repeats; all must be one algorithm (algo.name).
 
 Writes <out>/:
 - frontier.csv: one row per (mode, β): mode, the gradient it has (full/partial), ppo.kl_mode/kl_penalty, β,
@@ -109,8 +110,9 @@ def at_targets(runs: pd.DataFrame, targets=A.GRID_TARGETS) -> pd.DataFrame:
 
 def one_algorithm(runs: pd.DataFrame) -> str:
     """The one algorithm (algo.name) of all the sweeps' runs; frontiers of PPO and GRPO are never drawn as one."""
-    # runs from before the algo group record no algo.name: they were PPO (analysis.runs.KEY_DEFAULTS)
-    algos = sorted(runs.get("algo.name", pd.Series("ppo", index=runs.index)).astype(str).unique())
+    # runs from before the algo group record no algo.name: they were PPO (KEY_DEFAULTS)
+    recorded = runs.get("algo.name", pd.Series(A.KEY_DEFAULTS["algo.name"], index=runs.index))
+    algos = sorted(recorded.astype(str).unique())
     if len(algos) != 1:
         raise ValueError(f"the sweeps mix algorithms (algo.name: {', '.join(algos)}); compare KL modes within one")
     return algos[0]
