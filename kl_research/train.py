@@ -440,7 +440,7 @@ class Job:
         self.tokenizer.save_pretrained(out / "policy")
         if self.policy.v_head is not None:
             save_file(self.policy.v_head.state_dict(), str(out / "policy" / "value_head.safetensors"))
-        memory = {k.removeprefix("memory/"): round(v, 1) for k, v in peak_memory_mb(self.device).items()}
+        memory = {k.removeprefix("memory/"): v for k, v in peak_memory_mb(self.device).items()}
         summary = {**summarize(self.history, cfg, wall), "device": str(self.device), **self.choice.record(), **memory}
         plot_curves(self.history, self.target, out / "curves.png", title=run_name(cfg))
         log.info(

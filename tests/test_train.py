@@ -123,7 +123,7 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog, monkeypatch)
     assert summary["device"] == "cpu"
     # peak memory: the process's resident peak so far, never falling
     peaks = [r["memory/peak_rss_mb"] for r in recs]
-    assert peaks == sorted(peaks) and summary["peak_rss_mb"] >= peaks[-1] - 0.1
+    assert peaks == sorted(peaks) and summary["peak_rss_mb"] >= peaks[-1]
     # in MB: a Python process with torch holds > 100 MB, and never more than the kernel's high-water mark of it
     hwm_kb = next(
         int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM")
