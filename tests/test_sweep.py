@@ -184,6 +184,44 @@ def test_squeue_ids_expand_a_pending_arrays_compacted_tasks():
     assert squeue_ids("") == set()
 
 
+def test_slurm_launcher_takes_requeued_jobs_later_and_asks_squeue_once_per_poll(tmp_path, monkeypatch):
+    """Three array tasks that sacct calls done in the first poll, one of them requeued (squeue still holds it): the
+    launcher takes the other two, waits for the requeued one, and asks squeue once per poll, not once per job."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.kl_research_sweeper import launchers
+
+    answers = iter([{"7_1"}, set()])  # squeue: 7_1 is held in the first poll, gone in the second
+    calls: list[int] = []
+    monkeypatch.setattr(launchers, "slurm_active_jobs", lambda: calls.append(1) or next(answers, set()))
+    monkeypatch.setattr(launchers.time, "sleep", lambda s: None)
+    taken: list[str] = []
+
+    class Job:
+        def __init__(self, job_id: str):
+            self.job_id = job_id
+
+        def done(self) -> bool:
+            return True
+
+        def results(self) -> list[JobReturn]:
+            taken.append(self.job_id)
+            return [JobReturn(overrides=[], status=JobStatus.COMPLETED)]
+
+    class Executor:
+        def map_array(self, fn, *columns):
+            return [Job(f"7_{i}") for i in range(len(columns[0]))]
+
+    launcher = object.__new__(launchers.SlurmLauncher)
+    launcher.params, launcher.config = {}, OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    monkeypatch.setattr(launcher, "_executor", lambda: Executor())
+    results = launcher.launch([[f"seed={i}"] for i in range(3)], initial_job_idx=0)
+    assert [r.status for r in results] == [JobStatus.COMPLETED] * 3
+    assert taken == ["7_0", "7_2", "7_1"]  # the requeued task is taken in the second poll
+    assert len(calls) == 2, f"squeue asked {len(calls)} times in 2 polls"
+
+
 # ---------------------------------------------------------------------------------------- sweep dir rule
 def test_sweep_dir_rule(tmp_path):
     d1, lock1, resumed = choose_sweep_dir(tmp_path, "s", "fp1", fresh=False, exact=None)

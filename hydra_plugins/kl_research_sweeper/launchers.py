@@ -146,11 +146,15 @@ class _TolerantMixin:
                     running[i] = executor.submit(self, *args[i])
                     self.job_ids[i] = running[i].job_id
                     self._record(sweep_dir, job_overrides, [i])
+                active: set[str] | None = None  # squeue, asked at most once per poll and only if a job is done
                 for i, job in list(running.items()):
                     if not job.done():
                         continue
-                    if self._EXECUTOR != "local" and str(job.job_id) in (slurm_active_jobs() or ()):
-                        continue  # requeued: sacct says the ended attempt is done, the job itself is not
+                    if self._EXECUTOR != "local":
+                        if active is None:
+                            active = slurm_active_jobs() or set()
+                        if str(job.job_id) in active:
+                            continue  # requeued: sacct says the ended attempt is done, the job itself is not
                     del running[i]
                     try:
                         results[i] = job.results()[0]
