@@ -4,6 +4,7 @@ the exact commands and the versions. Every number comes from kl_research.analysi
     python scripts/make_results.py                                   # latest sweep under multirun/
     python scripts/make_results.py multirun/kl_grid/<time> --frontier multirun/frontier/<time> --out results
     python scripts/make_results.py --wandb <entity>/kl-research --group kl_grid   # runs logged online
+    python scripts/make_results.py <grid> --frontier <frontier> --frontier <static β₀ arm> --out results/smollm2
 
 Writes <out>/: results.md (controllability first), controllability.csv (per β) and controllability_checks.csv,
 verdict.{csv,json}, band.csv (does each controller hold the band?), pid_vs_adaptive.csv and, when the sweep has
@@ -274,7 +275,13 @@ def write_results(a: A.Analysis, out: Path, commands: list[str]) -> Path:
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_dir", nargs="?", help="sweep dir (default: the latest under multirun/)")
-    p.add_argument("--frontier", help="a frontier sweep dir (python sweep.py sweep=frontier) to add its fixed runs")
+    p.add_argument(
+        "--frontier",
+        action="append",
+        default=[],
+        help="a frontier sweep dir (python sweep.py sweep=frontier) to add its fixed runs (repeatable: e.g. a "
+        "static-β₀ arm run as its own frontier sweep beside the β grid)",
+    )
     p.add_argument("--out", default="results", help="output dir (default: results)")
     p.add_argument(
         "--select",
@@ -298,9 +305,9 @@ def main(argv: list[str] | None = None) -> Path:
         sweep_dir = Path(args.sweep_dir) if args.sweep_dir else A.latest_sweep(REPO / "multirun")
         sweep = A.load_sweep(sweep_dir)
     commands = [f"# sweep: {c}" for c in sweep_commands(sweep_dir)]
-    if args.frontier:
-        sweep = A.add_frontier_runs(sweep, A.load_sweep(args.frontier))
-        commands += [f"# frontier: {c}" for c in sweep_commands(Path(args.frontier))]
+    for frontier in args.frontier:
+        sweep = A.add_frontier_runs(sweep, A.load_sweep(frontier))
+        commands += [f"# frontier: {c}" for c in sweep_commands(Path(frontier))]
     static = args.static_beta if args.static_beta in ("matched", "closest") else float(args.static_beta)
     select = {}
     for item in args.select:
