@@ -12,11 +12,14 @@ cleared and the global RNG state is restored afterwards, so the run's trajectory
 A step's model work is `updates` (= epochs x minibatches) of the first, 2 of the second (policy and reference) and
 one of the third. fp32 and bf16 alternate after a warm-up round, and the medians are compared: bf16 is chosen only
 when the step is at least MARGIN (1.2x) faster. The probe costs in proportion to what it has to tell apart (`done`):
-one timed round when the answer is far from the margin either way (bf16 ≥ 1.25x slower, as on every AVX2-only CPU,
-or ≥ 1.8x faster), at least 3 and then up to a BUDGET_S of rounds when it is close (the tiny default on a Zen 5 CPU
-probes 1.10-1.15x). On a 135 M-parameter model on an AVX2 CPU that is 2 rounds instead of 5. (Generation
-matters: at the tiny default on a Zen 5 CPU the trunk passes alone are 1.15x faster in bf16, generation not at all,
-and a whole training step 1.0-1.09x.)
+one timed round when the answer is far from the margin either way (bf16 ≥ 1.25x slower or ≥ 1.8x faster), at least
+3 and then up to a BUDGET_S of rounds when it is close (the tiny default on a Zen 5 CPU probes 1.10-1.15x).
+(Generation matters: at the tiny default on a Zen 5 CPU the trunk passes alone are 1.15x faster in bf16, generation
+not at all, and a whole training step 1.0-1.09x.)
+
+An x86 CPU with AVX2 but neither AVX-512 nor AMX is not probed at all: it has no bf16 arithmetic, a bf16 trunk
+measured 7.5-20x slower there at every size, and the probe of a 135 M-parameter model at 1 thread took 165 s to say
+so (`without_bf16_hardware`; the choice's source is then "cpu").
 
 The decision and its numbers are cached as JSON, one file per key, under <cache dir>/precision/: the key is the CPU
 (model name, the flags that decide bf16 matmul speed), the torch version, the thread count, the model's shape and
@@ -54,6 +57,28 @@ WARMUP = 1  # rounds before timing (the first bf16 call builds oneDNN primitives
 REPS = (3, 15)  # timed rounds when the answer is close to MARGIN: at least 3, at most 15, fewer once BUDGET_S is spent
 BUDGET_S = 3.0
 DECISIVE = 1.5  # one timed round decides when fp32/bf16 is this factor outside MARGIN, either way
+
+
+# x86 features with which bf16 can run natively (AMX tiles, AVX-512 BF16) or at least be converted in vector registers
+# (AVX-512F): a CPU with none of them is probed not at all (see without_bf16_hardware).
+BF16_CAPABLE = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f")
+
+
+def without_bf16_hardware(cpu: dict[str, Any]) -> str | None:
+    """Why precision=auto picks fp32 without a probe on this CPU (`runtime.cpu_features()`), or None when it must
+    measure. An x86 CPU with AVX2 but neither AVX-512 nor AMX has no bf16 arithmetic: autocast converts every bf16
+    operand to fp32 and back, and the trunk has measured 7.5x slower (SmolLM2-135M, 1 thread) to 8-20x slower (the
+    tiny default up to GPT-2 small) on the AMD EPYC Zen 3 this project runs on. The probe would only confirm it, at a
+    price that grows with the model: 165 s of a 60-rollout SmolLM2 job's ~15 min on that CPU. Other architectures
+    (ARM, which may have bf16 dot products) and every AVX-512 or AMX CPU are measured."""
+    if cpu.get("arch") not in ("x86_64", "AMD64") or cpu.get("amx") or any(f in cpu["flags"] for f in BF16_CAPABLE):
+        return None
+    if "avx2" not in cpu["flags"]:
+        return None  # an older or unknown x86 CPU: not what the rule was measured on
+    return (
+        f"no bf16 hardware on this CPU ({cpu['model']}: AVX2, no AVX-512, no AMX), where a bf16 trunk measured "
+        "7.5-20x slower: fp32 without a probe"
+    )
 
 
 def done(rounds: int, ratio: float, elapsed_s: float) -> bool:
@@ -234,6 +259,9 @@ def auto_precision(
 ) -> PrecisionChoice:
     """precision=auto on a CPU: the cached decision for this machine and shape, else measure(...) it and cache it."""
     key = probe_key(policy.lm, work)
+    why = without_bf16_hardware(key["cpu"])
+    if why is not None:
+        return PrecisionChoice("fp32", "cpu", why)
     path = cache_file(Path(cache_dir), key)
     rec = _read(path, key)
     source = "cache" if rec is not None else "probe"

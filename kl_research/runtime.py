@@ -125,7 +125,7 @@ class PrecisionChoice:
     """The trunk's precision as a run uses it, and why."""
 
     precision: str  # "fp32" | "bf16"
-    source: str  # "explicit" | "cuda" | "probe" | "cache" | "checkpoint"
+    source: str  # "explicit" | "cuda" | "cpu" (no bf16 hardware: not probed) | "probe" | "cache" | "checkpoint"
     reason: str  # in words, for the log and summary.json
     fp32_s: float | None = None  # the CPU probe's seconds per step's model work in fp32 (None: not probed)
     bf16_s: float | None = None  # the same in bf16

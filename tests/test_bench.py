@@ -216,6 +216,7 @@ def test_bench_precision_auto_is_resolved_as_the_trainer_does(tiny_shape, monkey
         return {"fp32_s": 0.3, "bf16_s": 0.2, "probe_s": 0.5, "rounds": 3}
 
     monkeypatch.setattr(precision_probe, "measure", measure)
+    monkeypatch.setattr(precision_probe, "without_bf16_hardware", lambda cpu: None)  # a CPU that is measured
     monkeypatch.setenv("KL_RESEARCH_CACHE", str(tmp_path))
     argv = ["--shape", tiny_shape, "--batch", "4", "--minibatch", "2", "--epochs", "1", "--precision", "auto"]
     for _ in range(2):

@@ -26,8 +26,10 @@ def micro_policy(n_layer: int = 1) -> PolicyWithValue:
 
 @pytest.fixture
 def fake_measure(monkeypatch):
-    """Replace the timing with given numbers (seconds per step's model work); counts the probes."""
+    """Replace the timing with given numbers (seconds per step's model work); counts the probes. The CPU is treated
+    as one that must be measured (on an AVX2-only CPU precision=auto would not probe at all)."""
     calls = []
+    monkeypatch.setattr(precision_probe, "without_bf16_hardware", lambda cpu: None)
 
     def install(fp32_s: float, bf16_s: float):
         def measure(policy, work, device):
@@ -191,3 +193,38 @@ def test_the_probe_costs_in_proportion_to_what_it_must_tell_apart():
     assert not done(lo, 1.1, budget / 2) and done(lo, 1.1, budget + 0.1)  # then until the budget is spent
     assert done(hi, 1.2, 0.0)
     assert not done(0, 1 / 8, 100.0)  # nothing timed yet
+
+
+AVX2_ONLY = {"model": "AMD EPYC", "arch": "x86_64", "id": "AuthenticAMD 25 1", "flags": ["avx2"], "capability": "AVX2"}
+
+
+@pytest.mark.parametrize(
+    ("cpu", "probed"),
+    [
+        ({**AVX2_ONLY, "amx": False}, False),  # Zen 3: no bf16 arithmetic, fp32 without a probe
+        ({**AVX2_ONLY, "amx": False, "flags": ["avx512_bf16", "avx512f", "avx2"]}, True),  # Zen 4/5: measured
+        ({**AVX2_ONLY, "amx": False, "flags": ["avx512f", "avx2"]}, True),  # AVX-512 without BF16: measured
+        ({**AVX2_ONLY, "amx": True, "flags": ["amx_tile", "amx_bf16", "avx512f", "avx2"]}, True),  # AMX Xeon
+        ({**AVX2_ONLY, "amx": False, "arch": "aarch64", "flags": []}, True),  # ARM: measured
+        ({**AVX2_ONLY, "amx": False, "flags": []}, True),  # x86 without AVX2: not what the rule was measured on
+    ],
+)
+def test_a_cpu_without_bf16_hardware_is_not_probed(tmp_path, monkeypatch, cpu, probed):
+    """On an x86 CPU with AVX2 but neither AVX-512 nor AMX precision=auto is fp32 at once, says why, and caches
+    nothing; every other CPU is measured."""
+    calls = []
+
+    def measure(policy, work, device):
+        calls.append(work)
+        return {"fp32_s": 1.0, "bf16_s": 0.5, "probe_s": 0.5, "rounds": 1}
+
+    monkeypatch.setattr(precision_probe, "cpu_features", lambda: cpu)
+    monkeypatch.setattr(precision_probe, "measure", measure)
+    choice = precision_probe.auto_precision(micro_policy(), WORK, CPU, tmp_path)
+    assert bool(calls) == probed
+    if probed:
+        assert (choice.precision, choice.source) == ("bf16", "probe")
+    else:
+        assert (choice.precision, choice.source, choice.fp32_s) == ("fp32", "cpu", None)
+        assert "no bf16 hardware" in choice.reason and "AMD EPYC" in choice.reason
+        assert not (tmp_path / "precision").exists()

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import kl_research.config  # noqa: F401  (registers schemas)
 import kl_research.train as train_mod
-from kl_research import checkpoint, ppo, precision_probe
+from kl_research import checkpoint, ppo, precision_probe, runtime
 from kl_research.train import train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -129,10 +129,15 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog, monkeypatch)
         int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM")
     )
     assert 100 < peaks[0] <= summary["peak_rss_mb"] <= hwm_kb / 1024 + 1
-    # precision=auto on a CPU: measured by the probe (or read from its cache), logged with its numbers
-    assert summary["precision"] in ("fp32", "bf16") and summary["precision_source"] in ("probe", "cache")
-    assert summary["precision_fp32_s"] > 0 and summary["precision_bf16_s"] > 0
-    assert f"precision=auto → {summary['precision']}: bf16 trunk " in caplog.text
+    # precision=auto on a CPU: measured by the probe (or read from its cache), logged with its numbers; on an AVX2-only
+    # CPU fp32 without a probe, saying why
+    if precision_probe.without_bf16_hardware(runtime.cpu_features()) is not None:
+        assert (summary["precision"], summary["precision_source"], summary["precision_fp32_s"]) == ("fp32", "cpu", None)
+        assert "precision=auto → fp32: no bf16 hardware on this CPU" in caplog.text
+    else:
+        assert summary["precision"] in ("fp32", "bf16") and summary["precision_source"] in ("probe", "cache")
+        assert summary["precision_fp32_s"] > 0 and summary["precision_bf16_s"] > 0
+        assert f"precision=auto → {summary['precision']}: bf16 trunk " in caplog.text
     for f in ("summary.json", "curves.png", "samples.jsonl", "checkpoints/last.pt"):
         assert (tmp_path / f).exists(), f
     # curves.png shows this run: KL per step with the target and its band, β per step, perplexity from the reference's
@@ -179,6 +184,7 @@ def probe_says(cache_dir, monkeypatch):
             return {"fp32_s": fp32_s, "bf16_s": bf16_s, "probe_s": 0.5, "rounds": 3}
 
         monkeypatch.setattr(precision_probe, "measure", measure)
+        monkeypatch.setattr(precision_probe, "without_bf16_hardware", lambda cpu: None)  # a CPU that is measured
         shutil.rmtree(cache_dir / "precision", ignore_errors=True)
         return calls
 
