@@ -464,6 +464,7 @@ def validate(cfg: DictConfig) -> None:
 
     for key in ("steps", "eval_every", "checkpoint_every", "drift_window"):
         need(isinstance(cfg.get(key), int) and cfg[key] > 0, key, "an int > 0")
+    need(isinstance(cfg.get("keep_checkpoints"), bool), "keep_checkpoints", "true, false")
     need(cfg.get("threads") is None or (isinstance(cfg.threads, int) and cfg.threads > 0), "threads", "null or int > 0")
     need(cfg.get("precision") in ("auto", "fp32", "bf16"), "precision", "auto, fp32, bf16")
     device = str(cfg.get("device"))

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -148,6 +149,9 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         tmp = summary_path.with_suffix(".tmp")  # written last: its presence means the job finished
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, summary_path)
+        if not cfg.keep_checkpoints:  # after summary.json: a kill before this point still resumes
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            log.info("keep_checkpoints=false: deleted %s (a finished run is never resumed)", out / "checkpoints")
         return summary
     finally:
         console.close()

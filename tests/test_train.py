@@ -170,6 +170,20 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog, monkeypatch)
     assert train(cfg, tmp_path) == summary
 
 
+def test_keep_checkpoints_false_deletes_a_finished_runs_resume_state_only(cache_dir, tmp_path, caplog):
+    """keep_checkpoints=false (experiment=smollm2: 2 × 1.6 GB per run): once summary.json is written, checkpoints/ goes;
+    policy/, the metrics and the summary stay, and running the job again returns the summary without training."""
+    cfg = make_cfg(cache_dir, "steps=2", "checkpoint_every=1", "keep_checkpoints=false")
+    with caplog.at_level(logging.INFO, logger="kl_research.train"):
+        summary = train(cfg, tmp_path)
+    assert summary["status"] == "completed" and not (tmp_path / "checkpoints").exists()
+    assert (tmp_path / "policy" / "config.json").is_file() and len(read_metrics(tmp_path)) == 2
+    assert "keep_checkpoints=false: deleted" in caplog.text
+    assert train(cfg, tmp_path) == summary
+    with pytest.raises(ValueError, match=r"keep_checkpoints='no' is invalid; allowed: true, false"):
+        train(make_cfg(cache_dir, "keep_checkpoints=no"), tmp_path / "bad")
+
+
 @pytest.fixture
 def probe_says(cache_dir, monkeypatch):
     """probe_says(fp32_s, bf16_s): the CPU precision probe measures these (seconds per step's model work); returns
