@@ -269,15 +269,17 @@ def controllability_plot(table: pd.DataFrame, targets: Sequence[float]) -> plt.F
 
 
 def variant_label(runs: pd.DataFrame) -> str:
-    """What the runs are, for a figure's corner: the algorithm and the KL mode (analysis.runs.POOL_KEYS), e.g.
-    "GRPO · KL sequence+exact"; empty where the runs record neither."""
+    """What the runs are, for a figure's corner: the model, the algorithm and the KL mode (analysis.runs.POOL_KEYS),
+    e.g. "SmolLM2-135M-Instruct.Q4_1 · GRPO · KL sequence+exact"; empty where the runs record none of them."""
 
     def one(key: str) -> str | None:
         vals = runs[key].dropna().astype(str).unique() if key in runs else []
         return vals[0] if len(vals) == 1 else None
 
-    algo, mode, penalty = one("algo.name"), one("ppo.kl_mode"), one("ppo.kl_penalty")
-    parts = [algo.upper()] if algo else []
+    model, algo, mode, penalty = one("model"), one("algo.name"), one("ppo.kl_mode"), one("ppo.kl_penalty")
+    parts = [model] if model else []
+    if algo:
+        parts.append(algo.upper())
     if mode and penalty:
         parts.append(f"KL {mode}+{penalty}")
     return " · ".join(parts)

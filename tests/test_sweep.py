@@ -701,7 +701,7 @@ def test_grpo_sweep_runs_reports_and_analyses_as_grpo(tmp_path):
     old = res.sweep.configs.assign(**{"algo.name": ["grpo", float("nan")]})  # as if one run predated the algo group
     mixed = A.attach_config(res.scores.drop(columns=["algo.name"]), old)
     assert set(mixed["algo.name"]) == {"grpo", "ppo"}  # a run from before the algo group counts as PPO ...
-    with pytest.raises(ValueError, match=r"differ in algo\.name"):
+    with pytest.raises(ValueError, match=r"differ in algo\.name \(algo\.name=grpo"):  # only the key that differs
         A.require_one_variant(mixed, "a PPO/GRPO mix")  # ... and never pools with GRPO
 
 

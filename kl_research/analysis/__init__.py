@@ -24,8 +24,9 @@ The frames, from loading to the verdict:
   target), :func:`hold_band` (does each controller hold [0.5, 2] × target?) and :func:`compare_controllers`
   (pid against adaptive, Welch's t-test per metric).
 
-Runs that differ in ``algo.name``, ``ppo.kl_mode`` or ``ppo.kl_penalty`` (:data:`POOL_KEYS`) are never pooled:
-cells split by them, and every comparison raises on a mix until one setting is selected (``analyse(..., select=...)``).
+Runs that differ in the model, ``algo.name``, ``ppo.kl_mode`` or ``ppo.kl_penalty`` (:data:`POOL_KEYS`) are never
+pooled: cells split by them, and every comparison raises on a mix until one setting is selected
+(``analyse(..., select=...)``).
 
 The package, one module per concern (this namespace re-exports each one's public names, so
 ``from kl_research import analysis as A; A.analyse(...)`` reads a sweep without knowing where a function lives):
@@ -66,6 +67,7 @@ from kl_research.analysis.runs import (
     load_summaries,
     load_sweep,
     load_wandb,
+    model_id,
     require_one_variant,
     run_config,
     run_dirs,
@@ -149,6 +151,7 @@ __all__ = [
     "load_summaries",
     "load_sweep",
     "load_wandb",
+    "model_id",
     "require_one_variant",
     "run_config",
     "run_dirs",

@@ -17,7 +17,7 @@ import pandas as pd
 ID_COLUMNS = ["run", "controller", "target_kl", "init_kl_coef", "seed"]
 # Config keys that change what is being compared: runs that differ in them are never pooled or compared. algo.name
 # (ppo | grpo) first, then what the KL penalty is.
-POOL_KEYS = ("algo.name", "ppo.kl_mode", "ppo.kl_penalty")
+POOL_KEYS = ("model", "algo.name", "ppo.kl_mode", "ppo.kl_penalty")  # "model": model_id(), derived from model.*
 UNRECORDED = "unrecorded"  # a POOL_KEYS value for runs whose config lacks the key
 # ... except where the value such a run had is known: every run from before the algo group was PPO.
 KEY_DEFAULTS = {"algo.name": "ppo"}
@@ -85,7 +85,28 @@ def run_config(run_dir: str | Path) -> dict[str, Any]:
         container = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # e.g. ${hydra:...} outside a Hydra app
         container = OmegaConf.to_container(cfg, resolve=False)
-    return flatten(container)
+    return with_model_id(flatten(container))
+
+
+def model_id(cfg: Mapping[str, Any]) -> str | None:
+    """Which model a run fine-tuned, from its flat config: ``tiny`` (the embedded reference), a pretrained model's
+    hub id or directory name (``model.path``: gpt2, pythia-70m), a packaged GGUF's file stem (``model.gguf_file``:
+    SmolLM2-135M-Instruct.Q4_1); None for a config without ``model.name``. Runs of two models are never pooled
+    (:data:`POOL_KEYS`), and figures name the model."""
+    name = cfg.get("model.name")
+    if name is None:
+        return None
+    source = {"pretrained": cfg.get("model.path"), "gguf": cfg.get("model.gguf_file")}.get(str(name))
+    if not source:
+        return str(name)
+    path = Path(str(source).rstrip("/"))
+    return path.stem if str(name) == "gguf" else path.name
+
+
+def with_model_id(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (flat) plus its ``model`` column, :func:`model_id`, where the config names a model."""
+    mid = model_id(cfg)
+    return cfg if mid is None else {**cfg, "model": mid}
 
 
 def _ids_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -240,7 +261,7 @@ def load_wandb(path: str, group: str, api: Any = None, completed_only: bool = Tr
         api = wandb.Api()
     frames, summaries, configs = [], [], []
     for r in api.runs(path, filters={"group": group}):
-        cfg = flatten(dict(r.config))
+        cfg = with_model_id(flatten(dict(r.config)))
         summary = {k.removeprefix("summary/"): v for k, v in dict(r.summary).items() if k.startswith("summary/")}
         completed = getattr(r, "state", "finished") == "finished" and summary.get("status") == "completed"
         if completed_only and not completed:
@@ -307,7 +328,7 @@ def require_one_variant(df: pd.DataFrame, what: str) -> None:
     (``analyse(..., select={"ppo.kl_mode": "loss"})``, ``make_results.py --select ppo.kl_mode=loss``)."""
     v = variants(df)
     if len(v) > 1:
-        keys = [k for k in POOL_KEYS if k in v]
+        keys = [k for k in POOL_KEYS if k in v and v[k].astype(str).nunique() > 1]  # the settings that differ
         listed = "; ".join(
             ", ".join(f"{k}={r[k]}" for k in keys) + (f" ({r['runs']} runs)" if "runs" in r else "")
             for _, r in v.iterrows()
