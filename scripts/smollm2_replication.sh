@@ -37,6 +37,7 @@ elif [ "$1" = collect ] && [ $# -eq 2 ]; then
     rm -rf "${dest:?}/$sub" && mkdir -p "$dest/$sub"
     cp "$src/sweep.json" "$dest/$sub/"
     for run in "$src"/*/; do
+      [ -d "$run/.hydra" ] || continue  # the sweep's report/ and .submitit/ are not runs
       [ -f "$run/summary.json" ] || { echo "unfinished run: $run" >&2; exit 1; }
       r=$dest/$sub/$(basename "$run")
       mkdir -p "$r/.hydra"
