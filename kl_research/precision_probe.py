@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from kl_research.runtime import PrecisionChoice, cpu_features, rng_state, set_rng_state
+from kl_research.runtime import BF16_FLAGS, PrecisionChoice, cpu_features, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ BUDGET_S = 3.0
 DECISIVE = 1.5  # one timed round decides when fp32/bf16 is this factor outside MARGIN, either way
 
 
-# x86 features with which bf16 can run natively (AMX tiles, AVX-512 BF16) or at least be converted in vector registers
-# (AVX-512F): a CPU with none of them is probed not at all (see without_bf16_hardware).
-BF16_CAPABLE = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f")
+# runtime.BF16_FLAGS but AVX2: x86 features with which bf16 runs natively (AMX tiles, AVX-512 BF16) or is at least
+# converted in vector registers (AVX-512F); a CPU with none of them is not probed (see without_bf16_hardware).
+BF16_CAPABLE = tuple(f for f in BF16_FLAGS if f != "avx2")
 
 
 def without_bf16_hardware(cpu: dict[str, Any]) -> str | None:
@@ -69,7 +69,7 @@ def without_bf16_hardware(cpu: dict[str, Any]) -> str | None:
     measure. An x86 CPU with AVX2 but neither AVX-512 nor AMX has no bf16 arithmetic: autocast converts every bf16
     operand to fp32 and back, and the trunk has measured 7.5x slower (SmolLM2-135M, 1 thread) to 8-20x slower (the
     tiny default up to GPT-2 small) on the AMD EPYC Zen 3 this project runs on. The probe would only confirm it, at a
-    price that grows with the model: 165 s of a 60-rollout SmolLM2 job's ~15 min on that CPU. Other architectures
+    price that grows with the model: 165 s of a 60-rollout SmolLM2 job's ~19 min on that CPU. Other architectures
     (ARM, which may have bf16 dot products) and every AVX-512 or AMX CPU are measured."""
     if cpu.get("arch") not in ("x86_64", "AMD64") or cpu.get("amx") or any(f in cpu["flags"] for f in BF16_CAPABLE):
         return None
