@@ -442,6 +442,23 @@ def test_controllability_checks_both_ways():
     assert not empty.passed and "No fixed-β runs" in empty.text
 
 
+def test_controllability_judges_the_frontier_on_the_range_its_targets_need():
+    """The frontier's range checks follow from the targets asked: a real LM's sweep of 0.02 and 0.05 needs tail KL
+    ≥ 0.1 at its smallest β and ≤ 0.01 at its largest, not the default grid's ≥ 0.4 and ≤ 0.005."""
+    smol = {0.01: 0.23, 0.5: 0.036, 10.0: 0.004}  # the shape of results/smollm2's frontier
+    front = A.frontier(A.score_runs(frontier_curves(smol)))
+    c = A.controllability(front, targets=[0.02, 0.05])
+    checks = c.checks.set_index("check")
+    assert checks.loc["smallest_beta", "rule"] == "tail KL at the smallest β ≥ 0.1"
+    assert checks.loc["largest_beta", "rule"] == "tail KL at the largest β ≤ 0.01"
+    assert c.passed and c.spanned == [0.02, 0.05] and "can answer its question at every target" in c.text
+    grid = A.controllability(front).checks.set_index("check")  # the same frontier against 0.01-0.2 cannot answer
+    assert not grid.loc["smallest_beta", "passed"] and grid.loc["smallest_beta", "rule"].endswith("≥ 0.4")
+    assert grid.loc["largest_beta", "passed"] and grid.loc["largest_beta", "rule"].endswith("≤ 0.005")
+    with pytest.raises(ValueError, match="no targets"):
+        A.controllability(front, targets=[])
+
+
 def test_runs_differing_in_kl_mode_or_penalty_are_never_pooled(tmp_path):
     sweep = tmp_path / "mixed"
     for s in (0, 1):

@@ -22,11 +22,10 @@ HOLD_IN_BAND = 0.8
 # Controllers that track a target (hold_band).
 TARGETED = ("adaptive", "pid", "exponential", "pid_ci")
 # The target grid of RESEARCH.md §5 (nats/token) and the controllability checks on the fixed-β frontier: every
-# target spanned with this margin on both sides; tail KL at the smallest β at least, at the largest at most.
+# target spanned with this margin on both sides; the frontier's range (tail KL at the smallest β at least margin × the
+# largest target, at the largest β at most the smallest target / margin) follows from the targets asked.
 GRID_TARGETS = (0.01, 0.02, 0.05, 0.1, 0.2)
 CONTROL_MARGIN = 2.0
-KL_AT_SMALLEST_BETA = 0.3
-KL_AT_LARGEST_BETA = 0.007
 
 
 # =================================================================================================== verdict
@@ -42,6 +41,7 @@ class Controllability:
     checks: pd.DataFrame
     spanned: list[float]
     text: str
+    margin: float = CONTROL_MARGIN
 
     @property
     def passed(self) -> bool:
@@ -55,16 +55,19 @@ def controllability(
     targets: Sequence[float] | None = None,
     steps: int | None = None,
     margin: float = CONTROL_MARGIN,
-    kl_at_smallest_beta: float = KL_AT_SMALLEST_BETA,
-    kl_at_largest_beta: float = KL_AT_LARGEST_BETA,
+    kl_at_smallest_beta: float | None = None,
+    kl_at_largest_beta: float | None = None,
 ) -> Controllability:
     """RESEARCH.md §5 "First show that the experiment can answer": from the fixed-β frontier (:func:`frontier`),
     per β (ascending) the tail KL and tail reward with their 95 % Student-t intervals, ``kl_step2`` and
     ``approx_kl_mean`` (means over seeds), and these checks, all computed on the means:
 
     - ``monotone``: tail KL non-increasing in β (every consecutive pair; the violations are listed).
-    - ``smallest_beta``: tail KL at the smallest β ≥ ``kl_at_smallest_beta`` (0.3 nats/token).
-    - ``largest_beta``: tail KL at the largest β ≤ ``kl_at_largest_beta`` (0.007 nats/token).
+    - ``smallest_beta``: tail KL at the smallest β ≥ ``kl_at_smallest_beta`` (default margin × the largest target:
+      0.4 nats/token on the grid's 0.01-0.2).
+    - ``largest_beta``: tail KL at the largest β ≤ ``kl_at_largest_beta`` (default the smallest target / margin:
+      0.005 on the grid). Both follow from the targets asked, so a sweep of other targets (a real LM's 0.02 and
+      0.05) is judged on the range it needs, not on the default grid's.
     - ``spans <t>`` for each target (default :data:`GRID_TARGETS`): some β with tail KL ≥ margin·t and some β
       with tail KL ≤ t/margin (margin 2: the target lies well inside the range β can reach).
     - ``job_length`` (only with ``steps``, the sweep's job length): every frontier β ran ``steps`` steps.
@@ -75,6 +78,12 @@ def controllability(
     A frontier with mixed :data:`POOL_KEYS` settings raises ValueError."""
     require_one_variant(front, "controllability")
     targets = sorted(float(t) for t in (GRID_TARGETS if targets is None else targets))
+    if not targets:
+        raise ValueError("controllability: no targets to check the frontier against")
+    if kl_at_smallest_beta is None:
+        kl_at_smallest_beta = margin * targets[-1]
+    if kl_at_largest_beta is None:
+        kl_at_largest_beta = targets[0] / margin
     f = front.sort_values("init_kl_coef").reset_index(drop=True)
     cols = [
         "init_kl_coef",
@@ -158,7 +167,7 @@ def controllability(
                 required=False,
             )
     checks_df = pd.DataFrame(checks)
-    ctl = Controllability(table, checks_df, spanned, "")
+    ctl = Controllability(table, checks_df, spanned, "", margin)
     ctl.text = controllability_text(ctl, targets)
     return ctl
 
@@ -176,15 +185,14 @@ def controllability_text(c: Controllability, targets: Sequence[float]) -> str:
         f"**Controllability of the fixed-β frontier**: {len(t)} β values ({_join(t['init_kl_coef'])}), "
         f"{seeds} seed(s) each, tail KL in nats/token, 95 % Student-t intervals over seeds:",
         f"- tail KL non-increasing in β (means): {said('monotone')} ({by.loc['monotone', 'value']})",
-        f"- tail KL at the smallest β ≥ {KL_AT_SMALLEST_BETA:g}: {said('smallest_beta')} "
-        f"({by.loc['smallest_beta', 'value']}); at the largest β ≤ {KL_AT_LARGEST_BETA:g}: {said('largest_beta')} "
-        f"({by.loc['largest_beta', 'value']})",
+        f"- {by.loc['smallest_beta', 'rule']}: {said('smallest_beta')} ({by.loc['smallest_beta', 'value']}); "
+        f"{by.loc['largest_beta', 'rule']}: {said('largest_beta')} ({by.loc['largest_beta', 'value']})",
     ]
     missed = [x for x in targets if x not in c.spanned]
     req = c.checks[c.checks["required"]] if len(c.checks) else c.checks
     failed = [str(x) for x in req.loc[~req["passed"].fillna(False).astype(bool), "check"]] if len(req) else []
     lines.append(
-        f"- targets spanned with a {CONTROL_MARGIN:g}× margin on both sides: {len(c.spanned)}/{len(targets)} "
+        f"- targets spanned with a {c.margin:g}× margin on both sides: {len(c.spanned)}/{len(targets)} "
         f"({_join(c.spanned)}); not spanned: {_join(missed)}"
     )
     if "job_length" in by.index:
