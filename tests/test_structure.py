@@ -80,6 +80,7 @@ TABLES = {
         "pid_vs_adaptive.csv",
         "pid_ci_vs_pid.csv",
     },
+    "smollm2": {"cells.csv", "band.csv", "scores.csv", "frontier.csv", "verdict.csv", "pid_vs_adaptive.csv"},
 }
 
 
