@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 21 part 4: the replication on SmolLM2-135M (experiment=smollm2: PPO's step sized by the pilots in
-# results/smollm2/pilots), analysed exactly as results/sweep is. Three sweeps, 23 jobs of 60 rollouts, ~2.9 h on 2 cores
-# (2 jobs x 1 thread, ~14 s per rollout each):
+# results/smollm2/pilots), analysed exactly as results/sweep is. Three sweeps, 23 jobs of 60 rollouts, 3.9 h on 2 cores
+# as measured (2 jobs x 1 thread, a median 17.5 s per rollout each; the pilots' 14.8 s had promised ~2.9 h):
 #   - adaptive and pid at a low and a high target (0.02, 0.05) x 3 seeds, horizon 64 (batch 16 moves β per rollout as
 #     horizon 256 does at batch 64);
 #   - the static β₀ arm (fixed β 0.5, the controllers' β₀) x 3 seeds, its own sweep: the fixed controller has no
