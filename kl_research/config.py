@@ -377,6 +377,7 @@ def register_configs() -> None:
         cs.store(group="schema/reward", name=schema.name, node=schema)
 
 
+SAMPLERS = ("auto", "fast", "hf")  # the `sampler` key: kl_research.decode, transformers' generate
 COMPILE_MODES = (False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -469,6 +470,12 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.get("precision") in ("auto", "fp32", "bf16"), "precision", "auto, fp32, bf16")
     device = str(cfg.get("device"))
     need(device in ("auto", "cpu") or device.startswith("cuda"), "device", "auto, cpu, cuda, cuda:N")
+    need(cfg.get("sampler", "auto") in SAMPLERS, "sampler", ", ".join(SAMPLERS))
+    if cfg.get("sampler") == "fast" and cfg.model.name not in ("tiny", "pretrained"):
+        raise ValueError(
+            f"sampler='fast' is invalid with model.name={cfg.model.name!r}: the fast sampler implements GPT-2 "
+            "architectures only; allowed: sampler=auto or hf"
+        )
     need(cfg.get("compile") in COMPILE_MODES, "compile", ", ".join(map(str, COMPILE_MODES)).lower())
     if device.startswith("cuda"):
         import torch

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from kl_research import ppo
+from kl_research.decode import fast_sampler_reason, sample
 from kl_research.kl import tempered
 from kl_research.policy import PolicyWithValue, score_lm
 
@@ -77,18 +78,31 @@ def rollout(
     pad_token_id: int,
     amp,
     keep_ref_logprobs: bool = False,
+    sampler: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Sample responses with the KV cache, then score policy (+values) and reference once each.
 
     prompts: (B, P) token ids, all of length P. Returns response ids (B, R), mask (B, R), and fp32 logp, ref_logp,
     values (B, R; absent without a value head), exact KL, entropy (B, R); with keep_ref_logprobs also the
     reference's full-vocabulary log-probs (B, R, V), which the exact-KL loss reuses in every minibatch.
+    sampler: "fast" (kl_research.decode: static KV cache, plain tensor ops; GPT-2 architectures), "hf" (`generate`),
+    "auto" (fast where the model allows it, else hf). Both draw exactly from softmax(logits/T).
     """
     B, P = prompts.shape
     with amp:
-        seqs = policy.lm.generate(
-            input_ids=prompts, **sampling_kwargs(prompts, temperature, response_length, eos_token_id, pad_token_id)
-        )  # (B, P + R'), R' <= R when every sequence stopped early
+        if sampler == "fast" or (sampler == "auto" and fast_sampler_reason(policy.lm) is None):
+            seqs = sample(
+                policy.lm,
+                prompts,
+                max_new_tokens=response_length,
+                temperature=temperature,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+            )
+        else:
+            seqs = policy.lm.generate(
+                input_ids=prompts, **sampling_kwargs(prompts, temperature, response_length, eos_token_id, pad_token_id)
+            )  # (B, P + R'), R' <= R when every sequence stopped early
     if seqs.shape[1] < P + response_length:  # pad to a fixed R so every rollout has one shape
         pad = torch.full((B, P + response_length - seqs.shape[1]), pad_token_id, dtype=seqs.dtype, device=seqs.device)
         seqs = torch.cat([seqs, pad], 1)

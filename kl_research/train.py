@@ -37,6 +37,7 @@ from kl_research.checkpoint import (
 )
 from kl_research.config import validate
 from kl_research.controllers import KLController, build_controller
+from kl_research.decode import fast_sampler_reason
 from kl_research.kl import ESTIMATORS, masked_mean, token_kl
 from kl_research.policy import PolicyWithValue, compile_trunks, disable_dropout
 from kl_research.precision_probe import Workload, auto_precision
@@ -194,6 +195,10 @@ class Job:
     def amp(self):
         return autocast(self.device, self.choice.precision)
 
+    @property
+    def sampler(self) -> str:
+        return self.cfg.get("sampler", "auto")  # configs written before the key have none: auto
+
     # ---------------------------------------------------------------------------------------------- set up
     @classmethod
     def setup(cls, cfg: DictConfig, out: Path) -> Job:
@@ -229,6 +234,13 @@ class Job:
         # the trunk's precision, on the eager policy (the probe restores the global RNG and leaves the weights alone)
         choice, started = run_precision(cfg, device, policy, Workload.of(pcfg, prompts_all.shape[1]), ckpt)
         log.info("precision=%s → %s: %s", cfg.precision, choice.precision, choice.reason)
+        reason = fast_sampler_reason(policy.lm)
+        if cfg.get("sampler") == "fast" and reason is not None:
+            raise ValueError(f"sampler='fast' is invalid for this model: {reason}; allowed: sampler=auto or hf")
+        log.info(
+            "sampler=%s → %s", cfg.get("sampler", "auto"),
+            "hf generate" if cfg.get("sampler") == "hf" or reason else "fast (static KV cache, kl_research/decode.py)",
+        )  # fmt: skip
         if cfg.compile:  # scoring and the update run through the compiled trunk; generation stays eager (KV cache)
             compile_trunks(cfg.compile, policy.lm, ref_model)
             log.info("torch.compile(%s) of the scoring/update trunk: the first rollout and update compile", cfg.compile)
@@ -309,6 +321,7 @@ class Job:
             pad_token_id=self.tokenizer.pad_token_id,
             amp=self.amp,
             keep_ref_logprobs=uses_exact_kl_loss(pcfg),
+            sampler=self.sampler,
         )
         t_rollout = time.perf_counter()
         # b. task score on the decoded response (up to and including EOS; special tokens dropped)

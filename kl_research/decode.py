@@ -1,0 +1,133 @@
+"""Fast sampling for GPT-2-architecture policies: a decode loop over a preallocated (static) KV cache in plain tensor
+ops, with the sampling fused into it.
+
+Why (docs/performance.md "Generation"): at the tiny default (4 layers × 128, batch 64, 24 new tokens) HF `generate`
+spends ~8× its GEMMs' time in per-token machinery (logits processors, stopping criteria, cache objects, the
+modules' Python). The GEMMs are the same here; what goes is everything around them: one preallocated K/V buffer per
+layer written in place, the layers' weights read once per rollout, and one softmax + multinomial per token.
+
+The distribution is exactly the policy's at the scoring temperature: p = softmax(logits / T) computed in fp32 from an
+fp32 vocabulary projection (the same as `policy.score_lm`), no top-k / top-p / min-length (docs/kl-contract.md).
+After a sequence's EOS its later tokens are `pad_token_id`, as `generate` does, and the loop stops once every
+sequence has ended. It draws from torch's global generator (as `generate` does), so a checkpoint's RNG state
+resumes the same trajectory.
+
+The weights are read from the live modules at each call (never copied), so the optimizer's in-place updates are seen.
+Models this does not implement (e.g. Llama/SmolLM2) use HF `generate`: `fast_sampler_reason` says why.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+# activation_function values whose function is torch's tanh-approximated GELU (transformers' gelu_new is the same
+# function written as 8 elementwise ops; policy.fuse_activations swaps it for the fused kernel in the policy)
+_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def fast_sampler_reason(lm: torch.nn.Module) -> str | None:
+    """None if `sample` can generate for this LM; otherwise why not (the caller then uses HF `generate`)."""
+    cfg = getattr(lm, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) != "gpt2":
+        return f"model_type {getattr(cfg, 'model_type', None)!r} (the fast sampler implements gpt2 only)"
+    if cfg.activation_function not in _TANH_GELU:
+        return f"activation_function {cfg.activation_function!r} (the fast sampler implements tanh-GELU)"
+    if cfg.reorder_and_upcast_attn or getattr(cfg, "add_cross_attention", False):
+        return "reorder_and_upcast_attn / cross-attention (not implemented by the fast sampler)"
+    if lm.training and (cfg.attn_pdrop > 0 or cfg.resid_pdrop > 0 or cfg.embd_pdrop > 0):
+        return "dropout active in training mode"
+    return None
+
+
+def _conv1d(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
+    """transformers' Conv1D: x @ W + b with W (in, out)."""
+    return torch.addmm(conv.bias, x, conv.weight)
+
+
+@torch.inference_mode()
+def sample(
+    lm: torch.nn.Module,
+    prompts: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int | None,
+    pad_token_id: int,
+) -> torch.Tensor:
+    """Sample up to max_new_tokens after equal-length prompts (B, P) from softmax(logits/T). Returns (B, P + R'),
+    R' ≤ max_new_tokens (shorter when every sequence has ended), like `generate`'s output."""
+    reason = fast_sampler_reason(lm)
+    if reason is not None:
+        raise ValueError(f"the fast sampler cannot run this model: {reason}")
+    cfg = lm.config
+    tr = lm.transformer
+    B, P = prompts.shape
+    S = P + max_new_tokens
+    if S > cfg.n_positions:
+        raise ValueError(f"prompt {P} + {max_new_tokens} new tokens exceed the model's {cfg.n_positions} positions")
+    H, D = cfg.n_head, cfg.n_embd // cfg.n_head
+    scale = 1.0 / math.sqrt(D) if cfg.scale_attn_weights else 1.0
+    eps = cfg.layer_norm_epsilon
+    device = prompts.device
+    blocks = list(tr.h)
+    # torch.autocast (bf16 trunk) decides the GEMMs' dtype as it does for HF's modules; the cache takes whatever
+    # dtype the keys come in, set at the first write.
+    kcache: list[torch.Tensor | None] = [None] * len(blocks)
+    vcache: list[torch.Tensor | None] = [None] * len(blocks)
+    head_w = lm.get_output_embeddings().weight
+    head_b = lm.get_output_embeddings().bias
+    inv_t = 1.0 / temperature
+
+    def layers(x: torch.Tensor, start: int) -> torch.Tensor:
+        """x (B, T, C) at positions start … start+T−1 through every block, the K/V written into the cache."""
+        b, t, c = x.shape
+        for i, blk in enumerate(blocks):
+            h = F.layer_norm(x, (c,), blk.ln_1.weight, blk.ln_1.bias, eps)
+            qkv = _conv1d(h.view(b * t, c), blk.attn.c_attn).view(b, t, 3, H, D)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+            if kcache[i] is None:
+                kcache[i] = torch.empty(b, H, S, D, dtype=k.dtype, device=device)
+                vcache[i] = torch.empty(b, H, S, D, dtype=v.dtype, device=device)
+            kc, vc = kcache[i], vcache[i]
+            kc[:, :, start : start + t] = k
+            vc[:, :, start : start + t] = v
+            # one query row (decode) sees every cached position; the prompt (prefill) is causal within itself
+            a = F.scaled_dot_product_attention(
+                q, kc[:, :, : start + t], vc[:, :, : start + t], is_causal=t > 1, scale=scale
+            )  # (B, H, T, D)
+            a = a.transpose(1, 2).reshape(b * t, c)
+            x = x + _conv1d(a, blk.attn.c_proj).view(b, t, c)
+            h = F.layer_norm(x, (c,), blk.ln_2.weight, blk.ln_2.bias, eps)
+            m = F.gelu(_conv1d(h.view(b * t, c), blk.mlp.c_fc), approximate="tanh")
+            x = x + _conv1d(m, blk.mlp.c_proj).view(b, t, c)
+        return x
+
+    def next_token(x_last: torch.Tensor) -> torch.Tensor:
+        """The sampled token ids (B,) from the last position's hidden state (B, C)."""
+        h = F.layer_norm(x_last, (x_last.shape[-1],), tr.ln_f.weight, tr.ln_f.bias, eps)
+        with torch.autocast(device.type, enabled=False):  # the head and the softmax in fp32, as score_lm
+            logits = F.linear(h.float(), head_w.float(), None if head_b is None else head_b.float())
+            probs = torch.softmax(logits.mul_(inv_t), dim=-1)
+        return torch.multinomial(probs, 1).squeeze(1)
+
+    out = torch.full((B, S), pad_token_id, dtype=prompts.dtype, device=device)
+    out[:, :P] = prompts
+    pos = torch.arange(S, device=device)
+    x = tr.wte(prompts) + tr.wpe(pos[:P])
+    x = layers(x, 0)
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    n = 0
+    for t in range(max_new_tokens):
+        tok = next_token(x[:, -1])
+        if eos_token_id is not None:  # an ended sequence continues with pad, as generate does
+            tok = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
+            alive &= tok != eos_token_id
+        out[:, P + t] = tok
+        n = t + 1
+        if t + 1 == max_new_tokens or (eos_token_id is not None and not bool(alive.any())):
+            break
+        x = layers(tr.wte(tok).unsqueeze(1) + tr.wpe(pos[P + t : P + t + 1]), P + t)
+    return out[:, : P + n]

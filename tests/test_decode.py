@@ -1,0 +1,122 @@
+"""The fast sampler (kl_research/decode.py) draws from exactly the policy's softmax(logits/T): token for token the
+same draws as HF `generate` under the same seed, token frequencies equal to the scored distribution, and k1's mean
+still the exact KL. HF `generate` stays the tested fallback (`sampler=hf`, and models the fast path does not cover)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from kl_research.decode import fast_sampler_reason, sample
+from kl_research.policy import PolicyWithValue, fuse_activations
+from kl_research.rollout import rollout, sampling_kwargs
+
+
+def random_gpt2(vocab: int = 64, seed: int = 0, activation: str = "gelu_new") -> GPT2LMHeadModel:
+    """A small random GPT-2; a small vocabulary makes EOS frequent, so sequences end at different lengths."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab, n_positions=48, n_embd=64, n_layer=2, n_head=4, activation_function=activation,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    lm = GPT2LMHeadModel(cfg).eval()
+    for p in lm.parameters():  # sharper logits than the default init, so temperature matters
+        p.data.mul_(3.0) if p.dim() > 1 else None
+    return lm
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fast_sampler_draws_what_generate_draws(temperature):
+    """Same seed, same prompts: the fast loop and `generate` sample the same tokens, EOS and the pad after it
+    included, and stop at the same length (the distribution equal to float rounding, the RNG consumed alike)."""
+    lm = random_gpt2()
+    fuse_activations(lm)
+    prompts = torch.randint(3, 64, (32, 6), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    ref = lm.generate(input_ids=prompts, **sampling_kwargs(prompts, temperature, 30, 2, 0))
+    torch.manual_seed(7)
+    fast = sample(lm, prompts, max_new_tokens=30, temperature=temperature, eos_token_id=2, pad_token_id=0)
+    assert fast.shape == ref.shape
+    ended = (fast[:, 6:] == 2).any(1)
+    assert 0 < int(ended.sum()) < 32  # some sequences ended early, some ran to the cap
+    assert torch.equal(fast, ref)
+
+
+def test_fast_sampler_token_frequencies_are_softmax_of_the_scored_logits():
+    """One token from 20 000 copies of a prompt: every token's frequency is softmax(logits/T) of the scoring pass
+    (policy.score_lm, fp32 head) within 4.5 binomial standard errors, EOS included."""
+    lm = random_gpt2(vocab=32, seed=3)
+    policy = PolicyWithValue.from_reference(lm).eval()
+    n, T = 20_000, 0.8
+    prompt = torch.tensor([[5, 9, 11, 4]]).repeat(n, 1)
+    torch.manual_seed(0)
+    seqs = sample(policy.lm, prompt, max_new_tokens=1, temperature=T, eos_token_id=2, pad_token_id=0)
+    with torch.no_grad():
+        logits, _ = policy.score(torch.cat([prompt[:1], seqs[:1, 4:]], 1), 4)
+    p = torch.softmax(logits[0, 0].double() / T, -1)
+    freq = torch.bincount(seqs[:, 4], minlength=32).double() / n
+    sd = (p * (1 - p) / n).sqrt()
+    assert float(p[2]) > 0.005  # EOS is a real option here
+    assert torch.all((freq - p).abs() < 4.5 * sd + 2e-4), (freq - p).abs().max()
+    # and not softmax(logits) at T = 1: the test can tell the temperature apart
+    p1 = torch.softmax(logits[0, 0].double(), -1)
+    assert ((freq - p1).abs() > 4.5 * sd + 2e-4).any()
+
+
+def test_rollout_with_the_fast_sampler_keeps_k1_unbiased_for_the_exact_kl():
+    """On a policy moved away from its reference, the mean of k1 = log π(y) − log π_ref(y) over the sampled tokens
+    equals the mean exact KL within 4 standard errors: the tokens are drawn from the π the rollout scores."""
+    ref = random_gpt2(seed=4)
+    policy = PolicyWithValue.from_reference(ref).eval()
+    with torch.no_grad():
+        for p in policy.lm.transformer.h.parameters():
+            p.add_(0.15 * torch.randn_like(p))
+    prompts = torch.randint(3, 64, (512, 4), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    b = rollout(
+        policy, ref, prompts, response_length=12, temperature=1.0, eos_token_id=2, pad_token_id=0,
+        amp=torch.autocast("cpu", enabled=False), sampler="fast",
+    )  # fmt: skip
+    m = b["mask"].bool()
+    k1 = (b["logp"] - b["ref_logp"])[m]
+    exact = b["exact_kl"][m]
+    assert float(exact.mean()) > 0.05  # the policy is really away from the reference
+    se = float((k1 - exact).std() / m.sum().sqrt())
+    assert abs(float(k1.mean() - exact.mean())) < 4 * se
+
+
+def test_rollout_fast_and_hf_samplers_give_the_same_batch():
+    """`sampler=fast` and `sampler=hf` are interchangeable: same seed, same batch (tokens, mask, log-probs)."""
+    ref = random_gpt2(seed=5)
+    policy = PolicyWithValue.from_reference(ref).eval()
+    fuse_activations(policy.lm)
+    prompts = torch.randint(3, 64, (16, 5), generator=torch.Generator().manual_seed(3))
+    kw = dict(
+        response_length=10, temperature=1.0, eos_token_id=2, pad_token_id=0, amp=torch.autocast("cpu", enabled=False)
+    )
+    out = {}
+    for s in ("fast", "hf"):
+        torch.manual_seed(11)
+        out[s] = rollout(policy, ref, prompts, sampler=s, **kw)
+    assert torch.equal(out["fast"]["seqs"], out["hf"]["seqs"])
+    torch.testing.assert_close(out["fast"]["logp"], out["hf"]["logp"])
+
+
+def test_fast_sampler_refuses_what_it_does_not_implement():
+    """A model the loop does not implement is named with the reason (auto then falls back to generate)."""
+    assert fast_sampler_reason(random_gpt2()) is None
+    assert "activation_function" in fast_sampler_reason(random_gpt2(activation="relu"))
+    llama = type("M", (), {"config": type("C", (), {"model_type": "llama"})()})()
+    assert "llama" in fast_sampler_reason(llama)
+    with pytest.raises(ValueError, match="fast sampler cannot run"):
+        sample(random_gpt2(activation="relu"), torch.ones(1, 2, dtype=torch.long), max_new_tokens=2,
+               temperature=1.0, eos_token_id=2, pad_token_id=0)  # fmt: skip
+
+
+def test_sampler_key_is_validated_before_anything_loads(compose):
+    with pytest.raises(ValueError, match="sampler='nope' is invalid; allowed: auto, fast, hf"):
+        compose("sampler=nope")
+    with pytest.raises(ValueError, match=r"sampler=.fast. is invalid with model\.name"):
+        compose("model=smollm2", "sampler=fast")
+    assert compose("sampler=hf").sampler == "hf"
