@@ -1,0 +1,148 @@
+"""Protocol v2's analysis stages (kl_research/analysis/protocol.py) on synthetic runs whose answers are known:
+stationarity and the job length, the censored settle step, the frontier's tuned β and equal-KL reward, paired tests
+(t, one-sided t, TOST) and the Holm / Benjamini-Hochberg corrections, all read from conf/analysis/protocol.yaml."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from kl_research.analysis import protocol as P
+
+
+@pytest.fixture(scope="module")
+def protocol():
+    return P.load_protocol()
+
+
+def curve(kl: np.ndarray, reward: np.ndarray | None = None, **ids) -> pd.DataFrame:
+    n = len(kl)
+    ids = {"run": "r", "controller": "adaptive", "target_kl": 0.2, "init_kl_coef": 0.5, "seed": 0, **ids}
+    reward = np.full(n, 0.3) if reward is None else reward
+    return pd.DataFrame({**ids, "step": np.arange(1, n + 1), "kl/exact": kl, "reward/mean": reward,
+                         "response/length": 20.0, "kl/coef_next": 0.3})  # fmt: skip
+
+
+def test_the_committed_protocol_names_disjoint_seed_sets_and_every_rule_the_stages_read(protocol):
+    seeds = protocol["seeds"]
+    sets = [set(seeds[k]) for k in ("pilot", "tuning", "evaluation")]
+    assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1 :])
+    assert not (sets[2] & set(range(5)))  # no evaluation seed was used by the earlier results (seeds 0-4)
+    for key in ("tail_fraction", "kl_log_ratio_max", "reward_diff_max", "lengths"):
+        assert key in protocol["stationarity"]
+    assert protocol["multiplicity"]["primary"]["method"] == "holm"
+
+
+def test_a_flat_tail_is_stationary_a_rising_one_is_not(protocol):
+    rules = protocol["stationarity"]
+    rng = np.random.default_rng(0)
+    flat = 0.2 * np.exp(rng.normal(0, 0.05, 200))
+    assert P.run_stationarity(curve(flat), rules)["stationary"]
+    rising = np.linspace(0.1, 0.4, 200)  # the tail's halves differ by ~20 %: > the 10 % rule
+    st = P.run_stationarity(curve(rising), rules)
+    assert not st["stationary"] and st["kl_log_ratio"] > rules["kl_log_ratio_max"]
+    drifting_reward = P.run_stationarity(curve(flat, np.linspace(0.2, 0.5, 200)), rules)
+    assert not drifting_reward["stationary"] and drifting_reward["reward_diff"] > rules["reward_diff_max"]
+
+
+def test_the_chosen_length_is_the_shortest_at_which_every_run_has_settled(protocol):
+    """KL rises until rollout 220 then stays: lengths whose tail (last 25 %) overlaps the rise fail."""
+    rules = protocol["stationarity"]
+    kl = np.minimum(np.arange(1, 401) / 220, 1.0) * 0.2
+    runs = pd.concat([curve(kl, run="a", seed=900), curve(kl * 1.1, run="b", seed=901)])
+    st = P.stationarity(runs, rules, rules["lengths"])
+    # T = 250: tail 188-250, halves within 8 %; T = 200: tail 151-200, still rising (halves 15 % apart)
+    assert P.choose_length(st, rules["lengths"]) == 250
+    assert not st[st["length"] == 200]["stationary"].any()
+
+
+def test_settle_step_counts_a_run_that_never_settles_at_n_plus_1(protocol):
+    band = protocol["metrics"]["settle"]["band"]
+    assert P.settle_censored(np.array([0.0, 0.05, 0.2, 0.2]), 0.2, band) == 3  # in band from rollout 3 on
+    assert P.settle_censored(np.array([0.0, 0.2, 0.2, 0.9]), 0.2, band) == 5  # out at the end: never settled
+
+
+def test_tuned_beta_and_the_equal_kl_reward_recover_a_known_frontier():
+    """KL = 0.02/β and reward linear in log KL, with seed noise: β*(τ) = 0.02/τ and the equal-KL reward lies in its
+    interval, from PCHIP fits per seed."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for s in (500, 501, 502):
+        for b in np.geomspace(0.05, 10, 16):
+            kl = 0.02 / b * math.exp(rng.normal(0, 0.02))
+            rows.append({"seed": s, "init_kl_coef": b, "kl": kl, "reward": 0.1 + 0.05 * math.log(0.02 / b / 0.001)})
+    fits = P.fit_frontier(pd.DataFrame(rows))
+    for tau in (0.01, 0.05, 0.2):
+        assert P.tuned_beta(fits, tau) == pytest.approx(0.02 / tau, rel=0.03)
+        assert np.nanmean(P.reward_at_kl(fits, tau)) == pytest.approx(0.1 + 0.05 * math.log(tau / 0.001), abs=2e-3)
+    assert math.isnan(P.tuned_beta(fits, 5.0))  # outside what the frontier spans: no β* is claimed
+
+
+def test_paired_tests_match_scipy_and_tost_needs_the_interval_inside_the_margin():
+    rng = np.random.default_rng(2)
+    base = rng.normal(0.3, 0.1, 5)  # large seed-to-seed spread, shared by both arms (the same prompts)
+    a, b = base + 0.01 + rng.normal(0, 0.002, 5), base
+    t = P.paired_test(a, b, "t_paired")
+    assert t["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert t["p"] < 0.01 < stats.ttest_ind(a, b, equal_var=False).pvalue  # pairing is what finds it
+    one = P.paired_test(a, b, "t_paired_greater")
+    assert one["p"] == pytest.approx(t["p"] / 2)
+    eq = P.paired_test(a, b, "tost_paired", margin=0.02)
+    assert eq["p"] < 0.05 and -0.02 < eq["lo"] and eq["hi"] < 0.02
+    far = P.paired_test(base + 0.03, b, "tost_paired", margin=0.02)
+    assert far["p"] > 0.5  # a difference beyond the margin is not "equivalent"
+    noisy = P.paired_test(base + rng.normal(0, 0.05, 5), b, "tost_paired", margin=0.02)
+    assert noisy["p"] > 0.05  # and p > 0.05 of a t-test is not equivalence either: the noise forbids the claim
+
+
+def arms_frame(protocol, shift: dict[str, float], seeds=(1000, 1001, 1002, 1003, 1004), stationary=True):
+    rng = np.random.default_rng(3)
+    base = {s: rng.normal(0.3, 0.05) for s in seeds}
+    rows = []
+    for arm in ("adaptive", "pid", "pid_ci", "static_tuned"):
+        for t in protocol["targets"]:
+            for s in seeds:
+                rows.append({"arm": arm, "target_kl": t, "seed": s, "stationary": stationary,
+                             "reward": base[s] + shift.get(arm, 0.0) + rng.normal(0, 0.002),
+                             "log_ratio_error": 0.05 + rng.normal(0, 0.01)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_hypothesis_tests_pair_by_seed_and_holm_corrects_the_primary_family(protocol):
+    df = arms_frame(protocol, {"pid_ci": 0.005})
+    tests = P.adjust(P.hypothesis_tests(df, protocol, protocol["targets"]), protocol)
+    assert set(tests.columns) >= {
+        "comparison",
+        "metric",
+        "target_kl",
+        "n",
+        "estimate",
+        "lo",
+        "hi",
+        "p",
+        "p_adj",
+        "method",
+    }
+    h1 = tests[tests["hypothesis"] == "H1"]
+    assert len(h1) == 3 * 5 and (h1["n"] == 5).all()
+    assert (h1["p"] < 0.05).all()  # every arm within ±0.02 of static_tuned: TOST rejects both one-sided nulls
+    prim = tests[tests["family"] == "primary"]
+    holm = stats.false_discovery_control  # (not Holm: only to show the column is not BH)
+    expected = np.minimum(1, np.maximum.accumulate(np.sort(prim["p"]) * (len(prim) - np.arange(len(prim)))))
+    assert np.allclose(np.sort(prim["p_adj"]), expected)
+    assert not np.allclose(np.sort(prim["p_adj"]), np.sort(holm(prim["p"].to_numpy())))
+    assert prim["method"].str.contains(f"Holm over {len(prim)} tests").all()
+
+
+def test_a_transient_cell_is_reported_but_left_out_of_the_family(protocol):
+    df = arms_frame(protocol, {})
+    df.loc[(df["arm"] == "adaptive") & (df["target_kl"] == 0.2), "stationary"] = False
+    tests = P.adjust(P.hypothesis_tests(df, protocol, protocol["targets"]), protocol)
+    tr = tests[tests["transient"]]
+    assert len(tr) and tr["p"].notna().all() and tr["p_adj"].isna().all()
+    assert (tr["target_kl"] == 0.2).all() and tr["comparison"].str.contains("adaptive").all()
+    assert tests.loc[~tests["transient"] & (tests["family"] == "primary"), "p_adj"].notna().all()
