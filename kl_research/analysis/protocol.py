@@ -239,11 +239,15 @@ def assign_arms(scores: pd.DataFrame, tuned: Mapping[float, float], protocol: Ma
     - fixed at β*(τ), judged against that τ: static_tuned; fixed at β*(τ)·factor against τ: fixed_beta0@x{factor}
     - fixed at the seed's β₀ = 0.5 against every target: static_seed
     """
-    factors = [float(f) for f in protocol["hypotheses"]["H2"]["beta0_factors"]]
+    h2 = protocol["hypotheses"]["H2"]
+    h2_targets = [float(t) for t in h2["targets"]]
     rows = []
     for _, r in scores.iterrows():
         tau, beta = float(r["target_kl"]), float(r["init_kl_coef"])
         star = tuned.get(tau, math.nan)
+        # β₀ misspecified by a decade, only at the misspecification arm's targets (a fixed run can be that arm at one
+        # target and the tuned static at another: β does not depend on the target)
+        factors = [float(f) for f in h2["beta0_factors"]] if any(math.isclose(tau, t) for t in h2_targets) else []
         if r["controller"] != "fixed":
             hit = [f for f in factors if not math.isnan(star) and abs(math.log(beta / (star * f))) <= 0.01]
             arm = f"{r['controller']}@x{hit[0]:g}" if hit else r["controller"] if beta == 0.5 else None

@@ -1,0 +1,184 @@
+"""Protocol v2's analysis, as the pre-registration fixed it (conf/analysis/protocol.yaml, docs/results.md):
+
+    python scripts/make_protocol.py --tuning <fixed-β frontier on the tuning seeds> --out results/protocol
+    python scripts/make_protocol.py --tuning <...> --eval <grid> --eval <static arms> --eval <misspec> --out <...>
+
+Stages (kl_research/analysis/protocol.py): load runs → per-run scores (with stationarity) → frontier fits → tuned β*
+per target → arms → cells → paired tests → Holm/BH → tables, figures, text. Writes to <out>/:
+- tuning/frontier.csv (per β and per target: KL, reward, stationarity; β*(τ) and the equal-KL reward),
+  tuning/tuned_betas.json, tuning/frontier.png
+- with --eval: cells.csv (one row per arm × target × β₀, `n`, `stationary`, `holds`), tests.csv (one row per test:
+  comparison, metric, target_kl, n, estimate, lo, hi, p, p_adj, method), misspecification.csv (`init_kl_coef`),
+  equal_kl.csv (each arm's reward against the frontier's at its KL), cells.png, results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from kl_research.analysis import protocol as P
+from kl_research.analysis.runs import load_curves
+from kl_research.analysis.stats import welch
+
+
+def load(dirs: list[str]) -> pd.DataFrame:
+    """Completed runs of every directory, in long form."""
+    frames = [load_curves(d, completed_only=True) for d in dirs]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        raise SystemExit(f"no completed runs under {dirs}")
+    return pd.concat(frames, ignore_index=True)
+
+
+# ============================================================================================ tuning stage
+def tuning_stage(dirs: list[str], protocol: dict, out: Path) -> tuple[dict, dict[float, float]]:
+    """Fixed-β runs on the tuning seeds → per-seed fits, β*(τ), frontier.csv, tuned_betas.json, frontier.png."""
+    curves = load(dirs)
+    bad = sorted(set(curves["seed"]) - set(protocol["seeds"]["tuning"]))
+    if bad or set(curves["controller"]) != {"fixed"}:
+        raise SystemExit(f"--tuning must hold fixed-β runs on the tuning seeds only; found seeds {bad} / "
+                         f"controllers {sorted(set(curves['controller']))}")  # fmt: skip
+    scores = P.run_scores(curves, protocol).drop_duplicates("run")
+    fits = P.fit_frontier(scores)
+    table = P.frontier_table(scores, fits, protocol["targets"])
+    tuned = {float(t): float(b) for t, b in zip(table["target_kl"], table["tuned_beta"], strict=True) if not pd.isna(t)}
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "frontier.csv", index=False)
+    (out / "tuned_betas.json").write_text(json.dumps({f"{t:g}": round(b, 4) for t, b in tuned.items()}, indent=1))
+    plot_frontier(scores, fits, tuned, out / "frontier.png")
+    return fits, tuned
+
+
+def plot_frontier(scores: pd.DataFrame, fits: dict, tuned: dict[float, float], path: Path) -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for seed, g in scores.groupby("seed"):
+        g = g.sort_values("init_kl_coef")
+        mark = ["o" if s else "x" for s in g["stationary"]]
+        for x, y, r, m in zip(g["init_kl_coef"], g["kl"], g["reward"], mark, strict=True):
+            a.scatter(x, y, marker=m, color=f"C{seed % 10}", s=18)
+            b.scatter(y, r, marker=m, color=f"C{seed % 10}", s=18)
+        f = fits.get(int(seed))
+        if f:
+            xb = np.linspace(*f["log_beta_range"], 200)
+            a.plot(np.exp(xb), np.exp(f["log_kl_of_log_beta"](xb)), color=f"C{seed % 10}", lw=0.8, label=f"seed {seed}")
+            xk = np.linspace(*f["log_kl_range"], 200)
+            b.plot(np.exp(xk), f["reward_of_log_kl"](xk), color=f"C{seed % 10}", lw=0.8)
+    for t, beta in tuned.items():
+        a.axhline(t, color="0.7", lw=0.5, ls=":")
+        if not math.isnan(beta):
+            a.axvline(beta, color="0.7", lw=0.5, ls=":")
+    a.set(xscale="log", yscale="log", xlabel="β (fixed)", ylabel="tail KL, nats/token",
+          title="tuning frontier: PCHIP per seed; dotted: targets and β*(τ)")  # fmt: skip
+    b.set(xscale="log", xlabel="tail KL, nats/token", ylabel="tail reward", title="reward at equal KL (x: transient)")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ========================================================================================= evaluation stage
+def equal_kl(arms: pd.DataFrame, fits: dict) -> pd.DataFrame:
+    """Each arm × target: its tail reward minus the tuning frontier's reward at the arm's mean KL (Welch: the eval
+    seeds against the tuning seeds' PCHIP values, so the fit's spread over seeds is in the interval)."""
+    rows = []
+    for (arm, t, b0), g in arms.groupby(["arm", "target_kl", "init_kl_coef"]):
+        kl = float(g["kl"].mean())
+        front = P.reward_at_kl(fits, kl)
+        w = welch(g["reward"].to_numpy(float), front[~np.isnan(front)])
+        rows.append({"arm": arm, "target_kl": t, "init_kl_coef": b0, "kl": kl, "n": g["seed"].nunique(),
+                     "n_frontier": int((~np.isnan(front)).sum()), "reward_minus_frontier": w["diff"],
+                     "lo": w["lo"], "hi": w["hi"], "p": w["p"],
+                     "method": "Welch t, eval seeds vs tuning seeds"})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def plot_cells(cells: pd.DataFrame, path: Path, limit: float) -> None:
+    main = cells[~cells["arm"].str.contains("@")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (arm, g) in enumerate(main.groupby("arm")):
+        g = g.sort_values("target_kl")
+        x = g["target_kl"] * (1 + 0.04 * (i - 2))
+        for ax, m in ((a, "log_ratio_error"), (b, "reward")):
+            err = [g[f"{m}_mean"] - g[f"{m}_lo"], g[f"{m}_hi"] - g[f"{m}_mean"]]
+            ax.errorbar(x, g[f"{m}_mean"], yerr=err, fmt="o-", ms=4, lw=1, capsize=2, label=arm)
+            for xi, yi, st in zip(x, g[f"{m}_mean"], g["stationary"], strict=True):
+                if not st:
+                    ax.scatter(xi, yi, s=80, facecolors="none", edgecolors="red", lw=1)
+    a.axhline(limit, color="0.5", ls="--", lw=0.8)
+    a.set(xscale="log", xlabel="target KL", ylabel="|log(KL_tail / target)|",
+          title="tracking (dashed: hold limit log 1.5); red ring: transient")  # fmt: skip
+    b.set(xscale="log", xlabel="target KL", ylabel="tail reward", title="reward (95 % t-interval, evaluation seeds)")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def claims(tests: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
+    """Sentences computed from the tables: each names its test, correction and n."""
+    lines = []
+    for _, r in tests.iterrows():
+        status = "transient: no verdict" if r["transient"] else (
+            "significant" if r["p_adj"] < 0.05 else "not significant") if r["family"] == "primary" else ""  # fmt: skip
+        if r["method"].startswith("TOST") and not r["transient"]:
+            status = "equivalent" if r["p_adj"] < 0.05 else "equivalence not shown"
+        lines.append(f"- {r['hypothesis']} {r['comparison']}, {r['metric']} at {r['target_kl']:g}: "
+                     f"{r['estimate']:+.3g} [{r['lo']:.3g}, {r['hi']:.3g}], n = {r['n']}, p = {r['p']:.3g}, "
+                     f"p_adj = {r['p_adj']:.3g} ({r['method']}): {status}")  # fmt: skip
+    holds = cells.dropna(subset=["holds"])
+    for _, r in holds.iterrows():
+        verb = "holds" if r["holds"] else "does not hold"
+        lines.append(f"- {r['arm']} {verb} {r['target_kl']:g}: mean |log(KL/τ)| {r['log_ratio_error_mean']:.3g}, "
+                     f"one-sided 95 % bound {r['log_ratio_error_upper']:.3g} (n = {r['n']})")  # fmt: skip
+    return lines
+
+
+def eval_stage(dirs: list[str], protocol: dict, fits: dict, tuned: dict[float, float], out: Path) -> None:
+    curves = load(dirs)
+    bad = sorted(set(curves["seed"]) - set(protocol["seeds"]["evaluation"]))
+    if bad:
+        raise SystemExit(f"--eval runs must use the evaluation seeds only; found {bad}")
+    scores = P.run_scores(curves, protocol, targets=protocol["targets"])
+    arms = P.assign_arms(scores, tuned, protocol)
+    cells = P.cells(arms, protocol)
+    tests = P.adjust(P.hypothesis_tests(arms, protocol, protocol["targets"]), protocol)
+    cells.to_csv(out / "cells.csv", index=False)
+    tests.to_csv(out / "tests.csv", index=False)
+    cells[cells["arm"].str.contains("@")].to_csv(out / "misspecification.csv", index=False)
+    equal_kl(arms, fits).to_csv(out / "equal_kl.csv", index=False)
+    plot_cells(cells, out / "cells.png", protocol["metrics"]["hold"]["log_ratio_max"])
+    intro = (
+        "Computed by scripts/make_protocol.py from the committed runs; every claim names its test, correction and n."
+    )
+    text = ["# Protocol v2 results", "", intro, "", *claims(tests, cells), ""]
+    (out / "results.md").write_text("\n".join(text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tuning", action="append", required=True, help="fixed-β frontier on the tuning seeds")
+    ap.add_argument("--eval", action="append", default=[], help="evaluation sweeps (grid, static arms, misspec)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--protocol", default=str(P.PROTOCOL_FILE))
+    args = ap.parse_args(argv)
+    protocol = P.load_protocol(args.protocol)
+    out = Path(args.out)
+    fits, tuned = tuning_stage(args.tuning, protocol, out / "tuning")
+    print("β*(τ):", {t: round(b, 4) for t, b in tuned.items()})
+    if args.eval:
+        eval_stage(args.eval, protocol, fits, tuned, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
