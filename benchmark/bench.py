@@ -174,8 +174,10 @@ def bench(
     floors: bool = True,
     seed: int = 0,
     compile: bool | str = False,
+    sampler: str = "auto",
 ) -> dict[str, Any]:
-    """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record."""
+    """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record.
+    sampler: the trainer's `sampler` key (auto: the fast decode loop for GPT-2 shapes, generate otherwise)."""
     from benchmark.gemm import gemm_fields
     from kl_research.algos import PPO, policy_update, uses_exact_kl_loss
     from kl_research.precision_probe import Workload, auto_precision
@@ -232,8 +234,12 @@ def bench(
     shuffle_gen = torch.Generator().manual_seed(seed + 1)
     B, P, R = batch_size, prompt_len, response_len
     prompts = torch.randint(1, dims["vocab_size"], (B, P), generator=gen).to(dev)
+    import kl_research.rollout as rollout_module
+
     timer = _Timer(policy.lm.generate)
     policy.lm.generate = timer  # instance attribute: rollout() calls it as policy.lm.generate(...)
+    fast_timer = _Timer(rollout_module.sample)  # the fast sampler, which rollout() calls by its module-level name
+    rollout_module.sample = fast_timer
 
     sync = functools.partial(sync_device, dev)
 
@@ -249,6 +255,7 @@ def bench(
         pad_token_id=PAD,
         amp=amp,
         keep_ref_logprobs=uses_exact_kl_loss(pcfg),
+        sampler=sampler,
     )
 
     def step() -> dict[str, float]:
@@ -266,7 +273,9 @@ def bench(
         policy.eval()
         sync()
         t3 = time.perf_counter()
-        g = timer.times[-1]
+        if timer.times and fast_timer.times:
+            raise RuntimeError("one rollout called both samplers")
+        g = (fast_timer.times or timer.times)[-1]
         return {
             "cpu": time.process_time() - c0,
             "generate": g,
@@ -300,6 +309,7 @@ def bench(
         "steps": steps,
         **choice.record(),
         "compile": compile,
+        "sampler": "fast" if fast_timer.times else "hf",
         "warmup_seconds": round(warmup_s, 2),
         "seconds": {k: round(v, 4) for k, v in med.items()},
         "cpu_seconds_per_step": round(cpu, 4),
@@ -315,6 +325,7 @@ def bench(
         "versions": versions(),
     }
     policy.lm.generate = timer.fn
+    rollout_module.sample = fast_timer.fn
 
     if floors:
         fl = floor_times(policy, ref, prompts, R, pcfg, n_mb, steps, warmup, amp, seed)
@@ -521,6 +532,7 @@ def main(argv: list[str] | None = None) -> None:
         default=False,
         help="torch.compile the scoring/update trunk; optional mode: default | reduce-overhead (CUDA graphs) | ...",
     )
+    ap.add_argument("--sampler", default="auto", choices=("auto", "fast", "hf"), help="the trainer's `sampler` key")
     a = ap.parse_args(argv)
     if a.kl_noise:
         ref = None
@@ -547,6 +559,7 @@ def main(argv: list[str] | None = None) -> None:
             not a.no_floors,
             a.seed,
             a.compile,
+            a.sampler,
         )
     print(json.dumps(rec), flush=True)
 

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from kl_research.rollout import sample_responses
 from kl_research.runtime import BF16_FLAGS, PrecisionChoice, cpu_features, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,14 @@ class Workload:
     updates: int
     prompt_len: int
     response_len: int
+    sampler: str = "auto"  # the `sampler` key: the probe times the generation the run will do
 
     @classmethod
-    def of(cls, pcfg: Any, prompt_len: int) -> Workload:
+    def of(cls, pcfg: Any, prompt_len: int, sampler: str = "auto") -> Workload:
         """The workload of a `ppo` config group with prompts of prompt_len tokens."""
         minibatches = pcfg.batch_size // pcfg.minibatch_size
-        return cls(pcfg.batch_size, pcfg.minibatch_size, pcfg.epochs * minibatches, prompt_len, pcfg.response_length)
+        updates = pcfg.epochs * minibatches
+        return cls(pcfg.batch_size, pcfg.minibatch_size, updates, prompt_len, pcfg.response_length, sampler)
 
     def __str__(self) -> str:
         T = self.prompt_len + self.response_len
@@ -174,20 +177,12 @@ def measure(policy: torch.nn.Module, work: Workload, device: torch.device) -> di
         with torch.inference_mode(), amp:
             policy.score(batch_ids, work.prompt_len)
 
-    def generate(amp) -> None:  # as rollout's sampling (rollout.sampling_kwargs), never stopped early by an EOS
+    def generate(amp) -> None:  # as rollout's sampling (the same sampler), never stopped early by an EOS
         with torch.inference_mode(), amp:
-            policy.lm.generate(
-                input_ids=prompts,
-                attention_mask=torch.ones_like(prompts),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=work.response_len,
-                eos_token_id=None,
-                pad_token_id=pad,
-                use_cache=True,
-            )
+            sample_responses(
+                policy.lm, prompts, response_length=work.response_len, temperature=1.0, eos_token_id=None,
+                pad_token_id=pad, sampler=work.sampler,
+            )  # fmt: skip
 
     parts = {"update": update, "score": score, "generate": generate}
     times: dict[tuple[str, str], list[float]] = {(p, part): [] for p in amps for part in parts}

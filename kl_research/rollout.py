@@ -66,6 +66,30 @@ def sampling_kwargs(
     )
 
 
+def sample_responses(
+    lm: torch.nn.Module,
+    prompts: torch.Tensor,
+    *,
+    response_length: int,
+    temperature: float,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    sampler: str = "auto",
+) -> torch.Tensor:
+    """(B, P + R') sampled from softmax(logits/T) after equal-length prompts (B, P), R' ≤ response_length.
+    sampler: "fast" (kl_research.decode: static KV cache, plain tensor ops; GPT-2 architectures), "hf" (`generate`),
+    "auto" (fast where the model allows it, else hf). Both draw exactly from softmax(logits/T), token for token the
+    same under one seed (tests/test_decode.py). Call under torch.inference_mode (and the trunk's autocast)."""
+    if sampler == "fast" or (sampler == "auto" and fast_sampler_reason(lm) is None):
+        return sample(
+            lm, prompts, max_new_tokens=response_length, temperature=temperature,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        )  # fmt: skip
+    return lm.generate(
+        input_ids=prompts, **sampling_kwargs(prompts, temperature, response_length, eos_token_id, pad_token_id)
+    )
+
+
 @torch.inference_mode()
 def rollout(
     policy: PolicyWithValue,
@@ -85,24 +109,19 @@ def rollout(
     prompts: (B, P) token ids, all of length P. Returns response ids (B, R), mask (B, R), and fp32 logp, ref_logp,
     values (B, R; absent without a value head), exact KL, entropy (B, R); with keep_ref_logprobs also the
     reference's full-vocabulary log-probs (B, R, V), which the exact-KL loss reuses in every minibatch.
-    sampler: "fast" (kl_research.decode: static KV cache, plain tensor ops; GPT-2 architectures), "hf" (`generate`),
-    "auto" (fast where the model allows it, else hf). Both draw exactly from softmax(logits/T).
+    sampler: see `sample_responses`.
     """
     B, P = prompts.shape
     with amp:
-        if sampler == "fast" or (sampler == "auto" and fast_sampler_reason(policy.lm) is None):
-            seqs = sample(
-                policy.lm,
-                prompts,
-                max_new_tokens=response_length,
-                temperature=temperature,
-                eos_token_id=eos_token_id,
-                pad_token_id=pad_token_id,
-            )
-        else:
-            seqs = policy.lm.generate(
-                input_ids=prompts, **sampling_kwargs(prompts, temperature, response_length, eos_token_id, pad_token_id)
-            )  # (B, P + R'), R' <= R when every sequence stopped early
+        seqs = sample_responses(
+            policy.lm,
+            prompts,
+            response_length=response_length,
+            temperature=temperature,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            sampler=sampler,
+        )  # (B, P + R'), R' <= R when every sequence stopped early; fmt: skip
     if seqs.shape[1] < P + response_length:  # pad to a fixed R so every rollout has one shape
         pad = torch.full((B, P + response_length - seqs.shape[1]), pad_token_id, dtype=seqs.dtype, device=seqs.device)
         seqs = torch.cat([seqs, pad], 1)

@@ -232,7 +232,9 @@ class Job:
         corpus = load_corpus(cfg.data)
         prompts_all = build_prompts(corpus.train, tokenizer, cfg.data.prompt_tokens, cfg.data.num_prompts, cfg.seed)
         # the trunk's precision, on the eager policy (the probe restores the global RNG and leaves the weights alone)
-        choice, started = run_precision(cfg, device, policy, Workload.of(pcfg, prompts_all.shape[1]), ckpt)
+        choice, started = run_precision(
+            cfg, device, policy, Workload.of(pcfg, prompts_all.shape[1], cfg.get("sampler", "auto")), ckpt
+        )
         log.info("precision=%s → %s: %s", cfg.precision, choice.precision, choice.reason)
         reason = fast_sampler_reason(policy.lm)
         if cfg.get("sampler") == "fast" and reason is not None:

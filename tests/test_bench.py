@@ -78,8 +78,10 @@ def test_bf16_trunk_keeps_batch_kl(tiny_shape):
     assert rec["abs_err"]["exact"] < 1e-3 and rec["abs_err"]["k1"] < 1e-3
 
 
-def test_rollout_scores_each_model_once(tiny_shape):
-    """No forward pass done twice: one full-sequence trunk pass each for policy (+values) and reference."""
+@pytest.mark.parametrize("sampler", ["hf", "fast"])
+def test_rollout_scores_each_model_once(tiny_shape, sampler):
+    """No forward pass done twice: one full-sequence trunk pass each for policy (+values) and reference. The fast
+    sampler decodes with its own loop over the same weights, so the policy's trunk module runs only to score."""
     import contextlib
 
     from kl_research.rollout import rollout
@@ -107,11 +109,15 @@ def test_rollout_scores_each_model_once(tiny_shape):
         eos_token_id=None,
         pad_token_id=0,
         amp=contextlib.nullcontext(),
+        sampler=sampler,
     )
     # the reference scores the rollout once (all but the last token, whose output predicts nothing we use)
     assert seen["ref"] == [P + R - 1]
     assert seen["policy"].count(P + R - 1) == 1  # generation (prompt, then 1 token per step, KV cache) + 1 score
-    assert sorted(set(seen["policy"]) - {P + R - 1}) == [1, P]
+    if sampler == "hf":
+        assert sorted(set(seen["policy"]) - {P + R - 1}) == [1, P]
+    else:
+        assert seen["policy"] == [P + R - 1]
 
 
 def test_gemm_recorder_counts_and_times_the_matmuls():
