@@ -4,13 +4,14 @@ ops, with the sampling fused into it.
 Why (docs/performance.md "Generation"): at the tiny default (4 layers × 128, batch 64, 24 new tokens) HF `generate`
 spends ~8× its GEMMs' time in per-token machinery (logits processors, stopping criteria, cache objects, the
 modules' Python). The GEMMs are the same here; what goes is everything around them: one preallocated K/V buffer per
-layer written in place, the layers' weights read once per rollout, and one softmax + multinomial per token.
+layer written in place, and one softmax + an inverse-CDF draw per token (`inverse_cdf_sample`: B random numbers where
+`torch.multinomial` draws B·V).
 
 The distribution is exactly the policy's at the scoring temperature: p = softmax(logits / T) computed in fp32 from an
 fp32 vocabulary projection (the same as `policy.score_lm`), no top-k / top-p / min-length (docs/kl-contract.md).
 After a sequence's EOS its later tokens are `pad_token_id`, as `generate` does, and the loop stops once every
-sequence has ended. It draws from torch's global generator (as `generate` does), so a checkpoint's RNG state
-resumes the same trajectory.
+sequence has ended. It draws from torch's global generator, so a checkpoint's RNG state resumes the same trajectory;
+the draws differ from `generate`'s (inversion, not multinomial's exponential race), the distribution does not.
 
 The weights are read from the live modules at each call (never copied), so the optimizer's in-place updates are seen.
 Models this does not implement (e.g. Llama/SmolLM2) use HF `generate`: `fast_sampler_reason` says why.
@@ -42,6 +43,19 @@ def fast_sampler_reason(lm: torch.nn.Module) -> str | None:
     return None
 
 
+def inverse_cdf_sample(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row of probs (B, V) by inversion: the token v with cdf[v−1] ≤ u·cdf[V−1] < cdf[v], u ~ U[0, 1)
+    from torch's global generator. Exactly P(v) = probs[v]/Σ probs (a zero-probability token has an empty interval);
+    the cumulative sum is in fp64 so that 4096-49152 terms add without losing the small probabilities' mass.
+
+    `torch.multinomial` (what `generate` calls) draws one exponential per vocabulary entry and takes an argmax: at
+    batch 64 × V 4096 that is 262 k random numbers per token, ~8 ms of a 1-thread CPU's time per decoding step,
+    more than the step's GEMMs (a profile of the tiny default); inversion draws B."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
 def _conv1d(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
     """transformers' Conv1D: x @ W + b with W (in, out)."""
     return torch.addmm(conv.bias, x, conv.weight)
@@ -56,9 +70,11 @@ def sample(
     temperature: float,
     eos_token_id: int | None,
     pad_token_id: int,
+    logits_out: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample up to max_new_tokens after equal-length prompts (B, P) from softmax(logits/T). Returns (B, P + R'),
-    R' ≤ max_new_tokens (shorter when every sequence has ended), like `generate`'s output."""
+    R' ≤ max_new_tokens (shorter when every sequence has ended), like `generate`'s output. logits_out: a list that
+    receives each step's (B, V) fp32 logits before the temperature (for tests: they must equal the scoring pass's)."""
     reason = fast_sampler_reason(lm)
     if reason is not None:
         raise ValueError(f"the fast sampler cannot run this model: {reason}")
@@ -110,8 +126,9 @@ def sample(
         h = F.layer_norm(x_last, (x_last.shape[-1],), tr.ln_f.weight, tr.ln_f.bias, eps)
         with torch.autocast(device.type, enabled=False):  # the head and the softmax in fp32, as score_lm
             logits = F.linear(h.float(), head_w.float(), None if head_b is None else head_b.float())
-            probs = torch.softmax(logits.mul_(inv_t), dim=-1)
-        return torch.multinomial(probs, 1).squeeze(1)
+            if logits_out is not None:
+                logits_out.append(logits.clone())
+            return inverse_cdf_sample(torch.softmax(logits.mul_(inv_t), dim=-1))
 
     out = torch.full((B, S), pad_token_id, dtype=prompts.dtype, device=device)
     out[:, :P] = prompts

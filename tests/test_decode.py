@@ -1,6 +1,7 @@
-"""The fast sampler (kl_research/decode.py) draws from exactly the policy's softmax(logits/T): token for token the
-same draws as HF `generate` under the same seed, token frequencies equal to the scored distribution, and k1's mean
-still the exact KL. HF `generate` stays the tested fallback (`sampler=hf`, and models the fast path does not cover)."""
+"""The fast sampler (kl_research/decode.py) draws from exactly the policy's softmax(logits/T): its logits are the
+scoring pass's at every position, its draws have the scored distribution's frequencies, and k1's mean is still the
+exact KL. HF `generate` stays the tested fallback (`sampler=hf`, and models the fast path does not cover:
+tests/test_ppo.py checks its sampling the same way)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kl_research.decode import fast_sampler_reason, sample
-from kl_research.policy import PolicyWithValue, fuse_activations
-from kl_research.rollout import rollout, sampling_kwargs
+from kl_research.policy import PolicyWithValue
+from kl_research.rollout import rollout
 
 
 def random_gpt2(vocab: int = 64, seed: int = 0, activation: str = "gelu_new") -> GPT2LMHeadModel:
@@ -27,20 +28,46 @@ def random_gpt2(vocab: int = 64, seed: int = 0, activation: str = "gelu_new") ->
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_fast_sampler_draws_what_generate_draws(temperature):
-    """Same seed, same prompts: the fast loop and `generate` sample the same tokens, EOS and the pad after it
-    included, and stop at the same length (the distribution equal to float rounding, the RNG consumed alike)."""
+def test_fast_sampler_samples_from_the_logits_the_scoring_pass_computes(temperature):
+    """Every decoding step's logits (static KV cache, own loop) equal the scoring pass's (policy.score_lm: one
+    full-sequence forward of HF's model) at that position, for every sequence, EOS and the pad after it included; the
+    loop stops where every sequence has ended, as `generate` does."""
     lm = random_gpt2()
-    fuse_activations(lm)
+    policy = PolicyWithValue.from_reference(lm).eval()
     prompts = torch.randint(3, 64, (32, 6), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)
-    ref = lm.generate(input_ids=prompts, **sampling_kwargs(prompts, temperature, 30, 2, 0))
-    torch.manual_seed(7)
-    fast = sample(lm, prompts, max_new_tokens=30, temperature=temperature, eos_token_id=2, pad_token_id=0)
-    assert fast.shape == ref.shape
-    ended = (fast[:, 6:] == 2).any(1)
+    steps: list[torch.Tensor] = []
+    seqs = sample(policy.lm, prompts, max_new_tokens=30, temperature=temperature, eos_token_id=2, pad_token_id=0,
+                  logits_out=steps)  # fmt: skip
+    R = seqs.shape[1] - 6
+    response = seqs[:, 6:]
+    ended = (response == 2).any(1)
     assert 0 < int(ended.sum()) < 32  # some sequences ended early, some ran to the cap
-    assert torch.equal(fast, ref)
+    after = (response == 2).int().cumsum(1) - (response == 2).int() > 0  # positions after a sequence's EOS
+    assert after.any() and (response[after] == 0).all()
+    assert len(steps) == R
+    with torch.no_grad():
+        scored, _ = policy.score(seqs, 6)  # (B, R, V) fp32
+    torch.testing.assert_close(torch.stack(steps, 1), scored, rtol=1e-5, atol=1e-5)
+
+
+def test_inverse_cdf_draws_each_token_with_its_probability():
+    """P(v) exactly: frequencies of 200 000 draws within 4.5 binomial standard errors, zero-probability tokens
+    never, one-hot rows always their token; unnormalised rows are normalised."""
+    from kl_research.decode import inverse_cdf_sample
+
+    p = torch.tensor([0.5, 0.0, 0.2, 0.1, 0.15, 0.05, 0.0, 1e-4])
+    p = p / p.sum()
+    torch.manual_seed(0)
+    n = 200_000
+    draws = inverse_cdf_sample((3 * p).repeat(n, 1))  # unnormalised
+    freq = torch.bincount(draws, minlength=8).double() / n
+    sd = (p.double() * (1 - p.double()) / n).sqrt()
+    assert torch.all((freq - p.double()).abs() < 4.5 * sd + 1e-5), freq - p
+    assert freq[1] == 0 and freq[6] == 0
+    one_hot = torch.zeros(5, 8)
+    one_hot[torch.arange(5), torch.tensor([0, 7, 3, 3, 1])] = 1
+    assert inverse_cdf_sample(one_hot).tolist() == [0, 7, 3, 3, 1]
 
 
 def test_fast_sampler_token_frequencies_are_softmax_of_the_scored_logits():
@@ -84,23 +111,6 @@ def test_rollout_with_the_fast_sampler_keeps_k1_unbiased_for_the_exact_kl():
     assert float(exact.mean()) > 0.05  # the policy is really away from the reference
     se = float((k1 - exact).std() / m.sum().sqrt())
     assert abs(float(k1.mean() - exact.mean())) < 4 * se
-
-
-def test_rollout_fast_and_hf_samplers_give_the_same_batch():
-    """`sampler=fast` and `sampler=hf` are interchangeable: same seed, same batch (tokens, mask, log-probs)."""
-    ref = random_gpt2(seed=5)
-    policy = PolicyWithValue.from_reference(ref).eval()
-    fuse_activations(policy.lm)
-    prompts = torch.randint(3, 64, (16, 5), generator=torch.Generator().manual_seed(3))
-    kw = dict(
-        response_length=10, temperature=1.0, eos_token_id=2, pad_token_id=0, amp=torch.autocast("cpu", enabled=False)
-    )
-    out = {}
-    for s in ("fast", "hf"):
-        torch.manual_seed(11)
-        out[s] = rollout(policy, ref, prompts, sampler=s, **kw)
-    assert torch.equal(out["fast"]["seqs"], out["hf"]["seqs"])
-    torch.testing.assert_close(out["fast"]["logp"], out["hf"]["logp"])
 
 
 def test_fast_sampler_refuses_what_it_does_not_implement():
