@@ -24,18 +24,12 @@ import math
 import torch
 from torch.nn import functional as F
 
-# activation_function values whose function is torch's tanh-approximated GELU (transformers' gelu_new is the same
-# function written as 8 elementwise ops; policy.fuse_activations swaps it for the fused kernel in the policy)
-_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-
 
 def fast_sampler_reason(lm: torch.nn.Module) -> str | None:
     """None if `sample` can generate for this LM; otherwise why not (the caller then uses HF `generate`)."""
     cfg = getattr(lm, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) != "gpt2":
         return f"model_type {getattr(cfg, 'model_type', None)!r} (the fast sampler implements gpt2 only)"
-    if cfg.activation_function not in _TANH_GELU:
-        return f"activation_function {cfg.activation_function!r} (the fast sampler implements tanh-GELU)"
     if cfg.reorder_and_upcast_attn or getattr(cfg, "add_cross_attention", False):
         return "reorder_and_upcast_attn / cross-attention (not implemented by the fast sampler)"
     if lm.training and (cfg.attn_pdrop > 0 or cfg.resid_pdrop > 0 or cfg.embd_pdrop > 0):
@@ -117,7 +111,7 @@ def sample(
             a = a.transpose(1, 2).reshape(b * t, c)
             x = x + _conv1d(a, blk.attn.c_proj).view(b, t, c)
             h = F.layer_norm(x, (c,), blk.ln_2.weight, blk.ln_2.bias, eps)
-            m = F.gelu(_conv1d(h.view(b * t, c), blk.mlp.c_fc), approximate="tanh")
+            m = blk.mlp.act(_conv1d(h.view(b * t, c), blk.mlp.c_fc))  # the model's own activation module
             x = x + _conv1d(m, blk.mlp.c_proj).view(b, t, c)
         return x
 

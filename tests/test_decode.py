@@ -27,12 +27,13 @@ def random_gpt2(vocab: int = 64, seed: int = 0, activation: str = "gelu_new") ->
     return lm
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_fast_sampler_samples_from_the_logits_the_scoring_pass_computes(temperature):
+@pytest.mark.parametrize(("temperature", "activation"), [(1.0, "gelu"), (0.7, "gelu_new")])
+def test_fast_sampler_samples_from_the_logits_the_scoring_pass_computes(temperature, activation):
     """Every decoding step's logits (static KV cache, own loop) equal the scoring pass's (policy.score_lm: one
     full-sequence forward of HF's model) at that position, for every sequence, EOS and the pad after it included; the
-    loop stops where every sequence has ended, as `generate` does."""
-    lm = random_gpt2()
+    loop stops where every sequence has ended, as `generate` does. Both GELUs: the tiny default's exact one, GPT-2's
+    tanh form."""
+    lm = random_gpt2(activation=activation)
     policy = PolicyWithValue.from_reference(lm).eval()
     prompts = torch.randint(3, 64, (32, 6), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)
@@ -116,12 +117,13 @@ def test_rollout_with_the_fast_sampler_keeps_k1_unbiased_for_the_exact_kl():
 def test_fast_sampler_refuses_what_it_does_not_implement():
     """A model the loop does not implement is named with the reason (auto then falls back to generate)."""
     assert fast_sampler_reason(random_gpt2()) is None
-    assert "activation_function" in fast_sampler_reason(random_gpt2(activation="relu"))
+    assert fast_sampler_reason(random_gpt2(activation="gelu")) is None  # the tiny default's
+    assert "training" in fast_sampler_reason(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2)).train())
     llama = type("M", (), {"config": type("C", (), {"model_type": "llama"})()})()
     assert "llama" in fast_sampler_reason(llama)
     with pytest.raises(ValueError, match="fast sampler cannot run"):
-        sample(random_gpt2(activation="relu"), torch.ones(1, 2, dtype=torch.long), max_new_tokens=2,
-               temperature=1.0, eos_token_id=2, pad_token_id=0)  # fmt: skip
+        sample(llama, torch.ones(1, 2, dtype=torch.long), max_new_tokens=2, temperature=1.0, eos_token_id=2,
+               pad_token_id=0)  # fmt: skip
 
 
 def test_sampler_key_is_validated_before_anything_loads(compose):
