@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from kl_research import ppo
-from kl_research.kl import tempered, token_kl
+from kl_research.kl import masked_mean, tempered, token_kl
 from kl_research.policy import PolicyWithValue
 
 Tensors = dict[str, torch.Tensor]
@@ -59,17 +59,35 @@ class Algorithm:
         mb: Tensors,
         advantages: torch.Tensor,
         returns: torch.Tensor | None,
-        beta: float,
+        beta: float | torch.Tensor,
     ) -> tuple[torch.Tensor, Tensors]:
-        """(the minibatch's loss, its parts for the logs). logprobs: (b, R, V) log-softmax of the current policy."""
+        """(the minibatch's loss, its parts for the logs). logprobs: (b, R, V) log-softmax of the current policy.
+        The vocabulary's share (log π(y), and the exact KL per position when the KL loss needs it) is taken here with
+        `ppo.exact_kl_loss`'s ops; `policy_update` computes the same two through `vocab_stats` (compiled or not)."""
+        logp = logprobs.gather(-1, mb["response"].unsqueeze(-1)).squeeze(-1)  # (b, R)
+        kl_pos = ppo.exact_token_kl_of_logprobs(logprobs, mb["ref_logprobs"]) if uses_exact_kl_loss(self.pcfg) else None
+        return self.loss_from_stats(logp, kl_pos, values, mb, advantages, returns, beta)
+
+    def loss_from_stats(
+        self,
+        logp: torch.Tensor,
+        kl_pos: torch.Tensor | None,
+        values: torch.Tensor | None,
+        mb: Tensors,
+        advantages: torch.Tensor,
+        returns: torch.Tensor | None,
+        beta: float | torch.Tensor,
+    ) -> tuple[torch.Tensor, Tensors]:
+        """The loss from per-token numbers only: logp = log π(y) (b, R) of the current policy and kl_pos the exact
+        KL(π‖π_ref) at each position (b, R), None unless the KL loss is the exact one."""
         raise NotImplementedError
 
     # ---- the KL, shared by every algorithm
-    def kl_loss(self, logprobs: torch.Tensor, logp: torch.Tensor, mb: Tensors) -> torch.Tensor:
+    def kl_loss(self, kl_pos: torch.Tensor | None, logp: torch.Tensor, mb: Tensors) -> torch.Tensor:
         """The per-position KL loss term of kl_mode=loss|sequence (0 with kl_mode=reward), before β."""
         pcfg, mask = self.pcfg, mb["mask"]
         if uses_exact_kl_loss(pcfg):
-            return ppo.exact_kl_loss(logprobs, mb["ref_logprobs"], mask)
+            return masked_mean(kl_pos, mask)  # = ppo.exact_kl_loss(logprobs, ref_logprobs, mask)
         if pcfg.kl_mode == "loss" and pcfg.kl_penalty == "k2":
             return ppo.k2_kl_loss(logp, mb["ref_logp"], mask)
         if pcfg.kl_mode == "loss" and pcfg.kl_penalty == "k3":
@@ -113,21 +131,21 @@ class PPO(Algorithm):
             advantages = advantages - beta * self.kl_credit(batch, ppo.kl_to_go(batch["exact_kl"], mask))
         return advantages, returns
 
-    def loss(
+    def loss_from_stats(
         self,
-        logprobs: torch.Tensor,
+        logp: torch.Tensor,
+        kl_pos: torch.Tensor | None,
         values: torch.Tensor | None,
         mb: Tensors,
         advantages: torch.Tensor,
         returns: torch.Tensor | None,
-        beta: float,
+        beta: float | torch.Tensor,
     ) -> tuple[torch.Tensor, Tensors]:
         """Clipped policy loss + vf_coef · clipped value loss (+ β·KL term with kl_mode=loss|sequence)."""
         pcfg, mask = self.pcfg, mb["mask"]
-        logp = logprobs.gather(-1, mb["response"].unsqueeze(-1)).squeeze(-1)  # (b, R)
         pg_loss, clipfrac, approx_kl = ppo.policy_loss(logp, mb["logp"], advantages, mask, pcfg.cliprange)
         vf_loss, vclipfrac = ppo.value_loss(values, mb["values"], returns, mask, pcfg.cliprange_value)
-        kl_term = self.kl_loss(logprobs, logp, mb)
+        kl_term = self.kl_loss(kl_pos, logp, mb)
         loss = pg_loss + pcfg.vf_coef * vf_loss + beta * kl_term
         parts = {"pg": pg_loss, "vf": vf_loss, "kl": kl_term, "clipfrac": clipfrac, "vclipfrac": vclipfrac}
         return loss, {**parts, "approx_kl": approx_kl}
@@ -156,20 +174,20 @@ class GRPO(Algorithm):
             advantages = advantages - beta * self.kl_credit(batch, ppo.reward_to_go(k1, mask))
         return advantages, None
 
-    def loss(
+    def loss_from_stats(
         self,
-        logprobs: torch.Tensor,
+        logp: torch.Tensor,
+        kl_pos: torch.Tensor | None,
         values: torch.Tensor | None,
         mb: Tensors,
         advantages: torch.Tensor,
         returns: torch.Tensor | None,
-        beta: float,
+        beta: float | torch.Tensor,
     ) -> tuple[torch.Tensor, Tensors]:
         """Clipped policy loss (+ β·KL term with kl_mode=loss|sequence); token-level mean over the minibatch."""
         mask = mb["mask"]
-        logp = logprobs.gather(-1, mb["response"].unsqueeze(-1)).squeeze(-1)  # (b, R)
         pg_loss, clipfrac, approx_kl = ppo.policy_loss(logp, mb["logp"], advantages, mask, self.pcfg.cliprange)
-        kl_term = self.kl_loss(logprobs, logp, mb)
+        kl_term = self.kl_loss(kl_pos, logp, mb)
         loss = pg_loss + beta * kl_term
         return loss, {"pg": pg_loss, "kl": kl_term, "clipfrac": clipfrac, "approx_kl": approx_kl}
 
@@ -184,6 +202,31 @@ def build_algorithm(cfg: DictConfig) -> Algorithm:
     return ALGORITHMS[name](cfg.ppo, acfg)
 
 
+def vocab_stats(
+    logits: torch.Tensor, response: torch.Tensor, temperature: float, ref_logprobs: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The update's whole share of work over the vocabulary, from the minibatch's (b, R, V) fp32 logits: log π(y)
+    (b, R) at the response tokens and, given the reference's (b, R, V) log-probs, the exact KL(π‖π_ref) at each
+    position (b, R). The same ops as `Algorithm.loss` on log_softmax(logits/T). One function, so that
+    `ppo.compile_vocab` can compile it (forward and backward) into a few fused loops over V instead of ~12 passes."""
+    logprobs = torch.log_softmax(tempered(logits, temperature), dim=-1)  # (b, R, V)
+    logp = logprobs.gather(-1, response.unsqueeze(-1)).squeeze(-1)  # (b, R)
+    kl_pos = None if ref_logprobs is None else ppo.exact_token_kl_of_logprobs(logprobs, ref_logprobs)
+    return logp, kl_pos
+
+
+_COMPILED_VOCAB_STATS = None
+
+
+def compiled_vocab_stats():
+    """vocab_stats through torch.compile (inductor; shapes fixed per minibatch, so it compiles once per run and is
+    cached on disk by inductor for the next run). Built on first use."""
+    global _COMPILED_VOCAB_STATS
+    if _COMPILED_VOCAB_STATS is None:
+        _COMPILED_VOCAB_STATS = torch.compile(vocab_stats, dynamic=False)
+    return _COMPILED_VOCAB_STATS
+
+
 def policy_update(
     algo: Algorithm,
     policy: PolicyWithValue,
@@ -195,8 +238,10 @@ def policy_update(
     amp,
     generator: torch.Generator,
     beta: float = 0.0,
+    compile_vocab: bool = False,
 ) -> dict[str, float]:
-    """epochs × minibatches of `algo.loss`, with gradient clipping. Returns each loss part's mean over the steps.
+    """epochs × minibatches of the algorithm's loss, with gradient clipping. Returns each loss part's mean over the
+    steps. compile_vocab: the per-token work over the vocabulary (`vocab_stats`) through torch.compile.
 
     With ppo.target_approx_kl set, the epochs stop early once an epoch's mean approx-KL(π_old‖π) exceeds it.
     """
@@ -204,6 +249,8 @@ def policy_update(
     B = batch["seqs"].shape[0]
     stats: dict[str, list[float]] = {}
     per_seq = [k for k in ("mask", "response", "logp", "values", "ref_logp", "ref_logprobs") if k in batch]
+    stats_fn = compiled_vocab_stats() if compile_vocab else vocab_stats
+    exact = uses_exact_kl_loss(pcfg)
     epoch_kl = 0.0
     epochs_run = 0
     for _ in range(pcfg.epochs):
@@ -213,10 +260,10 @@ def policy_update(
             idx = order[start : start + pcfg.minibatch_size]
             with amp:
                 logits, values = policy.score(batch["seqs"][idx], prompt_len, with_values=algo.value_head)
-            logprobs = torch.log_softmax(tempered(logits, pcfg.temperature), dim=-1)  # (b, R, V)
             mb = {k: batch[k][idx] for k in per_seq}
+            logp, kl_pos = stats_fn(logits, mb["response"], pcfg.temperature, mb["ref_logprobs"] if exact else None)
             ret = returns[idx] if returns is not None else None
-            loss, parts = algo.loss(logprobs, values, mb, advantages[idx], ret, beta)
+            loss, parts = algo.loss_from_stats(logp, kl_pos, values, mb, advantages[idx], ret, beta)
             if not torch.isfinite(loss):
                 named = ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
                 raise FloatingPointError(

@@ -148,8 +148,12 @@ def exact_kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torc
     Autograd of this sum is the analytic gradient of the per-position KL: no token is sampled, so no score-function
     noise. The states s_t are the rollout's (sampled from π_old): the usual on-policy approximation, one update old.
     """
-    kl = (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)  # (B, T)
-    return masked_mean(kl, mask)
+    return masked_mean(exact_token_kl_of_logprobs(logprobs, ref_logprobs), mask)
+
+
+def exact_token_kl_of_logprobs(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Σ_v π(v)·(log π(v) − log π_ref(v)) at every position, (B, T), from (B, T, V) log-probs; differentiable in π."""
+    return (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
 
 
 def k2_kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
