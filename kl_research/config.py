@@ -462,8 +462,10 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise ValueError(f"{key}={cfg.get(key)!r} is invalid; allowed: {allowed}")
 
-    for key in ("steps", "eval_every", "checkpoint_every", "drift_window"):
+    for key in ("steps", "eval_every", "checkpoint_every", "drift_window", "drift_patience"):
         need(isinstance(cfg.get(key), int) and cfg[key] > 0, key, "an int > 0")
+    grace = cfg.get("drift_grace")
+    need(isinstance(grace, int) and grace >= 1, "drift_grace", "an int >= 1 (rollout 1 has KL 0 by construction)")
     need(isinstance(cfg.get("keep_checkpoints"), bool), "keep_checkpoints", "true, false")
     need(cfg.get("threads") is None or (isinstance(cfg.threads, int) and cfg.threads > 0), "threads", "null or int > 0")
     need(cfg.get("precision") in ("auto", "fp32", "bf16"), "precision", "auto, fp32, bf16")
