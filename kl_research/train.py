@@ -38,7 +38,7 @@ from kl_research.checkpoint import (
 )
 from kl_research.config import validate
 from kl_research.controllers import KLController, build_controller
-from kl_research.kl import ESTIMATORS, masked_mean, token_kl
+from kl_research.kl import ESTIMATORS, masked_mean, masked_sum, token_kl
 from kl_research.policy import PolicyWithValue, compile_trunks, disable_dropout
 from kl_research.precision_probe import Workload, auto_precision
 from kl_research.rollout import rollout
@@ -199,11 +199,11 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         bar = tqdm(range(first, total), initial=first, total=total, desc=run_name(cfg), disable=not tty)
         progress_every = max(1, total // 20)
         for step in bar:
-            rec, texts_p, responses, scores = job.step(step)
+            rec, samples = job.step(step)
             logger.log(rec)
             last = step + 1 == total
             if (step + 1) % cfg.wandb.samples_every == 0 or last:
-                logger.samples(step + 1, texts_p[:8], responses[:8], scores[:8].tolist())
+                logger.samples(step + 1, samples[:8])
             kl = f"{rec['kl/' + cfg.ppo.kl_signal]:.4f}/{job.target:g}"
             bar.set_postfix(reward=f"{rec['reward/mean']:+.3f}", kl=kl, beta=f"{rec['kl/coef']:.4g}", refresh=False)
             if not tty and ((step + 1) % progress_every == 0 or last):
@@ -360,8 +360,9 @@ class Job:
         )
 
     # ------------------------------------------------------------------------------------------- one step
-    def step(self, step: int) -> tuple[dict[str, Any], list[str], list[str], torch.Tensor]:
-        """One rollout and its update. Returns (the step's record, prompts, responses, scores)."""
+    def step(self, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """One rollout and its update. Returns (the step's record, one sample per sequence: prompt, response, task
+        score, exact KL of the response in nats (kl_seq) and per response token (kl_token), length in tokens)."""
         cfg, pcfg = self.cfg, self.cfg.ppo
         t0 = time.perf_counter()
         idx = self.algo.prompt_indices(len(self.prompts_all), self.prompt_gen)
@@ -441,7 +442,12 @@ class Job:
             rec["eval/ppl_ref"] = self.ppl_ref
             rec["eval/distinct_2"] = distinct_n(responses, 2)
         self.history.append(rec)
-        return rec, texts_p, responses, scores
+        kl_seq, length = masked_sum(batch["exact_kl"], mask).tolist(), mask.sum(-1).tolist()  # (B,) nats, tokens
+        samples = [
+            {"prompt": p, "response": r, "reward": x, "kl_seq": k, "kl_token": k / max(n, 1), "length": n}
+            for p, r, x, k, n in zip(texts_p, responses, scores.tolist(), kl_seq, length, strict=True)
+        ]
+        return rec, samples
 
     def score(self, prompts: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[list[str], list[str], torch.Tensor]:
         """(prompt texts, response texts, task scores (B,)): the response up to and including EOS, specials dropped."""

@@ -8,6 +8,7 @@ import math
 import re
 import shutil
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import kl_research.config  # noqa: F401  (registers schemas)
 import kl_research.train as train_mod
-from kl_research import checkpoint, ppo, precision_probe, runtime
+from kl_research import checkpoint, ppo, precision_probe, runlog, runtime
 from kl_research.train import train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -160,7 +161,7 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog, monkeypatch)
     # samples.jsonl: the decoded prompt/response/score of the logged steps (samples_every=2, and the last step)
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in samples}) == [2, 3] and len(samples) == 16
-    assert all(set(r) == {"step", "prompt", "response", "reward"} for r in samples)
+    assert all(tuple(r) == runlog.SAMPLE_FIELDS for r in samples)  # + each response's KL and length
     assert all(isinstance(r["prompt"], str) and r["prompt"] and isinstance(r["response"], str) for r in samples)
     last = [r["reward"] for r in samples if r["step"] == 3]
     assert sum(last) / len(last) == pytest.approx(recs[2]["reward/mean"], abs=1e-6)  # the whole batch of 8: its mean
@@ -169,6 +170,63 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog, monkeypatch)
     assert lm.config.n_layer == 1
     # re-running a finished run returns its summary without training again
     assert train(cfg, tmp_path) == summary
+
+
+def test_samples_carry_each_responses_kl_and_length_and_compact_runs_keep_a_few(cache_dir, tmp_path):
+    """samples.jsonl: per response, its exact KL in nats (kl_seq, summed over its tokens), per token (kl_token) and its
+    length in tokens; a logged step's samples are its whole batch here (8), so they add up to the step's record. The
+    compact copy that results/ keeps (scripts/compact_runs.py) holds the first 4 of each logged step, and the analysis
+    shows them per cell (analysis.samples_table)."""
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        import compact_runs
+    finally:
+        sys.path.remove(scripts)
+    from omegaconf import OmegaConf
+
+    from kl_research import analysis
+
+    cfg = make_cfg(cache_dir, "steps=3", "controller=pid", "controller.target_kl=0.05")
+    run = tmp_path / "sweep" / "pid_kl0.05_s0"
+    train(cfg, run)
+    (run / ".hydra").mkdir()  # as a sweep's job has it
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    (run / "wandb").mkdir()  # what a compact run leaves behind
+    recs = {r["step"]: r for r in read_metrics(run)}
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [2] * 8 + [3] * 8  # wandb.samples_every=2, and the last step
+    for r in samples:
+        assert isinstance(r["length"], int) and 1 <= r["length"] <= cfg.ppo.response_length
+        assert r["kl_seq"] >= -1e-7 and r["kl_token"] * r["length"] == pytest.approx(r["kl_seq"], rel=1e-9, abs=1e-12)
+    for step in (2, 3):
+        batch = [r for r in samples if r["step"] == step]
+        n_tokens = sum(r["length"] for r in batch)
+        assert n_tokens / len(batch) == pytest.approx(recs[step]["response/length"])
+        assert sum(r["kl_seq"] for r in batch) / n_tokens == pytest.approx(recs[step]["kl/exact"], rel=1e-4, abs=1e-9)
+    assert any(r["kl_seq"] > 0 for r in samples)  # π has moved from π_ref by step 2
+
+    compact = tmp_path / "results" / "runs"
+    compact_runs.main([str(run.parent), str(compact)])
+    kept = compact / run.name
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
+        ".hydra/config.yaml",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "summary.json",
+    ]
+    assert (kept / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+    kept_samples = [json.loads(line) for line in (kept / "samples.jsonl").read_text().splitlines()]
+    assert kept_samples == samples[:4] + samples[8:12]  # the first 4 of each logged step
+    table = analysis.samples_table(compact, n=3)
+    assert list(table.columns) == analysis.SAMPLE_COLUMNS and len(table) == 3
+    assert (table["step"] == 3).all() and (table["controller"] == "pid").all() and (table["seed"] == 0).all()
+    assert table[["prompt", "response", "kl_seq", "length"]].to_dict("records") == [
+        {k: r[k] for k in ("prompt", "response", "kl_seq", "length")} for r in samples[8:11]
+    ]
+    (run / "summary.json").unlink()  # an unfinished run stops the copy
+    with pytest.raises(SystemExit, match=r"unfinished runs in .* \(no summary\.json\): pid_kl0\.05_s0"):
+        compact_runs.main([str(run.parent), str(tmp_path / "again")])
 
 
 def test_keep_checkpoints_false_deletes_a_finished_runs_resume_state_only(cache_dir, tmp_path, caplog):

@@ -14,6 +14,8 @@ The frames, from loading to the verdict:
   ``target_kl``, ``init_kl_coef``, ``seed``, ``completed``); ``config=True`` adds its whole config as dotted
   columns (``ppo.lr``, ``controller.horizon``, …).
 - ``summaries`` (:func:`load_summaries`): one row per completed run, exactly its ``summary.json``.
+- ``samples`` (:func:`samples_table`): a few generations per cell from the runs' ``samples.jsonl`` (prompt,
+  response, reward, the response's exact KL in nats and per token, its length), to read beside the numbers.
 - ``scores`` (:func:`score_runs`): one row per (run, target it is judged against), every §5 metric recomputed
   from the curve. A ``fixed`` run's β ignores the target, so it is run once per seed (and β) and scored
   against *every* target of the sweep: that row is the static controller at that target.
@@ -55,6 +57,7 @@ from kl_research.analysis.runs import (
     ID_COLUMNS,
     KEY_DEFAULTS,
     POOL_KEYS,
+    SAMPLE_COLUMNS,
     UNRECORDED,
     Sweep,
     add_frontier_runs,
@@ -72,6 +75,7 @@ from kl_research.analysis.runs import (
     run_config,
     run_dirs,
     run_info,
+    samples_table,
     select_runs,
     variants,
 )
@@ -119,6 +123,7 @@ __all__ = [
     "METRICS",
     "NAMES",
     "POOL_KEYS",
+    "SAMPLE_COLUMNS",
     "SETTLE_BAND",
     "TAIL_FRACTION",
     "TARGETED",
@@ -152,6 +157,7 @@ __all__ = [
     "run_config",
     "run_dirs",
     "run_info",
+    "samples_table",
     "score_runs",
     "select_runs",
     "t_interval",
