@@ -120,7 +120,7 @@ class PPOSchema:
     minibatch_size: int = 16  # sequences per gradient step
     epochs: int = 2  # passes over each rollout
     response_length: int = 24  # max new tokens per response
-    temperature: float = 1.0  # sampling and scoring temperature (RESEARCH.md §2)
+    temperature: float = 1.0  # sampling and scoring temperature (docs/kl-contract.md)
     cliprange: float = 0.2  # policy ratio clip
     cliprange_value: float | None = 0.2  # value clip around the rollout's values (PPO only, as the next six)
     vf_coef: float | None = 0.1

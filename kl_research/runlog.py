@@ -226,7 +226,7 @@ def compact_run(run_dir: str | Path, dest: str | Path, samples_per_step: int = C
 
 
 def summarize(history: list[dict[str, Any]], cfg: DictConfig, wall_time_s: float) -> dict[str, Any]:
-    """Tail-window statistics of RESEARCH.md §5 (last 25 % of steps), KL measured by `kl/exact`. The control
+    """Tail-window statistics of docs/sweeps.md (last 25 % of steps), KL measured by `kl/exact`. The control
     metrics (tracking error, in-band fraction, IAE, settle step, overshoot, KL after the first update, mean
     approx-KL per rollout) come from :func:`kl_research.analysis.control.control_metrics`, the same function that
     rescores runs in the analysis, so summary.json and the analysis can never disagree."""

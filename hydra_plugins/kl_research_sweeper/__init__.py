@@ -1,4 +1,4 @@
-"""Hydra plugin for the KL-control experiment grid (RESEARCH.md §5).
+"""Hydra plugin for the KL-control experiment grid (docs/sweeps.md).
 
 What Hydra's BasicSweeper and the stock submitit launchers cannot do, in the smallest form:
 

@@ -1,4 +1,4 @@
-"""``hydra/sweeper=kl_grid``: the controller × target KL × seed fan-out of RESEARCH.md §5.
+"""``hydra/sweeper=kl_grid``: the controller × target KL × seed fan-out of the experiment (docs/sweeps.md).
 
 ``sweep(arguments)``:
 

@@ -1,4 +1,4 @@
-"""Load a sweep's runs into pandas and compute the statistics of RESEARCH.md §5: the library the report, the
+"""Load a sweep's runs into pandas and compute the statistics of docs/sweeps.md: the library the report, the
 notebook (notebooks/sweep_analysis.ipynb) and scripts/make_results.py read results with.
 
 A sweep dir holds one run dir per job (``<sweep dir>/<job name>/``, see ``hydra_plugins/kl_research_sweeper``),
@@ -21,8 +21,8 @@ The frames, from loading to the verdict:
   against *every* target of the sweep: that row is the static controller at that target.
 - ``cells`` (:func:`cell_stats`): per (controller, target, β₀, ``ppo.kl_mode``/``ppo.kl_penalty``): mean, sd and
   95 % Student-t interval of the mean across seeds of each metric (:func:`t_interval`; NaN with one seed).
-- :func:`frontier` (fixed-β reward against KL), :func:`controllability` (can β reach every target? RESEARCH.md
-  §5, first), :func:`estimator_bias` (k1, k2, k3, seed against exact), :func:`verdict` (the seed's claim, per
+- :func:`frontier` (fixed-β reward against KL), :func:`controllability` (can β reach every target? docs/sweeps.md:
+  first), :func:`estimator_bias` (k1, k2, k3, seed against exact), :func:`verdict` (the seed's claim, per
   target), :func:`hold_band` (does each controller hold [0.5, 2] × target?) and :func:`compare_controllers`
   (pid against adaptive, Welch's t-test per metric).
 

@@ -144,7 +144,7 @@ def _summaries_frame(rows: list[dict]) -> pd.DataFrame:
 def load_summaries(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per completed run (its ``summary.json``), plus ``run`` (the run dir's name).
 
-    Columns are the summary's keys (RESEARCH.md §5: tail ``reward``, ``kl``, ``tracking_error``, ``in_band``,
+    Columns are the summary's keys (docs/sweeps.md: tail ``reward``, ``kl``, ``tracking_error``, ``in_band``,
     ``iae``, ``final_beta``, ``ppl_final``, ``ppl_ref``, ``ppl_change``, …); the KL unit is in ``kl_unit``.
     Rows are sorted by controller, target, β₀, seed. Empty (with the id columns) if no run completed.
     ``sweep_dir`` may also be a single run dir.
