@@ -1,4 +1,4 @@
-"""The experiment grid (RESEARCH.md §5) as one Hydra multirun: controller × target KL × seed.
+"""The experiment grid (docs/sweeps.md) as one Hydra multirun: controller × target KL × seed.
 
     python sweep.py                                              # the full grid, jobs in parallel here
     python sweep.py sweep.targets=[0.05] sweep.seeds=[0] steps=20 # a smaller one

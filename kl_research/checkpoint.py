@@ -24,7 +24,7 @@ CHECKPOINT = "checkpoints/last.pt"
 PREVIOUS_CHECKPOINT = "checkpoints/previous.pt"  # the one before last.pt, kept for a last.pt that cannot be read
 LOCK_FILE = ".lock"
 # Keys whose change does not change the trajectory: a restart may differ in these and still resume.
-RESUMABLE_DIFFS = ("steps", "wandb", "threads", "checkpoint_every", "keep_checkpoints", "sweep")
+RESUMABLE_DIFFS = ("steps", "wandb", "threads", "checkpoint_every", "keep_checkpoints", "sweep", "drift_")
 
 
 @contextlib.contextmanager

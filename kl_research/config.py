@@ -120,7 +120,7 @@ class PPOSchema:
     minibatch_size: int = 16  # sequences per gradient step
     epochs: int = 2  # passes over each rollout
     response_length: int = 24  # max new tokens per response
-    temperature: float = 1.0  # sampling and scoring temperature (RESEARCH.md §2)
+    temperature: float = 1.0  # sampling and scoring temperature (docs/kl-contract.md)
     cliprange: float = 0.2  # policy ratio clip
     cliprange_value: float | None = 0.2  # value clip around the rollout's values (PPO only, as the next six)
     vf_coef: float | None = 0.1
@@ -463,8 +463,10 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise ValueError(f"{key}={cfg.get(key)!r} is invalid; allowed: {allowed}")
 
-    for key in ("steps", "eval_every", "checkpoint_every", "drift_window"):
+    for key in ("steps", "eval_every", "checkpoint_every", "drift_window", "drift_patience"):
         need(isinstance(cfg.get(key), int) and cfg[key] > 0, key, "an int > 0")
+    grace = cfg.get("drift_grace")
+    need(isinstance(grace, int) and grace >= 1, "drift_grace", "an int >= 1 (rollout 1 has KL 0 by construction)")
     need(isinstance(cfg.get("keep_checkpoints"), bool), "keep_checkpoints", "true, false")
     need(cfg.get("threads") is None or (isinstance(cfg.threads, int) and cfg.threads > 0), "threads", "null or int > 0")
     need(cfg.get("precision") in ("auto", "fp32", "bf16"), "precision", "auto, fp32, bf16")

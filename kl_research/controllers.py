@@ -1,4 +1,4 @@
-"""β controllers for the KL penalty (RESEARCH.md §3).
+"""β controllers for the KL penalty (docs/kl-contract.md, "Controllers").
 
 Every controller is updated exactly once per rollout with the rollout's batch KL (nats per response
 token) and n_steps = number of sequences in the rollout. β is always a Python float. `state_dict()`

@@ -1,4 +1,4 @@
-"""The KL contract (RESEARCH.md §2): per-token estimators, the exact full-vocabulary KL, masked reductions.
+"""The KL contract (docs/kl-contract.md): per-token estimators, the exact full-vocabulary KL, masked reductions.
 
 Notation at a sampled response token y ~ π (sampling temperature T, both policies scored at the same T):
     d = log π(y) − log π_ref(y),   r = π_ref(y) / π(y) = exp(−d)
@@ -21,7 +21,7 @@ ESTIMATORS = ("k1", "k2", "k3", "seed")
 SIGNAL_ESTIMATORS = (*ESTIMATORS, "exact")
 
 # Where an estimator may act on π is a question of its *gradient*, and of the gradient of the KL of the whole
-# response (RESEARCH.md §2): KL_seq = E_π[Σ_t KL_t(y_<t)] and
+# response (docs/kl-contract.md): KL_seq = E_π[Σ_t KL_t(y_<t)] and
 #     ∇KL_seq = E[Σ_t ∇KL_t(y_<t)]  +  E[Σ_s ∇log π(y_s|y_<s) · Σ_{t>s} KL_t(y_<t)]
 #               (pathwise, per position)  (score function: what token s does to every later position's KL)
 # - reward  + k1:    −β·k1 per token through γ = 1 returns: both terms, unbiased, through a sampled log-ratio

@@ -36,7 +36,7 @@ def fuse_activations(model: nn.Module) -> int:
 class FP32Head(nn.Linear):
     """The vocabulary projection in fp32 whatever the autocast: `generate` samples from these logits, and the
     scoring pass (score_lm) computes its log-probs in fp32 too, so sampling draws from the π that is scored
-    (RESEARCH.md §4: a bf16 head during generation would sample from another distribution)."""
+    (docs/kl-contract.md: a bf16 head during generation would sample from another distribution)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):

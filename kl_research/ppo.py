@@ -1,4 +1,4 @@
-"""PPO maths as pure tensor functions (RESEARCH.md §4). Shapes: B sequences, T response positions.
+"""PPO maths as pure tensor functions (docs/kl-contract.md). Shapes: B sequences, T response positions.
 
 Every function here takes a response mask (B, T): True on response tokens up to and including the first
 EOS, False after it (padding). Nothing after EOS counts anywhere.
@@ -58,7 +58,7 @@ def gae(
 def kl_to_go(token_kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T): at each response token s, Σ_{t>s} KL_t over the later response positions of its sequence.
 
-    The score-function half of ∇KL_seq (RESEARCH.md §2) credits token s with the KL of every later position, whose
+    The score-function half of ∇KL_seq (docs/kl-contract.md) credits token s with the KL of every later position, whose
     state y_≤s it chose. KL_s itself is excluded: it depends on y_<s only, so crediting it to y_s would add noise and
     no signal (its expectation against ∇log π(y_s|y_<s) is 0). With γ = 1 this is the return of the per-token
     reward KL_{s+1} placed on token s. Zero outside the mask.

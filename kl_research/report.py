@@ -20,7 +20,7 @@ import pandas as pd
 
 from kl_research.analysis import POOL_KEYS, load_configs, load_curves, load_summaries, t_interval
 
-# Per-run metrics of RESEARCH.md §5 shown in the tables, in this order (those present in the summaries).
+# Per-run metrics of docs/sweeps.md shown in the tables, in this order (those present in the summaries).
 METRICS = [
     "reward",
     "kl",

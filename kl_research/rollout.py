@@ -1,6 +1,6 @@
 """One rollout: sample responses with the KV cache, then score the policy (+ values) and the reference once each.
 
-Sampling is exactly softmax(logits/T) (no top-k/top-p, RESEARCH.md §2), and the per-token numbers every KL mode and
+Sampling is exactly softmax(logits/T) (no top-k/top-p, docs/kl-contract.md), and the per-token numbers every KL mode and
 estimator needs come from one log-softmax per model (`token_stats`).
 """
 
@@ -51,8 +51,8 @@ def sampling_kwargs(
     prompts: torch.Tensor, temperature: float, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int
 ) -> dict[str, Any]:
     """`generate` settings that sample exactly from softmax(logits/T): no top-k, no top-p, no min_new_tokens
-    (RESEARCH.md §2, §4: any logits processor makes the sampling distribution differ from the one the log-probs are
-    scored with; a response that is only EOS is fine, its mask has one token)."""
+    (docs/kl-contract.md, "PPO and controllability": any logits processor makes the sampling distribution differ
+    from the one the log-probs are scored with; a response that is only EOS is fine, its mask has one token)."""
     return dict(
         attention_mask=torch.ones_like(prompts),  # prompts all have one length: no padding
         do_sample=True,

@@ -1,10 +1,12 @@
-"""What a run leaves behind: metrics.jsonl + W&B (one record per step), samples, summary.json, curves.png."""
+"""What a run leaves behind: metrics.jsonl + W&B (one record per step), samples, summary.json, curves.png; and the
+compact copy of it that results/ keeps (:func:`compact_run`)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,12 @@ from omegaconf import DictConfig
 from kl_research.analysis.control import TAIL_FRACTION, control_metrics
 
 log = logging.getLogger(__name__)
+
+# One record of samples.jsonl: the step, the decoded prompt and response, the task score, the exact KL of the
+# response (nats, summed over its tokens) and per response token, and its length (response tokens, EOS included).
+SAMPLE_FIELDS = ("step", "prompt", "response", "reward", "kl_seq", "kl_token", "length")
+# Samples of each logged step that a compact run (results/<name>/runs/) keeps.
+COMPACT_SAMPLES = 4
 
 
 class RunLogger:
@@ -145,16 +153,18 @@ class RunLogger:
         self._records.append(rec)
         self._wandb(lambda: self.run.log(rec), retry=False)  # a fallback run replays _records, rec included
 
-    def samples(self, step: int, prompts: list[str], responses: list[str], scores: list[float]) -> None:
-        rows = [[step, p, r, s] for p, r, s in zip(prompts, responses, scores, strict=True)]
+    def samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """Append step ``step``'s samples (:data:`SAMPLE_FIELDS` after ``step``) to samples.jsonl and, as a table, to
+        W&B."""
+        rows = [[step, *(x[k] for k in SAMPLE_FIELDS[1:])] for x in samples]
         with self.samples_path.open("a") as f:
             for row in rows:
-                f.write(json.dumps(dict(zip(("step", "prompt", "response", "reward"), row, strict=True))) + "\n")
+                f.write(json.dumps(dict(zip(SAMPLE_FIELDS, row, strict=True))) + "\n")
 
         def log_table():
             import wandb
 
-            table = wandb.Table(columns=["step", "prompt", "response", "reward"], data=rows)
+            table = wandb.Table(columns=list(SAMPLE_FIELDS), data=rows)
             self.run.log({"samples": table, "step": step})
 
         self._wandb(log_table)
@@ -191,8 +201,32 @@ class RunLogger:
             self.run = None
 
 
+def compact_run(run_dir: str | Path, dest: str | Path, samples_per_step: int = COMPACT_SAMPLES) -> Path:
+    """Copy what results/ keeps of a finished run into ``dest``: ``metrics.jsonl``, ``summary.json``,
+    ``.hydra/*.yaml`` and the first ``samples_per_step`` samples of each logged step (``samples.jsonl``, when the run
+    has one), without its checkpoints, policy or W&B files. Returns ``dest``."""
+    src, dest = Path(run_dir), Path(dest)
+    if not (src / "summary.json").is_file():
+        raise FileNotFoundError(f"{src} is not a finished run: it has no summary.json")
+    (dest / ".hydra").mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "summary.json"):
+        shutil.copyfile(src / name, dest / name)
+    for f in sorted((src / ".hydra").glob("*.yaml")):
+        shutil.copyfile(f, dest / ".hydra" / f.name)
+    if (src / "samples.jsonl").is_file():
+        per_step: dict[int, int] = {}
+        kept = []
+        for line in (src / "samples.jsonl").read_text().splitlines():
+            step = json.loads(line)["step"]
+            per_step[step] = per_step.get(step, 0) + 1
+            if per_step[step] <= samples_per_step:
+                kept.append(line + "\n")
+        (dest / "samples.jsonl").write_text("".join(kept))
+    return dest
+
+
 def summarize(history: list[dict[str, Any]], cfg: DictConfig, wall_time_s: float) -> dict[str, Any]:
-    """Tail-window statistics of RESEARCH.md §5 (last 25 % of steps), KL measured by `kl/exact`. The control
+    """Tail-window statistics of docs/sweeps.md (last 25 % of steps), KL measured by `kl/exact`. The control
     metrics (tracking error, in-band fraction, IAE, settle step, overshoot, KL after the first update, mean
     approx-KL per rollout) come from :func:`kl_research.analysis.control.control_metrics`, the same function that
     rescores runs in the analysis, so summary.json and the analysis can never disagree."""

@@ -1,6 +1,6 @@
 """An enumerable tabular policy over short responses, and the expected gradient of any KL mode through the trainer's
-own pieces (RESEARCH.md §2: check a mode by enumeration, in float64). Used by tests/test_kl_sequence.py and by
-scripts/kl_gradient.py's exact variance measurement.
+own pieces (docs/kl-contract.md, "The sequence-level gradient": check a mode by enumeration, in float64). Used by
+tests/test_kl_sequence.py and by scripts/kl_gradient.py's exact variance measurement.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kl_research.algos import Algorithm, build_algorithm, policy_update, uses_exact_kl_loss
+from kl_research.analysis.control import BAND, UNTARGETED
 from kl_research.checkpoint import (
     CHECKPOINT,
     PREVIOUS_CHECKPOINT,
@@ -38,7 +39,7 @@ from kl_research.checkpoint import (
 from kl_research.config import validate
 from kl_research.controllers import KLController, build_controller
 from kl_research.decode import fast_sampler_reason
-from kl_research.kl import ESTIMATORS, masked_mean, token_kl
+from kl_research.kl import ESTIMATORS, masked_mean, masked_sum, token_kl
 from kl_research.policy import PolicyWithValue, compile_trunks, disable_dropout
 from kl_research.precision_probe import Workload, auto_precision
 from kl_research.rollout import rollout
@@ -64,6 +65,74 @@ def make_optimizer(policy: torch.nn.Module, pcfg: DictConfig, device: torch.devi
     than the per-tensor loop torch uses on CPU by default (measured; 16 optimizer steps per PPO step)."""
     fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(policy.parameters(), lr=pcfg.lr, eps=pcfg.adam_eps, weight_decay=0.0, fused=fused)
+
+
+# ------------------------------------------------------------------------------------------- drift watch
+def new_drift_state() -> dict[str, Any]:
+    """The drift diagnostic's state (checkpointed as ``drift``): steps that warned, the last warning's kind (``ok``
+    when none), the recent KL signals and how many rollouts in a row after the grace the window mean has been out
+    of the band."""
+    return {"warnings": 0, "state": "ok", "window": [], "out_of_band": 0}
+
+
+def watch_drift(
+    drift: dict[str, Any], kl: float, rollout: int, controller: KLController, window: int, grace: int, patience: int
+) -> str | None:
+    """The seed's drift diagnostic, made to warn only on a problem the controller cannot fix by itself. Updates
+    ``drift`` (:func:`new_drift_state`) in place with rollout ``rollout``'s (1-based) KL signal, read after the
+    controller's update; returns the warning to log on the step a problem starts, else None.
+
+    The mean KL of the last ``window`` rollouts is judged against the band [0.5, 2] × target only after ``grace``
+    rollouts (rollout 1 is sampled from π = π_ref: KL 0 by construction; then KL rises at the update's pace while β
+    moves at the controller's). A step counts as drift (``drift["warnings"]`` += 1) when the mean is out of the band
+    and either β sits at the bound that would correct it (at ``kl_coef_max`` with KL above the band, at
+    ``kl_coef_min`` below it: the controller can do no more), or the mean has been out of the band for ``patience``
+    rollouts in a row (the controller is too slow for the run). A controller that does not aim at the target
+    (``fixed``) is never judged against it.
+    """
+    drift["window"] = (drift["window"] + [kl])[-window:]
+    if controller.name in UNTARGETED or rollout <= grace:
+        return None
+    recent, target, beta = float(np.mean(drift["window"])), controller.target_kl, controller.value
+    lo, hi = BAND
+    side = "high" if recent > hi * target else "low" if recent < lo * target else None
+    drift["out_of_band"] = drift["out_of_band"] + 1 if side else 0
+    bound = getattr(controller, "kl_coef_max" if side == "high" else "kl_coef_min", None)
+    at_bound = side is not None and bound is not None and math.isclose(beta, bound, rel_tol=1e-9)
+    state = "at_bound" if at_bound else "out_of_band" if drift["out_of_band"] >= patience else "ok"
+    started, drift["state"] = state != drift["state"], state
+    if state == "ok":
+        return None
+    drift["warnings"] += 1
+    if not started:
+        return None
+    ratio = f"recent mean KL {recent:.3g} nats/token is {recent / target:.2g}x the target {target:g}"
+    if at_bound and side == "high":
+        return (
+            f"KL drift: β is at its upper bound {bound:g} and the {ratio}: the controller cannot raise β further; "
+            "lower ppo.lr (the per-rollout step) or raise controller.kl_coef_max"
+        )
+    if at_bound:
+        return (
+            f"KL drift: β is at its lower bound {bound:g} and the {ratio}: the controller cannot lower β further and "
+            "the update does not move π that far; raise ppo.lr, lower controller.kl_coef_min or lower the target"
+        )
+    faster = (
+        "shorten controller.horizon"
+        if hasattr(controller, "horizon")
+        else "raise controller.gain or set controller.relative_error=true"
+        if hasattr(controller, "gain")
+        else "use a controller that moves β faster"
+    )
+    if side == "high":
+        return (
+            f"KL drift: the {ratio}, above {hi:g}x for {patience} rollouts while β reached {beta:.3g}: the controller "
+            f"is too slow for this run; {faster}, or lower ppo.lr"
+        )
+    return (
+        f"KL drift: the {ratio}, below {lo:g}x for {patience} rollouts while β reached {beta:.3g}: the policy does "
+        f"not reach the target in this job; {faster}, raise ppo.lr, run more steps or lower the target"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- job
@@ -131,11 +200,11 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         bar = tqdm(range(first, total), initial=first, total=total, desc=run_name(cfg), disable=not tty)
         progress_every = max(1, total // 20)
         for step in bar:
-            rec, texts_p, responses, scores = job.step(step)
+            rec, samples = job.step(step)
             logger.log(rec)
             last = step + 1 == total
             if (step + 1) % cfg.wandb.samples_every == 0 or last:
-                logger.samples(step + 1, texts_p[:8], responses[:8], scores[:8].tolist())
+                logger.samples(step + 1, samples[:8])
             kl = f"{rec['kl/' + cfg.ppo.kl_signal]:.4f}/{job.target:g}"
             bar.set_postfix(reward=f"{rec['reward/mean']:+.3f}", kl=kl, beta=f"{rec['kl/coef']:.4g}", refresh=False)
             if not tty and ((step + 1) % progress_every == 0 or last):
@@ -182,7 +251,7 @@ class Job:
     shuffle_gen: torch.Generator
     start_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    drift: dict[str, Any] = field(default_factory=lambda: {"warnings": 0, "state": "ok", "window": []})
+    drift: dict[str, Any] = field(default_factory=new_drift_state)
     ppl_ref: float | None = None
     elapsed_before: float = 0.0
     t_start: float = field(default_factory=time.perf_counter)
@@ -280,7 +349,8 @@ class Job:
         self.prompt_gen.set_state(ckpt["prompt_gen"])
         self.shuffle_gen.set_state(ckpt["shuffle_gen"])
         set_rng_state(ckpt["rng"])
-        self.start_step, self.history, self.drift = ckpt["step"], ckpt["history"], ckpt["drift"]
+        self.start_step, self.history = ckpt["step"], ckpt["history"]
+        self.drift = {**new_drift_state(), **ckpt["drift"]}  # a checkpoint from before a key existed lacks it
         self.ppl_ref, self.elapsed_before = ckpt["ppl_ref"], ckpt["elapsed_s"]
         log.info("resumed from a checkpoint at step %d of %d (β = %.4g)", self.start_step, self.cfg.steps, self.beta)
         ran = (ckpt.get("device_type", self.device.type), ckpt.get("precision", self.choice.precision))
@@ -304,8 +374,9 @@ class Job:
         )
 
     # ------------------------------------------------------------------------------------------- one step
-    def step(self, step: int) -> tuple[dict[str, Any], list[str], list[str], torch.Tensor]:
-        """One rollout and its update. Returns (the step's record, prompts, responses, scores)."""
+    def step(self, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """One rollout and its update. Returns (the step's record, one sample per sequence: prompt, response, task
+        score, exact KL of the response in nats (kl_seq) and per response token (kl_token), length in tokens)."""
         cfg, pcfg = self.cfg, self.cfg.ppo
         t0 = time.perf_counter()
         idx = self.algo.prompt_indices(len(self.prompts_all), self.prompt_gen)
@@ -344,7 +415,10 @@ class Job:
         signal = kls[pcfg.kl_signal]
         if step > 0:
             self.controller.update(signal, pcfg.batch_size)
-        self.watch_drift(signal)
+        drift = watch_drift(self.drift, signal, step + 1, self.controller, cfg.drift_window, cfg.drift_grace,
+                            cfg.drift_patience)  # fmt: skip
+        if drift is not None:
+            log.warning(drift)
 
         mask = batch["mask"]
         n_tokens = int(mask.sum())
@@ -383,7 +457,12 @@ class Job:
             rec["eval/ppl_ref"] = self.ppl_ref
             rec["eval/distinct_2"] = distinct_n(responses, 2)
         self.history.append(rec)
-        return rec, texts_p, responses, scores
+        kl_seq, length = masked_sum(batch["exact_kl"], mask).tolist(), mask.sum(-1).tolist()  # (B,) nats, tokens
+        samples = [
+            {"prompt": p, "response": r, "reward": x, "kl_seq": k, "kl_token": k / max(n, 1), "length": n}
+            for p, r, x, k, n in zip(texts_p, responses, scores.tolist(), kl_seq, length, strict=True)
+        ]
+        return rec, samples
 
     def score(self, prompts: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[list[str], list[str], torch.Tensor]:
         """(prompt texts, response texts, task scores (B,)): the response up to and including EOS, specials dropped."""
@@ -403,24 +482,6 @@ class Job:
         if not all(math.isfinite(v) for v in kls.values()):
             raise FloatingPointError(f"non-finite KL at step {step + 1}: {kls}; the last good checkpoint is kept")
         return kls
-
-    def watch_drift(self, signal: float) -> None:
-        """The seed's drift diagnostic: warn when the recent-window mean KL leaves [0.5, 2] × target."""
-        drift, target = self.drift, self.target
-        drift["window"] = (drift["window"] + [signal])[-self.cfg.drift_window :]
-        recent = float(np.mean(drift["window"]))
-        state = "high" if recent > 2 * target else "low" if recent < 0.5 * target else "ok"
-        if state != "ok":
-            drift["warnings"] += 1
-            if state != drift["state"]:
-                log.warning(
-                    "KL drift: recent mean %.4g nats/token is %s (target %.4g): %s",
-                    recent,
-                    "above 2x" if state == "high" else "below 0.5x",
-                    target,
-                    "policy drifting" if state == "high" else "not learning enough",
-                )
-        drift["state"] = state
 
     # ------------------------------------------------------------------------------------------ save, end
     def elapsed(self) -> float:

@@ -16,7 +16,7 @@ Writes <out>/:
 - at_targets.csv: per (mode, target): reward on the frontier at that KL, interpolated per seed (linear in log KL
   between the seed's two bracketing β) and then a Student-t interval over the seeds; and the *paired* difference
   to the other modes on the same seeds (the frontiers share seeds 0..n−1).
-- controllability.csv: per mode, RESEARCH.md §5's checks (monotone; smallest β ≥ 2 × the largest target; largest β
+- controllability.csv: per mode, docs/sweeps.md's checks (monotone; smallest β ≥ 2 × the largest target; largest β
   ≤ the smallest target / 2; each target spanned 2× both ways).
 - scores.csv: one row per run (tail metrics), frontier.png (the frontiers and reward at equal KL), command.txt.
 

@@ -201,8 +201,8 @@ def write_results(a: A.Analysis, out: Path, commands: list[str]) -> Path:
     md = [
         "# Results: KL control sweep",
         "",
-        f"Source: `{s.source}`  ",
-        f"Runs: {s.summaries.shape[0]} completed; KL in nats per response token (exact, RESEARCH.md §2); "
+        f"Source: `{s.source.replace(f'{REPO}/', '')}`  ",  # run dirs inside the repository: relative to its root
+        f"Runs: {s.summaries.shape[0]} completed; KL in nats per response token (exact, docs/kl-contract.md); "
         "statistics over the last 25 % of steps; intervals: 95 % Student-t interval of the mean across seeds "
         "(mean ± t₀.₉₇₅,ₙ₋₁·sd/√n; none with one seed).",
         "",

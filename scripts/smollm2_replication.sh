@@ -11,8 +11,9 @@
 #   git clone <repo> /work/clone_smol && cd /work/clone_smol
 #   setsid nohup bash scripts/smollm2_replication.sh > smollm2.log 2>&1 &     # re-run the same to resume
 #   bash scripts/smollm2_replication.sh collect <repo>/results/smollm2        # once every job is done
-# `collect` copies each run's metrics.jsonl, summary.json and .hydra/*.yaml (and each sweep's sweep.json, which holds
-# its command lines) to <dest>/{runs,static_runs,frontier_runs} and runs scripts/make_results.py on those copies.
+# `collect` copies each run's metrics.jsonl, summary.json, .hydra/*.yaml and first 4 samples of each logged step (and
+# each sweep's sweep.json, which holds its command lines) to <dest>/{runs,static_runs,frontier_runs}
+# (scripts/compact_runs.py) and runs scripts/make_results.py on those copies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
@@ -34,16 +35,7 @@ elif [ "$1" = collect ] && [ $# -eq 2 ]; then
   for pair in "${SWEEPS[@]}"; do
     name=${pair%%:*} sub=${pair#*:}
     src=$(ls -d multirun/"$name"/*/ | sort | tail -1)
-    rm -rf "${dest:?}/$sub" && mkdir -p "$dest/$sub"
-    cp "$src/sweep.json" "$dest/$sub/"
-    for run in "$src"/*/; do
-      [ -d "$run/.hydra" ] || continue  # the sweep's report/ and .submitit/ are not runs
-      [ -f "$run/summary.json" ] || { echo "unfinished run: $run" >&2; exit 1; }
-      r=$dest/$sub/$(basename "$run")
-      mkdir -p "$r/.hydra"
-      cp "$run/metrics.jsonl" "$run/summary.json" "$r/"
-      cp "$run"/.hydra/*.yaml "$r/.hydra/"
-    done
+    python scripts/compact_runs.py "$src" "$dest/$sub"  # refuses an unfinished run
   done
   cd "$repo"
   rel=${dest#"$repo"/}

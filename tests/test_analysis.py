@@ -79,8 +79,20 @@ def curve(run: str, controller: str, target: float, beta0: float, seed: int, his
     return pd.DataFrame([{**info, "completed": True, **r} for r in hist])
 
 
+def write_samples(run: Path, steps: list[int], n: int = 2, kl: bool = True) -> None:
+    """samples.jsonl as the trainer writes it: n samples per logged step (kl=False: a run from before kl_seq,
+    kl_token and length were recorded)."""
+    rows = []
+    for step in steps:
+        for i in range(n):
+            row = {"step": step, "prompt": f"{run.name} p{i}", "response": f"r{step}.{i}", "reward": 0.1 * i}
+            rows.append({**row, "kl_seq": 0.3 * step, "kl_token": 0.1 * step, "length": 3} if kl else row)
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def synthetic_sweep(root: Path) -> Path:
-    """fixed (β 0.2, logged target 0.05) × 2 seeds; adaptive at 0.02 and 0.1 × 2 seeds; one unfinished run."""
+    """fixed (β 0.2, logged target 0.05) × 2 seeds; adaptive at 0.02 and 0.1 × 2 seeds; one unfinished run. Samples:
+    2 per logged step (2 and 4) in every adaptive run and the first fixed one, which logged no KL with them."""
     sweep = root / "kl_grid" / "2030-01-01_00-00-00"
     sweep.mkdir(parents=True)
     (sweep / "sweep.json").write_text(json.dumps({"name": "kl_grid", "created": "2030-01-01T00:00:00"}))
@@ -88,9 +100,11 @@ def synthetic_sweep(root: Path) -> Path:
         write_run(sweep, f"fixed_s{s}", config("fixed", 0.05, 0.2, s), history([0.01, 0.03, 0.05, 0.06], 0.5 + s))
         for t in (0.02, 0.1):
             kl = [t / 4, t * 1.5, t * 1.1, t * (1 + 0.05 * s)]
-            write_run(
+            run = write_run(
                 sweep, f"adaptive_kl{t:g}_s{s}", config("adaptive", t, 0.2, s), history(kl, [0.3, 0.3, 0.3, 0.6 + s])
             )
+            write_samples(run, [2, 4])
+    write_samples(sweep / "fixed_s0", [4], kl=False)
     write_run(sweep, "adaptive_kl0.1_s2", config("adaptive", 0.1, 0.2, 2), history([0.1], 0.0), complete=False)
     return sweep
 
@@ -558,6 +572,32 @@ def test_load_sweep_run_dir_config_columns_and_latest(tmp_path):
         A.latest_sweep(tmp_path / "nothing")
 
 
+def test_samples_table_shows_a_few_generations_per_cell(tmp_path):
+    sweep = synthetic_sweep(tmp_path)
+    t = A.samples_table(sweep, n=3)
+    assert list(t.columns) == A.SAMPLE_COLUMNS
+    # per (controller, target, β₀): the first 3 samples of the runs' last logged step, seeds in order
+    assert list(zip(t.controller, t.target_kl, t.seed, t.step, t.response, strict=True)) == [
+        ("adaptive", 0.02, 0, 4, "r4.0"),
+        ("adaptive", 0.02, 0, 4, "r4.1"),
+        ("adaptive", 0.02, 1, 4, "r4.0"),
+        ("adaptive", 0.1, 0, 4, "r4.0"),
+        ("adaptive", 0.1, 0, 4, "r4.1"),
+        ("adaptive", 0.1, 1, 4, "r4.0"),
+        ("fixed", 0.05, 0, 4, "r4.0"),
+        ("fixed", 0.05, 0, 4, "r4.1"),
+    ]
+    adaptive = t[t.controller == "adaptive"]
+    assert (adaptive.kl_seq == 1.2).all() and (adaptive.length == 3).all() and adaptive.kl_token.tolist() == [0.4] * 6
+    assert t[t.controller == "fixed"][["kl_seq", "kl_token", "length"]].isna().all().all()  # logged before them
+    every = A.samples_table(sweep / "adaptive_kl0.02_s0", n=10, step="all")  # one run; every logged step
+    assert every.step.tolist() == [2, 2, 4, 4] and every.run.unique().tolist() == ["adaptive_kl0.02_s0"]
+    empty = A.samples_table(sweep / "fixed_s1")
+    assert empty.empty and list(empty.columns) == A.SAMPLE_COLUMNS
+    with pytest.raises(ValueError, match="step='first'; allowed: last, all"):
+        A.samples_table(sweep, step="first")
+
+
 def test_add_frontier_runs_skips_duplicate_jobs(tmp_path):
     main = A.load_sweep(synthetic_sweep(tmp_path))
     fdir = tmp_path / "frontier" / "t"
@@ -800,6 +840,10 @@ def test_notebook_executes_on_a_synthetic_sweep(tmp_path, monkeypatch):
     (cell,) = [c for c in nb.cells if "verdict" in c.metadata.get("tags", [])]
     printed = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
     assert printed.strip() == A.analyse(A.load_sweep(sweep)).text.strip()
+    (cell,) = [c for c in nb.cells if "samples" in c.metadata.get("tags", [])]  # a few generations per cell
+    (shown,) = [o["data"]["text/plain"] for o in cell.outputs if o.output_type == "display_data"]
+    expected = A.samples_table(sweep, n=3)
+    assert len(shown.splitlines()) == 1 + len(expected) == 9 and all(p in shown for p in expected.prompt)
     text = "\n".join(c.source for c in nb.cells)
     assert "Student-t" in text and "bootstrap" not in text.lower()
 

@@ -1,4 +1,4 @@
-"""β controllers (RESEARCH.md §3): hand-computed sequences, closed-loop behaviour, state, validation."""
+"""β controllers (docs/kl-contract.md): hand-computed sequences, closed-loop behaviour, state, validation."""
 
 import math
 import random
@@ -51,7 +51,7 @@ def test_pid_hand_computed_and_reduces_to_ziegler():
 
 
 def test_pid_and_adaptive_yamls_differ_only_in_p_and_d():
-    """The fair comparison (RESEARCH.md §5): the two default configs share error clip, horizon, β₀ and bounds; with
+    """The fair comparison (docs/sweeps.md): the two default configs share error clip, horizon, β₀ and bounds; with
     pid's P and D terms switched off, the two follow the same β trajectory (to the first order of log(1+x) ≈ x)."""
     from kl_research.reference import compose_config
 

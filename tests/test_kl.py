@@ -1,4 +1,4 @@
-"""KL estimators (RESEARCH.md §2) against hand-computed values and Monte-Carlo expectations."""
+"""KL estimators (docs/kl-contract.md) against hand-computed values and Monte-Carlo expectations."""
 
 import math
 
@@ -104,7 +104,7 @@ def test_monte_carlo_bias(case):
     se = s.std().item() / math.sqrt(n)
     assert abs(s.mean().item() - seed_mean) < 5 * se  # it estimates its own (wrong) quantity ...
     assert abs(s.mean().item() - exact) > 5 * se  # ... which is not the KL
-    assert s.mean().item() > exact  # biased upwards, as RESEARCH.md §1 says
+    assert s.mean().item() > exact  # biased upwards (docs/kl-contract.md: the seed document, read critically)
     # k3 has lower variance than k1 at these distances (Schulman's note)
     assert samples["k3"].std() < samples["k1"].std()
 
@@ -170,9 +170,10 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 # to second order and a cosine threshold could not tell loss+k3 from the right gradient)
 @pytest.mark.parametrize("scale", [1.0, 0.2])
 def test_one_token_gradients_are_identities_in_float64(scale):
-    """RESEARCH.md §2, one token: reward+k1, loss+k2 and loss+exact give ∇KL(π‖π_ref) exactly in expectation (float64
-    end to end); loss+k1 gives exactly 0; loss+k3 gives exactly ∇KL(π_ref‖π), the reverse KL; the other refused pairs
-    are not ∇KL. The sequence-level gradient, which one token cannot show, is tests/test_kl_sequence.py's."""
+    """docs/kl-contract.md, one token: reward+k1, loss+k2 and loss+exact give ∇KL(π‖π_ref) exactly in expectation
+    (float64 end to end); loss+k1 gives exactly 0; loss+k3 gives exactly ∇KL(π_ref‖π), the reverse KL; the other
+    refused pairs are not ∇KL. The sequence-level gradient, which one token cannot show, is
+    tests/test_kl_sequence.py's."""
     from kl_research.kl import PENALTY_MODES
 
     cases = _cases(scale)

@@ -1,4 +1,4 @@
-"""The KL penalty's gradient for whole responses, through the trainer's own pieces (RESEARCH.md §2, issue 19).
+"""The KL penalty's gradient for whole responses, through the trainer's own pieces (docs/kl-contract.md, issue 19).
 
 A tabular policy: one logit vector per prefix, a vocabulary of V tokens, responses of T tokens, every response
 enumerated, float64 end to end. For each offered (ppo.kl_mode, ppo.kl_penalty) the *expected* gradient is computed

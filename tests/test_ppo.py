@@ -1,4 +1,4 @@
-"""PPO maths (RESEARCH.md §4) on hand-computed values, including the EOS / padding pitfalls."""
+"""PPO maths (docs/kl-contract.md) on hand-computed values, including the EOS / padding pitfalls."""
 
 import pytest
 import torch

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PKG = REPO / "kl_research"
+# The project's packages: the library, and the Hydra plugin that runs its sweeps.
+PACKAGES = (REPO / "kl_research", REPO / "hydra_plugins" / "kl_research_sweeper")
 
 
 def _module_name(path: Path) -> str:
@@ -37,7 +38,7 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
 
 
 def test_the_project_modules_import_each_other_without_a_cycle():
-    files = {_module_name(p): p for p in PKG.rglob("*.py")}
+    files = {_module_name(p): p for pkg in PACKAGES for p in pkg.rglob("*.py")}
     modules = set(files)
     graph = {m: _imports(p, modules) - {m} for m, p in files.items()}
     # importing a submodule from outside its package runs the package's __init__ first (and so everything it imports)
@@ -47,6 +48,8 @@ def test_the_project_modules_import_each_other_without_a_cycle():
             if package in modules and package != "kl_research" and not m.startswith(package):
                 graph[m].add(package)
     assert "kl_research.analysis.control" in graph["kl_research.runlog"]  # the check sees deferred and from-imports
+    plugin = "hydra_plugins.kl_research_sweeper."  # ... and the plugin's, into its package and into the library
+    assert f"{plugin}grid" in graph[f"{plugin}sweeper"] and "kl_research.report" in graph[f"{plugin}callbacks"]
     state: dict[str, int] = {}
     path: list[str] = []
 

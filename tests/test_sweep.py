@@ -154,6 +154,19 @@ def test_sweep_config_composes_with_the_default_grid():
     assert cfg.hydra.callbacks.job_failure._target_.endswith("RecordJobFailure")
 
 
+def test_the_sweeper_finds_the_report_callback_without_importing_it():
+    """The sweeper raises the failed-sweep exit itself only when no report callback will (common.has_callback); it
+    names that callback by its dotted path (importing callbacks.py would close an import circle), which must be the
+    class's and the one conf/sweep.yaml configures."""
+    from hydra_plugins.kl_research_sweeper.callbacks import SweepReport
+    from hydra_plugins.kl_research_sweeper.common import SWEEP_REPORT, has_callback
+
+    assert SWEEP_REPORT == f"{SweepReport.__module__}.{SweepReport.__qualname__}"
+    cfg = compose_sweep()
+    assert has_callback(cfg, SWEEP_REPORT)
+    assert not has_callback(compose_sweep("~hydra.callbacks.report"), SWEEP_REPORT)
+
+
 def test_frontier_config_and_slurm_launcher():
     cfg = compose_sweep("sweep=frontier", "sweep.seeds=[0]", "hydra/launcher=slurm", "hydra.launcher.partition=gpu")
     assert cfg.hydra.sweeper.name == cfg.wandb.group == "frontier"

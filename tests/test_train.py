@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import kl_research.config  # noqa: F401  (registers schemas)
 import kl_research.train as train_mod
-from kl_research import checkpoint, ppo, precision_probe, runtime
+from kl_research import checkpoint, ppo, precision_probe, runlog, runtime
 from kl_research.train import train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -159,7 +161,7 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog, monkeypatch)
     # samples.jsonl: the decoded prompt/response/score of the logged steps (samples_every=2, and the last step)
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in samples}) == [2, 3] and len(samples) == 16
-    assert all(set(r) == {"step", "prompt", "response", "reward"} for r in samples)
+    assert all(tuple(r) == runlog.SAMPLE_FIELDS for r in samples)  # + each response's KL and length
     assert all(isinstance(r["prompt"], str) and r["prompt"] and isinstance(r["response"], str) for r in samples)
     last = [r["reward"] for r in samples if r["step"] == 3]
     assert sum(last) / len(last) == pytest.approx(recs[2]["reward/mean"], abs=1e-6)  # the whole batch of 8: its mean
@@ -168,6 +170,63 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog, monkeypatch)
     assert lm.config.n_layer == 1
     # re-running a finished run returns its summary without training again
     assert train(cfg, tmp_path) == summary
+
+
+def test_samples_carry_each_responses_kl_and_length_and_compact_runs_keep_a_few(cache_dir, tmp_path):
+    """samples.jsonl: per response, its exact KL in nats (kl_seq, summed over its tokens), per token (kl_token) and its
+    length in tokens; a logged step's samples are its whole batch here (8), so they add up to the step's record. The
+    compact copy that results/ keeps (scripts/compact_runs.py) holds the first 4 of each logged step, and the analysis
+    shows them per cell (analysis.samples_table)."""
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        import compact_runs
+    finally:
+        sys.path.remove(scripts)
+    from omegaconf import OmegaConf
+
+    from kl_research import analysis
+
+    cfg = make_cfg(cache_dir, "steps=3", "controller=pid", "controller.target_kl=0.05")
+    run = tmp_path / "sweep" / "pid_kl0.05_s0"
+    train(cfg, run)
+    (run / ".hydra").mkdir()  # as a sweep's job has it
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    (run / "wandb").mkdir()  # what a compact run leaves behind
+    recs = {r["step"]: r for r in read_metrics(run)}
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [2] * 8 + [3] * 8  # wandb.samples_every=2, and the last step
+    for r in samples:
+        assert isinstance(r["length"], int) and 1 <= r["length"] <= cfg.ppo.response_length
+        assert r["kl_seq"] >= -1e-7 and r["kl_token"] * r["length"] == pytest.approx(r["kl_seq"], rel=1e-9, abs=1e-12)
+    for step in (2, 3):
+        batch = [r for r in samples if r["step"] == step]
+        n_tokens = sum(r["length"] for r in batch)
+        assert n_tokens / len(batch) == pytest.approx(recs[step]["response/length"])
+        assert sum(r["kl_seq"] for r in batch) / n_tokens == pytest.approx(recs[step]["kl/exact"], rel=1e-4, abs=1e-9)
+    assert any(r["kl_seq"] > 0 for r in samples)  # π has moved from π_ref by step 2
+
+    compact = tmp_path / "results" / "runs"
+    compact_runs.main([str(run.parent), str(compact)])
+    kept = compact / run.name
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
+        ".hydra/config.yaml",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "summary.json",
+    ]
+    assert (kept / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
+    kept_samples = [json.loads(line) for line in (kept / "samples.jsonl").read_text().splitlines()]
+    assert kept_samples == samples[:4] + samples[8:12]  # the first 4 of each logged step
+    table = analysis.samples_table(compact, n=3)
+    assert list(table.columns) == analysis.SAMPLE_COLUMNS and len(table) == 3
+    assert (table["step"] == 3).all() and (table["controller"] == "pid").all() and (table["seed"] == 0).all()
+    assert table[["prompt", "response", "kl_seq", "length"]].to_dict("records") == [
+        {k: r[k] for k in ("prompt", "response", "kl_seq", "length")} for r in samples[8:11]
+    ]
+    (run / "summary.json").unlink()  # an unfinished run stops the copy
+    with pytest.raises(SystemExit, match=r"unfinished runs in .* \(no summary\.json\): pid_kl0\.05_s0"):
+        compact_runs.main([str(run.parent), str(tmp_path / "again")])
 
 
 def test_keep_checkpoints_false_deletes_a_finished_runs_resume_state_only(cache_dir, tmp_path, caplog):
@@ -307,8 +366,12 @@ def assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeyp
 
 
 def test_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, monkeypatch):
-    cfg = make_cfg(cache_dir, "steps=5", "controller=adaptive", "controller.horizon=16")
+    # the drift diagnostic judging from rollout 2 and warning after 2 rollouts out of the band: its state (the
+    # stretch out of the band, the count) must come back from the checkpoint too
+    drift = ["drift_grace=1", "drift_patience=2"]
+    cfg = make_cfg(cache_dir, "steps=5", "controller=adaptive", "controller.horizon=16", *drift)
     assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch)
+    assert [r["kl/drift_warnings"] for r in read_metrics(tmp_path / "crashed")] == [0, 0, 1, 2, 3]
 
 
 def test_grpo_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, monkeypatch):
@@ -431,6 +494,8 @@ def test_a_second_copy_of_a_job_in_its_run_dir_fails_at_once_naming_the_first(ca
         ("ppo.kl_signal=nope", r"ppo\.kl_signal='nope'.*exact"),
         ("controller.target_kl=-1", r"controller\.target_kl=-1\.0 is invalid"),
         ("steps=0", r"steps=0 is invalid"),
+        ("drift_grace=0", r"drift_grace=0 is invalid; allowed: an int >= 1 \(rollout 1 has KL 0 by construction\)"),
+        ("drift_patience=0", r"drift_patience=0 is invalid; allowed: an int > 0"),
         ("precision=fp8", r"precision='fp8' is invalid; allowed: auto, fp32, bf16"),
         ("compile=fast", r"compile='fast' is invalid; allowed: false, default, reduce-overhead"),
         ("algo=grpo ppo.vf_coef=0.5", r"ppo\.vf_coef=0\.5 is invalid with algo=grpo: it is a PPO setting"),
@@ -748,19 +813,129 @@ def test_non_finite_kl_stops_and_keeps_last_good_checkpoint(cache_dir, tmp_path,
     assert not (tmp_path / "summary.json").exists()
 
 
-def test_drift_diagnostic_counts_every_step_out_of_band_and_warns_once(cache_dir, tmp_path, caplog):
-    """A fixed β with a target far above any KL the run reaches: every step's recent mean is below 0.5x target,
-    so the counter goes up each step, and the log says so once (on entering the state), not every step."""
-    cfg = make_cfg(cache_dir, "steps=3", "controller=fixed", "controller.target_kl=1000")
+def drift_messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("KL drift:")]
+
+
+def test_drift_diagnostic_stays_quiet_while_the_controller_can_still_act(cache_dir, tmp_path, caplog):
+    """A healthy run: the KL of a short job is still rising far below its target (the old rule, any window mean out of
+    [0.5, 2]x target, counted every step from rollout 1, whose KL is 0 by construction), while adaptive's β moves
+    freely inside its bounds. Judged from rollout 2 on, with a window of 1: no warning, because β can still correct
+    it and the stretch out of the band is shorter than drift_patience. A fixed β is never judged against a target."""
+    cfg = make_cfg(
+        cache_dir, "steps=4", "controller=adaptive", "controller.horizon=16", "drift_grace=1", "drift_window=1"
+    )
+    with caplog.at_level(logging.WARNING, logger="kl_research.train"):
+        summary = train(cfg, tmp_path / "adaptive")
+    recs = read_metrics(tmp_path / "adaptive")
+    assert all(r["kl/exact"] < 0.5 * r["kl/target"] for r in recs)  # out of the band all along ...
+    assert all(1e-4 < r["kl/coef_next"] < 10 for r in recs) and recs[-1]["kl/coef_next"] < recs[0]["kl/coef"]
+    assert [r["kl/drift_warnings"] for r in recs] == [0, 0, 0, 0] and summary["drift_warnings"] == 0  # ... no alarm
+    assert drift_messages(caplog) == []
+    cfg = make_cfg(cache_dir, "steps=3", "controller=fixed", "controller.target_kl=1000", "drift_grace=1")
+    with caplog.at_level(logging.WARNING, logger="kl_research.train"):
+        assert train(cfg, tmp_path / "fixed")["drift_warnings"] == 0
+    assert drift_messages(caplog) == []
+
+
+def test_drift_diagnostic_warns_once_when_beta_is_pinned_at_its_upper_bound(cache_dir, tmp_path, caplog):
+    """β capped at 0.001 (controller.kl_coef_max, its start) with a target far below the KL the first update adds:
+    the controller would raise β and cannot. Every step after the grace counts; the log says it once, with what
+    to do."""
+    cfg = make_cfg(
+        cache_dir,
+        "steps=4",
+        "controller=adaptive",
+        "controller.horizon=16",
+        "controller.target_kl=1e-7",
+        "controller.init_kl_coef=1e-3",
+        "controller.kl_coef_max=1e-3",
+        "drift_grace=1",
+        "drift_window=2",
+    )
     with caplog.at_level(logging.WARNING, logger="kl_research.train"):
         summary = train(cfg, tmp_path)
     recs = read_metrics(tmp_path)
-    assert all(r["kl/exact"] < 500 for r in recs)
-    assert [r["kl/drift_warnings"] for r in recs] == [1, 2, 3]
-    assert summary["drift_warnings"] == 3
-    drift = [r.getMessage() for r in caplog.records if r.getMessage().startswith("KL drift:")]
-    assert len(drift) == 1, drift
-    assert "is below 0.5x (target 1000): not learning enough" in drift[0]
+    assert all(r["kl/coef_next"] == 1e-3 for r in recs) and all(r["kl/exact"] > 1e-6 for r in recs[1:])
+    assert [r["kl/drift_warnings"] for r in recs] == [0, 1, 2, 3] and summary["drift_warnings"] == 3
+    (message,) = drift_messages(caplog)
+    assert re.match(
+        r"KL drift: β is at its upper bound 0\.001 and the recent mean KL \S+ nats/token is \S+x the target 1e-07: "
+        r"the controller cannot raise β further; lower ppo\.lr \(the per-rollout step\) or raise "
+        r"controller\.kl_coef_max$",
+        message,
+    ), message
+
+
+def test_a_checkpoint_from_before_the_drift_rule_resumes(cache_dir, tmp_path, caplog):
+    """A checkpoint written before drift_grace and drift_patience existed: its config lacks them and its drift state
+    is the seed rule's ({warnings, state, window}). It resumes, the count carried on; another drift_patience is no
+    reason to refuse a checkpoint either (the diagnostic never changes the trajectory)."""
+    train(make_cfg(cache_dir, "steps=2", "checkpoint_every=1"), tmp_path)
+    (tmp_path / "summary.json").unlink()  # as if killed after its last checkpoint
+    path = tmp_path / train_mod.CHECKPOINT
+    ckpt = torch.load(path, weights_only=True)
+    config = {k: v for k, v in ckpt["config"].items() if k not in ("drift_grace", "drift_patience")}
+    old_drift = {"warnings": 2, "state": "low", "window": [0.0, 1e-5]}
+    torch.save({**ckpt, "config": config, "drift": old_drift}, path)
+    summary = train(make_cfg(cache_dir, "steps=4", "checkpoint_every=1", "drift_patience=7"), tmp_path)
+    assert summary["steps"] == 4 and summary["drift_warnings"] == 2  # nothing judged in the grace (20 rollouts)
+    drift = torch.load(path, weights_only=True)["drift"]
+    assert drift == {**old_drift, "window": drift["window"], "out_of_band": 0} and len(drift["window"]) == 4
+
+
+class FakeController:
+    """What watch_drift reads of a controller: its name, target, β, bounds and the knob that sets its speed (pid's
+    horizon, exponential's gain)."""
+
+    def __init__(self, name="pid", value=0.5, target_kl=0.05, kl_coef_min=1e-4, kl_coef_max=10.0, **knobs):
+        self.name, self.value, self.target_kl = name, value, target_kl
+        self.kl_coef_min, self.kl_coef_max = kl_coef_min, kl_coef_max
+        for k, v in (knobs or ({"horizon": 256.0} if name == "pid" else {"gain": 0.1})).items():
+            setattr(self, k, v)
+
+
+def feed(kls, controller, drift=None, grace=3, window=2, patience=4):
+    """Run watch_drift over rollouts 1.. with these KLs; (the state, the messages by rollout)."""
+    drift = train_mod.new_drift_state() if drift is None else drift
+    said = {}
+    for rollout, kl in enumerate(kls, start=1):
+        msg = train_mod.watch_drift(drift, kl, rollout, controller, window, grace, patience)
+        if msg is not None:
+            said[rollout] = msg
+    return drift, said
+
+
+def test_drift_rule_pinned_stuck_grace_and_fixed():
+    """The rule on made-up KL sequences (target 0.05, band [0.025, 0.1], grace 3, window 2, patience 4)."""
+    far_above = [0.0] + [0.4] * 7
+    # β pinned at kl_coef_max (pid's exp(log 10) is not exactly 10) while KL is 8x the target: warns from rollout 4
+    drift, said = feed(far_above, FakeController(value=math.exp(math.log(10.0))))
+    assert drift["warnings"] == 5 and list(said) == [4]
+    assert said[4] == (
+        "KL drift: β is at its upper bound 10 and the recent mean KL 0.4 nats/token is 8x the target 0.05: the "
+        "controller cannot raise β further; lower ppo.lr (the per-rollout step) or raise controller.kl_coef_max"
+    )
+    # the same KL with β free to rise: only once out of the band for `patience` rollouts after the grace (4..7)
+    drift, said = feed(far_above, FakeController(value=2.0))
+    assert drift["warnings"] == 2 and list(said) == [7] and "above 2x for 4 rollouts while β reached 2" in said[7]
+    assert "shorten controller.horizon, or lower ppo.lr" in said[7]
+    # β at kl_coef_min while KL stays far below the target (an exponential controller: its faster knob is the gain)
+    drift, said = feed([0.0, 0.001, 0.001, 0.001, 0.001], FakeController(name="exponential", value=1e-4))
+    assert drift["warnings"] == 2 and "β is at its lower bound 0.0001" in said[4]
+    drift, said = feed([0.0, 0.001] + [0.001] * 6, FakeController(name="exponential", value=0.2))
+    assert "raise controller.gain or set controller.relative_error=true" in said[7]
+    # β at a bound that would not correct it (KL high, β at its minimum) is no alarm; back in the band resets
+    drift, said = feed([0.0, 0.4, 0.4, 0.4, 0.4, 0.05, 0.05], FakeController(value=1e-4))
+    assert drift["warnings"] == 0 and said == {} and drift["out_of_band"] == 0
+    # within the grace nothing is judged, whatever KL and β are (rollout 1: KL 0 by construction)
+    assert feed([0.0, 9.0, 9.0], FakeController(value=10.0))[0]["warnings"] == 0
+    # a fixed β aims at no target: never a warning about it
+    assert feed(far_above, FakeController(name="fixed", value=10.0))[0]["warnings"] == 0
+    # a checkpoint from before the rule holds the old state (no out_of_band): it resumes
+    old = {"warnings": 27, "state": "low", "window": [0.01, 0.02]}
+    drift, said = feed([0.4] * 8, FakeController(value=10.0), drift={**train_mod.new_drift_state(), **old})
+    assert drift["warnings"] == 27 + 5 and list(said) == [4]
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Hydra plugin for the KL-control experiment grid (RESEARCH.md §5).
+"""Hydra plugin for the KL-control experiment grid (docs/sweeps.md).
 
 What Hydra's BasicSweeper and the stock submitit launchers cannot do, in the smallest form:
 
@@ -9,7 +9,8 @@ What Hydra's BasicSweeper and the stock submitit launchers cannot do, in the sma
   submitit launchers whose ``launch()`` survives a failing job and, locally, runs at most ``max_parallel``.
 
 The rest sits on Hydra's public callbacks (:mod:`.callbacks`, ``hydra.callbacks`` in conf/sweep.yaml): the
-reference built once before the jobs, the report and exit status after them, a failing job's traceback.
+reference built once before the jobs, the report and exit status after them, a failing job's traceback. What the
+sweeper and the callbacks share (``sweep.json``, the failed-sweep exit) is :mod:`.common`'s: neither imports the other.
 
 Hydra imports every module of this package when it scans for plugins (before composing the config), which
 is what registers the schemas of :mod:`.config` in the ConfigStore.

@@ -25,11 +25,12 @@ from typing import Any
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from hydra_plugins.kl_research_sweeper.common import STATE_FILE, SweepJobsFailed, failed_message, job_error
 from hydra_plugins.kl_research_sweeper.grid import Grid, combinations, is_grid_override, jobs_of
 
 log = logging.getLogger(__name__)
@@ -39,36 +40,8 @@ ERROR_FILE = "error.txt"
 _NOT_SHARED = ("controller", "wandb", "seed")
 
 
-class SweepJobsFailed(SystemExit):
-    """The sweep ends with exit status 1 (after its report) when some jobs did not complete."""
-
-
 class SweepAborted(SystemExit):
     """The sweep stops before launching anything (exit status 1)."""
-
-
-def job_error(job_return: JobReturn) -> BaseException | None:
-    """The exception a failed job raised (Hydra's public ``return_value`` re-raises it), or None."""
-    if job_return.status != JobStatus.FAILED:
-        return None
-    try:
-        job_return.return_value  # noqa: B018  (raises the job's exception)
-    except BaseException as e:
-        return e
-    return None
-
-
-def failed_message(failures: dict[str, str], n_jobs: int, where: Path) -> str:
-    return (
-        f"{len(failures)} of {n_jobs} jobs failed ({', '.join(sorted(failures))}); see {where}. "
-        "Re-run the same command to run them again."
-    )
-
-
-def has_callback(config: DictConfig, cls: type) -> bool:
-    """Whether ``hydra.callbacks`` of ``config`` instantiates ``cls``."""
-    targets = [str(c.get("_target_", "")) for c in (OmegaConf.select(config, "hydra.callbacks") or {}).values()]
-    return f"{cls.__module__}.{cls.__qualname__}" in targets
 
 
 class RecordJobFailure(Callback):
@@ -144,7 +117,6 @@ class SweepReport(Callback):
         self.enabled, self.fail_on_error = bool(enabled), bool(fail_on_error)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra_plugins.kl_research_sweeper.sweeper import STATE_FILE
         from kl_research.report import log_tail, write_report
 
         sweep_dir = Path(str(config.hydra.sweep.dir))  # the sweeper writes the dir it chose into the config

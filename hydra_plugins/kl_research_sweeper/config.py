@@ -4,7 +4,8 @@
   named grids: ``sweep=frontier``). Every job's ``.hydra/config.yaml`` carries it, so a run dir says which
   sweep it belongs to.
 - ``hydra/sweeper/kl_grid``: the sweeper's own parameters. ``conf/sweep.yaml`` points them at ``${sweep.*}``;
-  the defaults below are RESEARCH.md §5's grid, so the sweeper also works without a ``sweep:`` section.
+  the defaults below are the experiment's grid (docs/sweeps.md), so the sweeper also works without a ``sweep:``
+  section.
 - ``schema/launcher/{local,slurm}``: hydra-submitit-launcher's schemas plus ``max_parallel`` (local), with
   ``_target_`` set to the failure-tolerant launchers of :mod:`.launchers`.
 """
@@ -18,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 
 CONTROLLERS = ["fixed", "adaptive", "exponential", "pid", "pid_ci"]
-TARGETS = [0.01, 0.02, 0.05, 0.10, 0.20]  # nats per response token (RESEARCH.md §2)
+TARGETS = [0.01, 0.02, 0.05, 0.10, 0.20]  # nats per response token (docs/kl-contract.md)
 SEEDS = [0, 1, 2]
 
 

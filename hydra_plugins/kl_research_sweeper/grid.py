@@ -2,7 +2,7 @@
 
 Pure functions (no Hydra state), so the expansion rule is unit-tested on its own:
 
-- ``fixed`` does not depend on the target KL (RESEARCH.md §5): one job per seed × β in ``fixed_betas``
+- ``fixed`` does not depend on the target KL (docs/sweeps.md): one job per seed × β in ``fixed_betas``
   (or one per seed at the configured β₀), never one per target;
 - every other controller: one job per target × seed;
 - the whole grid is repeated for every combination of the user's own sweep overrides

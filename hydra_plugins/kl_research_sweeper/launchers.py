@@ -41,7 +41,7 @@ _OWN_KEYS = {"max_parallel"}
 
 def failed_return(overrides: Sequence[str], error: BaseException) -> JobReturn:
     ret = JobReturn(overrides=list(overrides), status=JobStatus.FAILED)
-    ret.return_value = error  # JobReturn.return_value raises it when read (callbacks.job_error)
+    ret.return_value = error  # JobReturn.return_value raises it when read (common.job_error)
     ret.status = JobStatus.FAILED
     return ret
 

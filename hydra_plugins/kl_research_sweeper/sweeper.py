@@ -1,4 +1,4 @@
-"""``hydra/sweeper=kl_grid``: the controller × target KL × seed fan-out of RESEARCH.md §5.
+"""``hydra/sweeper=kl_grid``: the controller × target KL × seed fan-out of the experiment (docs/sweeps.md).
 
 ``sweep(arguments)``:
 
@@ -48,9 +48,10 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from hydra_plugins.kl_research_sweeper.callbacks import (
+from hydra_plugins.kl_research_sweeper.common import (
+    STATE_FILE,
+    SWEEP_REPORT,
     SweepJobsFailed,
-    SweepReport,
     failed_message,
     has_callback,
     job_error,
@@ -60,7 +61,6 @@ from hydra_plugins.kl_research_sweeper.grid import Grid, Job, fingerprint, jobs_
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "sweep.json"
 INVOCATION_KEYS = ("sweep.fresh", "sweep.dir", "sweep.report", "sweep.fail_on_error")
 LOCK_FILE = ".sweep.lock"
 
@@ -290,7 +290,7 @@ class KLGridSweeper(Sweeper):
         log.info(f"Sweep '{self.name}': {n_ok}/{len(jobs)} jobs complete in {time.time() - t0:.1f} s; {sweep_dir}")
         # The report and the exit status are the SweepReport callback's (on_multirun_end, after this returns).
         # Without one, failures must not pass silently.
-        if failures and not has_callback(self.config, SweepReport):
+        if failures and not has_callback(self.config, SWEEP_REPORT):
             raise SweepJobsFailed(failed_message(failures, len(jobs), sweep_dir))
         return sweep_dir
 

@@ -1,4 +1,4 @@
-"""Load a sweep's runs into pandas and compute the statistics of RESEARCH.md §5: the library the report, the
+"""Load a sweep's runs into pandas and compute the statistics of docs/sweeps.md: the library the report, the
 notebook (notebooks/sweep_analysis.ipynb) and scripts/make_results.py read results with.
 
 A sweep dir holds one run dir per job (``<sweep dir>/<job name>/``, see ``hydra_plugins/kl_research_sweeper``),
@@ -14,13 +14,15 @@ The frames, from loading to the verdict:
   ``target_kl``, ``init_kl_coef``, ``seed``, ``completed``); ``config=True`` adds its whole config as dotted
   columns (``ppo.lr``, ``controller.horizon``, …).
 - ``summaries`` (:func:`load_summaries`): one row per completed run, exactly its ``summary.json``.
+- ``samples`` (:func:`samples_table`): a few generations per cell from the runs' ``samples.jsonl`` (prompt,
+  response, reward, the response's exact KL in nats and per token, its length), to read beside the numbers.
 - ``scores`` (:func:`score_runs`): one row per (run, target it is judged against), every §5 metric recomputed
   from the curve. A ``fixed`` run's β ignores the target, so it is run once per seed (and β) and scored
   against *every* target of the sweep: that row is the static controller at that target.
 - ``cells`` (:func:`cell_stats`): per (controller, target, β₀, ``ppo.kl_mode``/``ppo.kl_penalty``): mean, sd and
   95 % Student-t interval of the mean across seeds of each metric (:func:`t_interval`; NaN with one seed).
-- :func:`frontier` (fixed-β reward against KL), :func:`controllability` (can β reach every target? RESEARCH.md
-  §5, first), :func:`estimator_bias` (k1, k2, k3, seed against exact), :func:`verdict` (the seed's claim, per
+- :func:`frontier` (fixed-β reward against KL), :func:`controllability` (can β reach every target? docs/sweeps.md:
+  first), :func:`estimator_bias` (k1, k2, k3, seed against exact), :func:`verdict` (the seed's claim, per
   target), :func:`hold_band` (does each controller hold [0.5, 2] × target?) and :func:`compare_controllers`
   (pid against adaptive, Welch's t-test per metric).
 
@@ -55,6 +57,7 @@ from kl_research.analysis.runs import (
     ID_COLUMNS,
     KEY_DEFAULTS,
     POOL_KEYS,
+    SAMPLE_COLUMNS,
     UNRECORDED,
     Sweep,
     add_frontier_runs,
@@ -72,6 +75,7 @@ from kl_research.analysis.runs import (
     run_config,
     run_dirs,
     run_info,
+    samples_table,
     select_runs,
     variants,
 )
@@ -119,6 +123,7 @@ __all__ = [
     "METRICS",
     "NAMES",
     "POOL_KEYS",
+    "SAMPLE_COLUMNS",
     "SETTLE_BAND",
     "TAIL_FRACTION",
     "TARGETED",
@@ -152,6 +157,7 @@ __all__ = [
     "run_config",
     "run_dirs",
     "run_info",
+    "samples_table",
     "score_runs",
     "select_runs",
     "t_interval",

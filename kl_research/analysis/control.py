@@ -14,10 +14,10 @@ import pandas as pd
 
 from kl_research.analysis.runs import ID_COLUMNS
 
-TAIL_FRACTION = 0.25  # summaries and scores average the last 25 % of steps (RESEARCH.md §5)
-# Controllers whose β does not depend on target_kl: scored against every target (RESEARCH.md §5).
+TAIL_FRACTION = 0.25  # summaries and scores average the last 25 % of steps (docs/sweeps.md)
+# Controllers whose β does not depend on target_kl: scored against every target (docs/sweeps.md).
 UNTARGETED = ("fixed",)
-# The band of RESEARCH.md §5: KL in [0.5, 2] × target (in-band fraction, settle step, holding the band), and the
+# The band of docs/sweeps.md: KL in [0.5, 2] × target (in-band fraction, settle step, holding the band), and the
 # tighter ±20 % band of the older ``settling_step``.
 BAND = (0.5, 2.0)
 SETTLE_BAND = 0.2
@@ -50,7 +50,7 @@ def control_metrics(
     band: tuple[float, float] = BAND,
     settle_band: float = SETTLE_BAND,
 ) -> dict[str, Any]:
-    """The control metrics of one run (RESEARCH.md §5) from its per-step KL (``kl/exact``, in step order) and a
+    """The control metrics of one run (docs/sweeps.md) from its per-step KL (``kl/exact``, in step order) and a
     ``target``: the one function behind both a run's summary.json (:func:`kl_research.runlog.summarize`) and
     :func:`score_runs` (which rescores each ``fixed`` run against every target with it). Pure: arrays in, dict out.
 
@@ -70,7 +70,7 @@ def control_metrics(
     - ``kl_step2``: KL at step 2, the KL the first PPO update produced (rollout 1 is sampled from the
       reference); NaN if the run has no step 2. ``approx_kl_mean``: mean of ``approx_kl`` (the logged
       ``policy/approx_kl``: the per-rollout update size) over the run, NaN if not given. Both are target-free:
-      they show whether one rollout's update is small against the smallest target (RESEARCH.md §4).
+      they show whether one rollout's update is small against the smallest target (docs/kl-contract.md).
     """
     kl = np.asarray(kl, dtype=float)
     n = len(kl)
@@ -147,7 +147,7 @@ def score_runs(
     every target of the sweep's other runs; its own logged target if there are none, as in a frontier sweep);
     ``logged_target_kl`` keeps the one it logged, ``rescored`` marks the rows against another target.
     Columns: the curve's non-metric columns (id, ``completed``, config), ``target_kl`` (the scoring target),
-    ``steps`` and :data:`METRICS`. KL is ``kl_key`` (``kl/exact``, RESEARCH.md §5); see :func:`control_metrics`.
+    ``steps`` and :data:`METRICS`. KL is ``kl_key`` (``kl/exact``, docs/sweeps.md); see :func:`control_metrics`.
     """
     if curves.empty:
         return pd.DataFrame(columns=[*ID_COLUMNS, "logged_target_kl", "rescored", "steps", *METRICS])

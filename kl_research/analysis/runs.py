@@ -144,7 +144,7 @@ def _summaries_frame(rows: list[dict]) -> pd.DataFrame:
 def load_summaries(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per completed run (its ``summary.json``), plus ``run`` (the run dir's name).
 
-    Columns are the summary's keys (RESEARCH.md §5: tail ``reward``, ``kl``, ``tracking_error``, ``in_band``,
+    Columns are the summary's keys (docs/sweeps.md: tail ``reward``, ``kl``, ``tracking_error``, ``in_band``,
     ``iae``, ``final_beta``, ``ppl_final``, ``ppl_ref``, ``ppl_change``, …); the KL unit is in ``kl_unit``.
     Rows are sorted by controller, target, β₀, seed. Empty (with the id columns) if no run completed.
     ``sweep_dir`` may also be a single run dir.
@@ -189,6 +189,39 @@ def load_curves(sweep_dir: str | Path, completed_only: bool = False, config: boo
     if not frames:
         return pd.DataFrame(columns=[*ID_COLUMNS, "completed", "step"])
     return pd.concat(frames, ignore_index=True)
+
+
+# Columns of samples_table: the run's identity, then one logged sample (kl_research.runlog.SAMPLE_FIELDS).
+SAMPLE_COLUMNS = [*ID_COLUMNS, "step", "prompt", "response", "reward", "kl_seq", "kl_token", "length"]
+
+
+def samples_table(sweep_dir: str | Path, n: int = 3, step: str = "last") -> pd.DataFrame:
+    """A few generations per cell to read beside the numbers: per (controller, target, β₀), the first ``n`` samples
+    of the runs' ``samples.jsonl`` (seeds in order), from each run's last logged step (``step="last"``: what the
+    policy became) or from every logged step (``step="all"``). Columns :data:`SAMPLE_COLUMNS`: ``kl_seq`` is the
+    exact KL of the response in nats (summed over its tokens), ``kl_token`` the same per response token, ``length``
+    its response tokens; NaN in runs logged before they were recorded. Runs without samples are left out (a W&B run
+    keeps them in its ``samples`` tables); with none, an empty frame. ``sweep_dir`` may also be a single run dir."""
+    if step not in ("last", "all"):
+        raise ValueError(f"step={step!r}; allowed: last, all")
+    frames = []
+    for d in run_dirs(sweep_dir):
+        f = d / "samples.jsonl"
+        if not f.is_file():
+            continue
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        if step == "last":
+            rows = [r for r in rows if r["step"] == rows[-1]["step"]]
+        info = run_info(d)
+        frames.append(pd.DataFrame([{**{k: info[k] for k in ID_COLUMNS}, **r} for r in rows]))
+    if not frames:
+        return pd.DataFrame(columns=SAMPLE_COLUMNS)
+    df = pd.concat(frames, ignore_index=True).reindex(columns=SAMPLE_COLUMNS)
+    df = df.sort_values([*ID_COLUMNS[1:], "run", "step"], kind="stable", na_position="first")
+    cell = ["controller", "target_kl", "init_kl_coef"]
+    return df.groupby(cell, dropna=False, sort=False).head(n).reset_index(drop=True)
 
 
 def load_configs(sweep_dir: str | Path) -> pd.DataFrame:

@@ -21,7 +21,7 @@ def t_interval(values: Sequence[float] | np.ndarray, level: float = 0.95) -> tup
     are NaN (one seed has no spread to estimate: no interval is honest); no values: everything NaN, n = 0.
 
     This replaces the percentile bootstrap of earlier versions: with 3 seeds a bootstrap of the mean returns
-    the seeds' minimum and maximum (RESEARCH.md §5), far narrower than the uncertainty of a 3-sample mean."""
+    the seeds' minimum and maximum (docs/sweeps.md), far narrower than the uncertainty of a 3-sample mean."""
     from scipy import stats
 
     x = np.asarray(values, dtype=float)

@@ -21,7 +21,7 @@ from kl_research.analysis.stats import cell_stats, estimator_bias, frontier, fro
 HOLD_IN_BAND = 0.8
 # Controllers that track a target (hold_band).
 TARGETED = ("adaptive", "pid", "exponential", "pid_ci")
-# The target grid of RESEARCH.md §5 (nats/token) and the controllability checks on the fixed-β frontier: every
+# The target grid of docs/sweeps.md (nats/token) and the controllability checks on the fixed-β frontier: every
 # target spanned with this margin on both sides; the frontier's range (tail KL at the smallest β at least margin × the
 # largest target, at the largest β at most the smallest target / margin) follows from the targets asked.
 GRID_TARGETS = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -58,7 +58,7 @@ def controllability(
     kl_at_smallest_beta: float | None = None,
     kl_at_largest_beta: float | None = None,
 ) -> Controllability:
-    """RESEARCH.md §5 "First show that the experiment can answer": from the fixed-β frontier (:func:`frontier`),
+    """docs/sweeps.md, "first show that the experiment can answer": from the fixed-β frontier (:func:`frontier`),
     per β (ascending) the tail KL and tail reward with their 95 % Student-t intervals, ``kl_step2`` and
     ``approx_kl_mean`` (means over seeds), and these checks, all computed on the means:
 
@@ -71,7 +71,7 @@ def controllability(
     - ``spans <t>`` for each target (default :data:`GRID_TARGETS`): some β with tail KL ≥ margin·t and some β
       with tail KL ≤ t/margin (margin 2: the target lies well inside the range β can reach).
     - ``job_length`` (only with ``steps``, the sweep's job length): every frontier β ran ``steps`` steps.
-    - not required, for the reader (RESEARCH.md §4): ``first_update`` (largest mean ``kl_step2`` < smallest
+    - not required, for the reader (docs/kl-contract.md): ``first_update`` (largest mean ``kl_step2`` < smallest
       target: one update moves π by less than the smallest target) and ``update_size`` (largest mean
       ``approx_kl_mean`` < smallest target).
 
