@@ -478,6 +478,7 @@ def validate(cfg: DictConfig) -> None:
             f"sampler='fast' is invalid with model.name={cfg.model.name!r}: the fast sampler implements GPT-2 "
             "architectures only; allowed: sampler=auto or hf"
         )
+    need(cfg.get("compile_vocab", "auto") in ("auto", True, False), "compile_vocab", "auto, true, false")
     need(cfg.get("compile") in COMPILE_MODES, "compile", ", ".join(map(str, COMPILE_MODES)).lower())
     if device.startswith("cuda"):
         import torch

@@ -202,3 +202,24 @@ def resolve_cache_dir(cfg_cache_dir: str | None) -> Path:
         return Path(env).expanduser().resolve()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return (Path(base) / "kl-research").expanduser().resolve()
+
+
+def resolve_compile_vocab(setting: str | bool, device: torch.device) -> tuple[bool, str]:
+    """The `compile_vocab` key → (compile the update's vocabulary work?, why). auto: on a CPU with a C++ compiler
+    (inductor generates C++ there), not on CUDA (`compile` compiles the whole trunk there). true without a compiler
+    is refused with the reason, before any compute."""
+    import shutil
+
+    compiler = next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+    if setting is True:
+        if device.type == "cpu" and compiler is None:
+            raise ValueError("compile_vocab=true is invalid on this machine: no C++ compiler (g++, c++, clang++) for "
+                             "torch.compile's CPU backend; allowed: auto, false")  # fmt: skip
+        return True, "compile_vocab=true"
+    if setting is False:
+        return False, "compile_vocab=false"
+    if device.type != "cpu":
+        return False, f"auto: {device.type} (the `compile` key compiles the trunk there)"
+    if compiler is None:
+        return False, "auto: no C++ compiler for torch.compile's CPU backend"
+    return True, f"auto: CPU with {compiler}"

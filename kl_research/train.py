@@ -48,6 +48,7 @@ from kl_research.runtime import (
     PrecisionChoice,
     autocast,
     peak_memory_mb,
+    resolve_compile_vocab,
     resolve_device,
     resolve_precision,
     rng_state,
@@ -265,6 +266,10 @@ class Job:
         return autocast(self.device, self.choice.precision)
 
     @property
+    def compile_vocab(self) -> bool:
+        return resolve_compile_vocab(self.cfg.get("compile_vocab", "auto"), self.device)[0]
+
+    @property
     def sampler(self) -> str:
         return self.cfg.get("sampler", "auto")  # configs written before the key have none: auto
 
@@ -312,6 +317,8 @@ class Job:
             "sampler=%s → %s", cfg.get("sampler", "auto"),
             "hf generate" if cfg.get("sampler") == "hf" or reason else "fast (static KV cache, kl_research/decode.py)",
         )  # fmt: skip
+        log.info("compile_vocab=%s → %s", cfg.get("compile_vocab", "auto"), resolve_compile_vocab(
+            cfg.get("compile_vocab", "auto"), device)[1])  # fmt: skip
         if cfg.compile:  # scoring and the update run through the compiled trunk; generation stays eager (KV cache)
             compile_trunks(cfg.compile, policy.lm, ref_model)
             log.info("torch.compile(%s) of the scoring/update trunk: the first rollout and update compile", cfg.compile)
@@ -406,7 +413,7 @@ class Job:
         self.policy.train()
         upd = policy_update(
             self.algo, self.policy, self.optimizer, batch, advantages, returns, prompts.shape[1], self.amp,
-            self.shuffle_gen, beta,
+            self.shuffle_gen, beta, self.compile_vocab,
         )  # fmt: skip
         self.policy.eval()
         # e. exactly one controller update per rollout: per-token batch KL, n_steps = sequences. Not after rollout 1:
