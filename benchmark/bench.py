@@ -175,9 +175,14 @@ def bench(
     seed: int = 0,
     compile: bool | str = False,
     sampler: str = "auto",
+    compile_vocab: bool = False,
+    workload: str = "trl",
 ) -> dict[str, Any]:
     """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record.
-    sampler: the trainer's `sampler` key (auto: the fast decode loop for GPT-2 shapes, generate otherwise)."""
+    sampler: the trainer's `sampler` key (auto: the fast decode loop for GPT-2 shapes, generate otherwise).
+    compile_vocab: the trainer's key (the update's vocabulary work through torch.compile; its compilation falls in the
+    warm-up step, reported as warmup_seconds). workload: "trl" (TRL's classic step: −β·k1 in the reward, 4 epochs) or
+    "train" (the trainer's defaults: sequence + exact KL, conf/ppo/default.yaml's epochs)."""
     from benchmark.gemm import gemm_fields
     from kl_research.algos import PPO, policy_update, uses_exact_kl_loss
     from kl_research.precision_probe import Workload, auto_precision
@@ -195,14 +200,11 @@ def bench(
 
     # The benchmark workload is the classic PPO step TRL 0.11 runs (benchmark/bench_trl.py): −β·k1 in the reward and 4
     # epochs, whatever the training defaults are (they moved to the exact-KL loss and 2 epochs for controllability).
-    overrides = [
-        f"ppo.batch_size={batch_size}",
-        f"ppo.response_length={response_len}",
-        f"precision={precision}",
-        "ppo.kl_mode=reward",
-        "ppo.kl_penalty=k1",
-        f"ppo.epochs={4 if epochs is None else epochs}",
-    ]
+    overrides = [f"ppo.batch_size={batch_size}", f"ppo.response_length={response_len}", f"precision={precision}"]
+    if workload == "trl":
+        overrides += ["ppo.kl_mode=reward", "ppo.kl_penalty=k1", f"ppo.epochs={4 if epochs is None else epochs}"]
+    elif epochs is not None:
+        overrides.append(f"ppo.epochs={epochs}")
     if minibatch_size is not None:
         overrides.append(f"ppo.minibatch_size={minibatch_size}")
     cfg = compose_config(overrides)
@@ -269,7 +271,7 @@ def bench(
         sync()
         t2 = time.perf_counter()
         policy.train()
-        policy_update(PPO(pcfg), policy, optimizer, batch, advantages, returns, P, amp, shuffle_gen, 0.1)
+        policy_update(PPO(pcfg), policy, optimizer, batch, advantages, returns, P, amp, shuffle_gen, 0.1, compile_vocab)
         policy.eval()
         sync()
         t3 = time.perf_counter()
@@ -310,6 +312,9 @@ def bench(
         **choice.record(),
         "compile": compile,
         "sampler": "fast" if fast_timer.times else "hf",
+        "compile_vocab": compile_vocab,
+        "workload": workload,
+        "kl_mode": pcfg.kl_mode,
         "warmup_seconds": round(warmup_s, 2),
         "seconds": {k: round(v, 4) for k, v in med.items()},
         "cpu_seconds_per_step": round(cpu, 4),
@@ -533,6 +538,8 @@ def main(argv: list[str] | None = None) -> None:
         help="torch.compile the scoring/update trunk; optional mode: default | reduce-overhead (CUDA graphs) | ...",
     )
     ap.add_argument("--sampler", default="auto", choices=("auto", "fast", "hf"), help="the trainer's `sampler` key")
+    ap.add_argument("--compile-vocab", action="store_true", help="the trainer's compile_vocab=true")
+    ap.add_argument("--workload", default="trl", choices=("trl", "train"), help="TRL's classic step or our defaults")
     a = ap.parse_args(argv)
     if a.kl_noise:
         ref = None
@@ -560,6 +567,8 @@ def main(argv: list[str] | None = None) -> None:
             a.seed,
             a.compile,
             a.sampler,
+            a.compile_vocab,
+            a.workload,
         )
     print(json.dumps(rec), flush=True)
 
