@@ -50,13 +50,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="append every JSON line here")
+    ap.add_argument("--ours-arg", action="append", default=[], help="extra argument for our bench (repeatable), "
+                    "e.g. --ours-arg=--compile-vocab or --ours-arg=--sampler=hf")  # fmt: skip
     a = ap.parse_args()
     common = ["--shape", a.shape, "--batch", str(a.batch), "--minibatch", str(a.minibatch)]
     common += ["--threads", str(a.threads), "--steps", str(a.steps)]
     ours_all, trl_all = [], []
     for r in range(a.rounds):
         floors = [] if r == 0 else ["--no-floors"]
-        ours = run_json([sys.executable, "-m", "benchmark.bench", *common, *floors])
+        ours = run_json([sys.executable, "-m", "benchmark.bench", *common, *floors, *a.ours_arg])
         trl = run_json(["bash", "benchmark/bench_trl.sh", *common, *([] if r == 0 else ["--no-gemm-floor"])])
         ours_all.append(ours)
         trl_all.append(trl)
@@ -79,6 +81,7 @@ def main() -> None:
         "batch_size": a.batch,
         "minibatch_size": a.minibatch,
         "rounds": a.rounds,
+        "ours_args": a.ours_arg,
         "ours_score_and_update_s": [o["seconds"]["score_and_update"] for o in ours_all],
         "trl_step_s": [t["seconds"]["step"] for t in trl_all],
         "trl_over_ours": [round(x, 3) for x in ratios],
