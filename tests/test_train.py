@@ -374,6 +374,17 @@ def test_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, mon
     assert [r["kl/drift_warnings"] for r in read_metrics(tmp_path / "crashed")] == [0, 0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("paths", [["sampler=hf", "compile_vocab=false"], ["sampler=fast", "compile_vocab=true"]])
+def test_kill_and_resume_is_exact_with_and_without_the_fast_paths(cache_dir, tmp_path, monkeypatch, paths):
+    """The fallbacks (HF generate, eager vocabulary work) and both fast paths forced on: the same guarantee."""
+    from kl_research.runtime import resolve_compile_vocab
+
+    if "compile_vocab=true" in paths and not resolve_compile_vocab("auto", torch.device("cpu"))[0]:
+        pytest.skip("no C++ compiler for torch.compile's CPU backend")
+    cfg = make_cfg(cache_dir, "steps=5", "controller=adaptive", "controller.horizon=16", *paths)
+    assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch)
+
+
 def test_grpo_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, monkeypatch):
     """The same guarantee under algo=grpo (its policy has no value head; its prompts are drawn in groups)."""
     cfg = make_cfg(
