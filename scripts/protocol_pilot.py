@@ -106,13 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     st.to_csv(out / "stationarity.csv", index=False)
     length_table(st).to_csv(out / "lengths.csv", index=False)
     chosen = choose_length(st[st["needed"]], lengths)
+    persistent = choose_length(st[st["needed"]], lengths, persistent=True)
+    rule = (
+        f"every pilot run in the needed KL range [{kl_range[0]:g}, {kl_range[1]:g}] (targeted runs always; fixed β by "
+        f"its KL) stationary: |log(KL 2nd half / 1st half)| ≤ {rules['kl_log_ratio_max']} and |Δ reward| ≤ "
+        f"{rules['reward_diff_max']} over the last {rules['tail_fraction']:.0%} of rollouts, on every pilot seed"
+    )
     text = (
-        f"job length T = {chosen}: the shortest of {lengths} at which every pilot run in the needed KL range "
-        f"[{kl_range[0]:g}, {kl_range[1]:g}] (targeted runs always; fixed β by its KL) is stationary: "
-        f"|log(KL 2nd half / 1st half)| ≤ {rules['kl_log_ratio_max']} and |Δ reward| ≤ {rules['reward_diff_max']} "
-        f"over the last {rules['tail_fraction']:.0%} of rollouts, on every pilot seed.\n"
-        if chosen is not None
-        else f"no length of {lengths} makes every needed pilot run stationary\n"
+        f"registered rule: T = {chosen} (the shortest of {lengths} with {rule})\n"
+        f"persistent reading: T = {persistent} (the shortest from which every longer candidate passes too)\n"
     )
     (out / "length.txt").write_text(text)
     plot(curves, lengths, rules["tail_fraction"], out / "pilot.png")

@@ -58,6 +58,18 @@ def test_the_chosen_length_is_the_shortest_at_which_every_run_has_settled(protoc
     # T = 250: tail 188-250, halves within 8 %; T = 200: tail 151-200, still rising (halves 15 % apart)
     assert P.choose_length(st, rules["lengths"]) == 250
     assert not st[st["length"] == 200]["stationary"].any()
+    assert P.choose_length(st, rules["lengths"], persistent=True) == 250  # and every longer length passes too
+
+
+def test_a_length_that_passes_between_two_that_fail_is_not_persistent():
+    rows = [
+        {"run": "a", "length": n, "stationary": ok} for n, ok in ((150, True), (200, False), (250, True), (300, True))
+    ]
+    st = pd.DataFrame(rows)
+    assert P.choose_length(st, [150, 200, 250, 300]) == 150
+    assert P.choose_length(st, [150, 200, 250, 300], persistent=True) == 250
+    st.loc[st["length"] == 300, "stationary"] = False
+    assert P.choose_length(st, [150, 200, 250, 300], persistent=True) is None
 
 
 def test_settle_step_counts_a_run_that_never_settles_at_n_plus_1(protocol):

@@ -79,13 +79,16 @@ def stationarity(
     return pd.DataFrame(rows)
 
 
-def choose_length(pilot: pd.DataFrame, lengths: Sequence[int]) -> int | None:
+def choose_length(pilot: pd.DataFrame, lengths: Sequence[int], persistent: bool = False) -> int | None:
     """The shortest length at which every pilot run is stationary (pilot: `stationarity` rows of the runs in the
-    needed β range at every length); None if no length passes."""
-    for length in sorted(lengths):
-        at = pilot[pilot["length"] == length]
-        if len(at) and bool(at["stationary"].all()):
-            return int(length)
+    needed β range at every length); None if no length passes. persistent=True: the shortest length from which every
+    longer candidate passes too, so that a length which passes between two that fail (the halves of a short tail are
+    too close to tell a slow drift from noise) is not taken."""
+    ok = {int(n): bool(len(at)) and bool(at["stationary"].all()) for n, at in pilot.groupby("length")}
+    ordered = sorted(int(n) for n in lengths)
+    for i, length in enumerate(ordered):
+        if ok.get(length, False) and (not persistent or all(ok.get(n, False) for n in ordered[i:])):
+            return length
     return None
 
 
