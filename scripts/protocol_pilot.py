@@ -39,6 +39,8 @@ def length_table(st: pd.DataFrame) -> pd.DataFrame:
             worst_kl_log_ratio=("kl_log_ratio", "max"),
             worst_reward_diff=("reward_diff", "max"),
             kl_second_half=("kl_second_half", "mean"),
+            reward_slope_per_100=("reward_slope_per_100", "mean"),
+            log_kl_slope_per_100=("log_kl_slope_per_100", "mean"),
         )
         .reset_index()
     )

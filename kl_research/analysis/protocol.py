@@ -52,6 +52,16 @@ def run_stationarity(g: pd.DataFrame, rules: Mapping[str, Any], length: int | No
     r1, r2 = tail_halves(g["reward/mean"].to_numpy(float), rules["tail_fraction"])
     log_ratio = float(abs(math.log(kl2.mean() / kl1.mean()))) if kl1.mean() > 0 and kl2.mean() > 0 else math.inf
     reward_diff = float(abs(r2.mean() - r1.mean()))
+    # diagnostics beside the rule (not part of it): the tail's OLS slopes per 100 rollouts and their standard errors
+    n_tail = max(2, math.ceil(rules["tail_fraction"] * len(g)))
+    tail = g.iloc[-n_tail:]
+    slopes = {}
+    for name, y in (
+        ("reward", tail["reward/mean"].to_numpy(float)),
+        ("log_kl", np.log(tail["kl/exact"].to_numpy(float))),
+    ):
+        fit = _slope(tail["step"].to_numpy(float), y)
+        slopes.update({f"{name}_slope_per_100": 100 * fit[0], f"{name}_slope_se": 100 * fit[1]})
     return {
         "length": int(g["step"].max()),
         "kl_first_half": float(kl1.mean()),
@@ -61,7 +71,20 @@ def run_stationarity(g: pd.DataFrame, rules: Mapping[str, Any], length: int | No
         "reward_second_half": float(r2.mean()),
         "reward_diff": reward_diff,
         "stationary": bool(log_ratio <= rules["kl_log_ratio_max"] and reward_diff <= rules["reward_diff_max"]),
+        **slopes,
     }
+
+
+def _slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """OLS slope of y on x and its standard error (NaN for fewer than 3 points or non-finite y)."""
+    ok = np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3:
+        return math.nan, math.nan
+    xc = x - x.mean()
+    b = float((xc * (y - y.mean())).sum() / (xc**2).sum())
+    resid = y - y.mean() - b * xc
+    return b, float(math.sqrt((resid**2).sum() / (len(x) - 2) / (xc**2).sum()))
 
 
 def stationarity(
