@@ -1,0 +1,65 @@
+#!/bin/bash
+# Protocol v2 (docs/results.md "Protocol v2: pre-registration", conf/analysis/protocol.yaml): every sweep, resumable,
+# from a clean clone so that edits to a working tree cannot change jobs that start later. Stages, in order:
+#   tuning   the dense fixed-β frontier on the tuning seeds (PPO), T rollouts
+#   tuned    β*(τ) from it (scripts/make_protocol.py --tuning) → results/protocol/tuning/tuned_betas.json
+#   eval     on the evaluation seeds: adaptive, pid, pid_ci at the five targets (β₀ 0.5); the fixed arms (β*(τ), the
+#            seed's β₀ 0.5, and β*(τ)·{0.1, 10} at 0.02 and 0.1); the misspecification arm (each controller from β₀ =
+#            β*(τ)·{0.1, 10} at 0.02 and 0.1)
+#   grpo     the same for algo=grpo: its own tuning frontier, then adaptive, pid_ci and its tuned static
+#   collect  compact runs into results/protocol/ and the analysis
+# Usage:
+#   git clone <repo> /work/protocol && cd /work/protocol
+#   setsid nohup bash scripts/protocol.sh tuning > protocol.log 2>&1 &        # re-run the same to resume
+#   bash scripts/protocol.sh tuned <repo>                                       # writes <repo>/results/protocol/tuning
+#   setsid nohup bash scripts/protocol.sh eval <repo> > protocol.log 2>&1 &    # reads its tuned_betas.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline} PYTHONPATH=$PWD
+T=${T:-200}  # the job length the stationarity pilot chose (results/protocol/pilot/length.txt)
+EVERY="steps=$T eval_every=50 checkpoint_every=25"
+# √2 apart over the β that give KL ~0.005-0.4 at steady state (the pilot's fixed β 0.05, 0.1 and 10 bracket it)
+BETAS=${BETAS:-0.0707,0.1,0.1414,0.2,0.2828,0.4,0.5657,0.8,1.131,1.6,2.263,3.2}
+TUNING="[500,501,502]"
+EVAL="[1000,1001,1002,1003,1004]"
+
+betas_from() {  # tuned β*(τ) for the targets, with the seed's 0.5 and the misspecified decades at 0.02 and 0.1
+  python - "$1" <<'PY'
+import json, sys
+b = {float(k): v for k, v in json.load(open(sys.argv[1])).items()}
+fixed = sorted({round(v, 4) for v in b.values()} | {0.5} | {round(b[t] * f, 4) for t in (0.02, 0.1) for f in (0.1, 10)})
+print(",".join(f"{x:g}" for x in fixed))
+for t in (0.02, 0.1):
+    for f in (0.1, 10):
+        print(f"{t:g}:{b[t] * f:.4g}")
+PY
+}
+
+case "${1:-}" in
+  tuning)
+    python sweep.py sweep=frontier sweep.name=protocol_tuning "sweep.fixed_betas=[$BETAS]" "sweep.seeds=$TUNING" $EVERY
+    ;;
+  tuned)
+    src=$(ls -d multirun/protocol_tuning/*/ | sort | tail -1)
+    python scripts/compact_runs.py "$src" "$2/results/protocol/tuning/runs"
+    (cd "$2" && python scripts/make_protocol.py --tuning results/protocol/tuning/runs --out results/protocol)
+    ;;
+  eval)
+    tuned="$2/results/protocol/tuning/tuned_betas.json"
+    mapfile -t lines < <(betas_from "$tuned")
+    python sweep.py sweep.name=protocol_grid 'sweep.controllers=[adaptive,pid,pid_ci]' \
+      'sweep.targets=[0.01,0.02,0.05,0.1,0.2]' "sweep.seeds=$EVAL" $EVERY
+    python sweep.py sweep=frontier sweep.name=protocol_fixed "sweep.fixed_betas=[${lines[0]}]" "sweep.seeds=$EVAL" $EVERY
+    for pair in "${lines[@]:1}"; do
+      tau=${pair%%:*} b0=${pair#*:}
+      # kl_coef_max 100: β₀ = 10·β*(0.02) may lie above the grid's bound of 10, which would clamp it at once (the
+      # misspecification arm is compared with fixed β₀, which has no bound; β never nears 100 here)
+      python sweep.py sweep.name="protocol_misspec_${tau}_${b0}" 'sweep.controllers=[adaptive,pid_ci,pid]' \
+        "sweep.targets=[$tau]" "controller.init_kl_coef=$b0" controller.kl_coef_max=100 "sweep.seeds=$EVAL" $EVERY
+    done
+    ;;
+  *)
+    echo "usage: bash $0 tuning | tuned <repo> | eval <repo>" >&2
+    exit 2
+    ;;
+esac
