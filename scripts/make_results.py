@@ -102,8 +102,8 @@ def checks_table(c: A.Controllability) -> pd.DataFrame:
     return out
 
 
-def write_results(a: A.Analysis, out: Path, commands: list[str]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+def write_tables(a: A.Analysis, out: Path) -> None:
+    """None; writes the analysis's tables to out/ as CSV (the summaries as JSON too)."""
     s = a.sweep
     ctl = a.controllability
     s.summaries.to_csv(out / "summaries.csv", index=False)
@@ -117,24 +117,29 @@ def write_results(a: A.Analysis, out: Path, commands: list[str]) -> Path:
     a.estimators_by_cell.to_csv(out / "estimators_by_cell.csv", index=False)
     a.verdict.to_csv(out / "verdict.csv", index=False)
     a.band.to_csv(out / "band.csv", index=False)
-    (out / "verdict.json").write_text(
-        json.dumps(
-            {
-                "text": a.text,
-                "controllability": ctl.text,
-                "controllable": ctl.passed,
-                "rows": json.loads(a.verdict.to_json(orient="records")),
-                "band": json.loads(a.band.to_json(orient="records")),
-            },
-            indent=1,
-        )
-    )
     a.pid_vs_adaptive.to_csv(out / "pid_vs_adaptive.csv", index=False)
     if {"pid", "pid_ci"} <= set(a.scores["controller"]):  # the integration rule alone: pid_ci differs from pid in it
         A.compare_controllers(a.scores, a="pid_ci", b="pid").to_csv(out / "pid_ci_vs_pid.csv", index=False)
-    (out / "command.txt").write_text("\n".join(commands) + "\n")
-    (out / "versions.json").write_text(json.dumps(versions(), indent=1))
 
+
+def verdict_json(a: A.Analysis) -> str:
+    """The text of verdict.json: the verdict's and the controllability's text, and the verdict and band rows."""
+    ctl = a.controllability
+    return json.dumps(
+        {
+            "text": a.text,
+            "controllability": ctl.text,
+            "controllable": ctl.passed,
+            "rows": json.loads(a.verdict.to_json(orient="records")),
+            "band": json.loads(a.band.to_json(orient="records")),
+        },
+        indent=1,
+    )
+
+
+def write_plots(a: A.Analysis, out: Path) -> list[str]:
+    """The names of the figures it wrote to out/ (those the sweep has the data for), in the order written."""
+    s = a.sweep
     targets = [float(t) for t in sorted(a.band["target_kl"].unique())] if len(a.band) else list(A.GRID_TARGETS)
     plots = []
     label = P.variant_label(a.scores)  # the algorithm and KL mode, on every figure
@@ -148,57 +153,75 @@ def write_results(a: A.Analysis, out: Path, commands: list[str]) -> Path:
     if len(s.curves):
         save(P.kl_curves(s.curves), "curves.png")
     if len(a.frontier):
-        save(P.controllability_plot(ctl.table, targets), "controllability.png")
+        save(P.controllability_plot(a.controllability.table, targets), "controllability.png")
     if len(s.curves):
         save(P.curves_by_target(s.curves), "training.png")
         save(P.curves_by_target(s.curves, ["eval/ppl_heldout"]), "ppl.png")
         save(P.ppl_vs_kl(s.curves), "ppl_vs_kl.png")
+    return plots
 
-    ctl_tab = (
+
+def controllability_tab(ctl: A.Controllability) -> pd.DataFrame:
+    """Per β of the controllability table: tail KL and reward with intervals, kl_step2 and approx_kl_mean."""
+    if not len(ctl.table):
+        return pd.DataFrame()
+    return (
         ci_table(ctl.table, ["init_kl_coef", "n_seeds", "steps"], ["kl", "reward"])
         .assign(kl_step2=ctl.table["kl_step2_mean"] if "kl_step2_mean" in ctl.table else math.nan)
         .assign(approx_kl_mean=ctl.table.get("approx_kl_mean_mean", math.nan))
-        if len(ctl.table)
-        else pd.DataFrame()
     )
-    cmp_metrics = ["reward", "tracking_error", "in_band", "overshoot", "settle_step"]
-    cell_metrics = ["reward", "kl", "tracking_error", "in_band", "settle_step", "settled", "overshoot", "iae",
-                    "ppl_change"]  # fmt: skip
-    band_metrics = ["kl", "in_band", "settle_step", "settled", "overshoot", "tracking_error", "reward", "ppl_change"]
-    v_keys = ["target_kl", "controller", "static_beta", "n", "static_n"]
-    v_tab = ci_table(a.verdict, v_keys, ["reward", "tracking_error"]) if len(a.verdict) else pd.DataFrame()
-    if len(a.verdict):
-        for m in ("reward", "tracking_error"):
-            v_tab[f"static {m}"] = ci_table(a.verdict, [], [m], prefix="static_")[m]
-        for b in ("reward_similar_or_better", "kl_closer", "on_or_above_frontier", "claim_holds"):
-            if b in a.verdict:
-                v_tab[b] = a.verdict[b].astype(str)
-    band_tab = (
-        ci_table(a.band, ["target_kl", "controller", "n_seeds"], band_metrics).assign(
-            holds_band=a.band["holds_band"].astype(str)
-        )
-        if len(a.band)
-        else pd.DataFrame()
+
+
+def verdict_tab(verdict: pd.DataFrame) -> pd.DataFrame:
+    """The verdict per target for the markdown: controller and static reward and tracking error, and the checks."""
+    if not len(verdict):
+        return pd.DataFrame()
+    v_tab = ci_table(verdict, ["target_kl", "controller", "static_beta", "n", "static_n"], ["reward", "tracking_error"])
+    for m in ("reward", "tracking_error"):
+        v_tab[f"static {m}"] = ci_table(verdict, [], [m], prefix="static_")[m]
+    for b in ("reward_similar_or_better", "kl_closer", "on_or_above_frontier", "claim_holds"):
+        if b in verdict:
+            v_tab[b] = verdict[b].astype(str)
+    return v_tab
+
+
+def band_tab(band: pd.DataFrame) -> pd.DataFrame:
+    """The band table for the markdown: each metric with its interval, and holds_band."""
+    if not len(band):
+        return pd.DataFrame()
+    metrics = ["kl", "in_band", "settle_step", "settled", "overshoot", "tracking_error", "reward", "ppl_change"]
+    return ci_table(band, ["target_kl", "controller", "n_seeds"], metrics).assign(
+        holds_band=band["holds_band"].astype(str)
     )
-    cmp = a.pid_vs_adaptive
-    if len(cmp):
-        cmp_tab = cmp[["target_kl", "n_a", "n_b"]].copy()
-        for m in cmp_metrics:
-            if f"p_{m}" in cmp:
-                cmp_tab[f"pid {m}"] = ci_table(cmp, [], [m], "a_")[m]
-                cmp_tab[f"adaptive {m}"] = ci_table(cmp, [], [m], "b_")[m]
-                cmp_tab[f"Δ {m} (Welch p)"] = [
-                    "—" if math.isnan(d) else f"{ci(d, lo, hi)} (p={p:.2g}{', sig.' if sig else ''})"
-                    for d, lo, hi, p, sig in zip(
-                        cmp[f"diff_{m}"],
-                        cmp[f"diff_{m}_lo"],
-                        cmp[f"diff_{m}_hi"],
-                        cmp[f"p_{m}"],
-                        cmp[f"significant_{m}"],
-                        strict=True,
-                    )
-                ]
-    md = [
+
+
+def comparison_tab(cmp: pd.DataFrame) -> pd.DataFrame:
+    """pid vs adaptive for the markdown: each metric's two intervals and their difference with Welch's p."""
+    cmp_tab = cmp[["target_kl", "n_a", "n_b"]].copy()
+    for m in ["reward", "tracking_error", "in_band", "overshoot", "settle_step"]:
+        if f"p_{m}" in cmp:
+            cmp_tab[f"pid {m}"] = ci_table(cmp, [], [m], "a_")[m]
+            cmp_tab[f"adaptive {m}"] = ci_table(cmp, [], [m], "b_")[m]
+            cmp_tab[f"Δ {m} (Welch p)"] = [
+                "—" if math.isnan(d) else f"{ci(d, lo, hi)} (p={p:.2g}{', sig.' if sig else ''})"
+                for d, lo, hi, p, sig in zip(
+                    cmp[f"diff_{m}"],
+                    cmp[f"diff_{m}_lo"],
+                    cmp[f"diff_{m}_hi"],
+                    cmp[f"p_{m}"],
+                    cmp[f"significant_{m}"],
+                    strict=True,
+                )
+            ]
+    return cmp_tab
+
+
+def md_controllability(a: A.Analysis) -> list[str]:
+    """The markdown lines of the header and section 1 (controllability)."""
+    s = a.sweep
+    ctl = a.controllability
+    ctl_tab = controllability_tab(ctl)
+    return [
         "# Results: KL control sweep",
         "",
         f"Source: `{s.source.replace(f'{REPO}/', '')}`  ",  # run dirs inside the repository: relative to its root
@@ -215,46 +238,59 @@ def write_results(a: A.Analysis, out: Path, commands: list[str]) -> Path:
         "(rollout 2), approx_kl_mean = mean approx-KL per rollout (the update size), both means over seeds.",
         "",
         markdown_table(ctl_tab) if len(ctl_tab) else "_(no fixed-β runs)_\n",
+    ]
+
+
+def md_verdict(a: A.Analysis) -> list[str]:
+    """The markdown lines of sections 2 (verdict and band) and 3 (pid vs adaptive)."""
+    b_tab = band_tab(a.band)
+    return [
         "## 2. Verdict (computed, kl_research.analysis.verdict, hold_band, compare_controllers)",
         "",
         a.text,
         "",
         "### The seed's claim, per target",
         "",
-        markdown_table(v_tab),
+        markdown_table(verdict_tab(a.verdict)),
         f"### Holding the band: tail-KL interval inside [{A.BAND[0]:g}, {A.BAND[1]:g}]× target and in-band "
         f"fraction ≥ {A.HOLD_IN_BAND:g}",
         "",
         "settle_step: first rollout from which KL stays in the band, mean over the runs that settled (settled: the "
         "fraction that did); overshoot: max KL/target − 1 after KL first reached the target.",
         "",
-        markdown_table(band_tab) if len(band_tab) else "_(no targeted controller cells)_\n",
+        markdown_table(b_tab) if len(b_tab) else "_(no targeted controller cells)_\n",
         "## 3. pid vs adaptive (Welch's t-test per metric, significant at 5 %)",
         "",
-        markdown_table(cmp_tab) if len(cmp) else "_(no pid and adaptive cells)_\n",
+        markdown_table(comparison_tab(a.pid_vs_adaptive))
+        if len(a.pid_vs_adaptive)
+        else "_(no pid and adaptive cells)_\n",
+    ]
+
+
+def md_cells(a: A.Analysis) -> list[str]:
+    """The markdown lines of sections 4 (per cell), 5 (fixed-β frontier) and 6 (estimators)."""
+    cell_metrics = ["reward", "kl", "tracking_error", "in_band", "settle_step", "settled", "overshoot", "iae",
+                    "ppl_change"]  # fmt: skip
+    cell_keys = [*[k for k in a.cells.columns if k in A.CELL_KEYS or k in A.POOL_KEYS], "n_seeds"]
+    frontier_metrics = ["reward", "kl", "ppl_change", "kl_step2", "approx_kl_mean"]
+    return [
         "## 4. Per cell: mean [95 % Student-t interval] over seeds (fixed runs scored against every target)",
         "",
-        markdown_table(
-            ci_table(
-                a.cells,
-                [*[k for k in a.cells.columns if k in A.CELL_KEYS or k in A.POOL_KEYS], "n_seeds"],
-                cell_metrics,
-            )
-        )
-        if len(a.cells)
-        else "_(none)_\n",
+        markdown_table(ci_table(a.cells, cell_keys, cell_metrics)) if len(a.cells) else "_(none)_\n",
         "## 5. Fixed-β frontier",
         "",
-        markdown_table(
-            ci_table(
-                a.frontier, ["init_kl_coef", "n_seeds"], ["reward", "kl", "ppl_change", "kl_step2", "approx_kl_mean"]
-            )
-        )
+        markdown_table(ci_table(a.frontier, ["init_kl_coef", "n_seeds"], frontier_metrics))
         if len(a.frontier)
         else "_(none)_\n",
         "## 6. Estimators against exact (pooled over every step of every run)",
         "",
         markdown_table(a.estimators) if len(a.estimators) else "_(none)_\n",
+    ]
+
+
+def md_provenance(plots: list[str], commands: list[str]) -> list[str]:
+    """The markdown lines of the plots and of how the numbers were made (commands, versions, time written)."""
+    return [
         "## Plots",
         "",
         *[f"![{p}]({p})" for p in plots],
@@ -268,6 +304,17 @@ def write_results(a: A.Analysis, out: Path, commands: list[str]) -> Path:
         f"Versions: see versions.json. Written {time.strftime('%Y-%m-%d %H:%M:%S')}.",
         "",
     ]
+
+
+def write_results(a: A.Analysis, out: Path, commands: list[str]) -> Path:
+    """The path of results.md, written to out/ with every table, figure, the verdict, the commands and versions."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_tables(a, out)
+    (out / "verdict.json").write_text(verdict_json(a))
+    (out / "command.txt").write_text("\n".join(commands) + "\n")
+    (out / "versions.json").write_text(json.dumps(versions(), indent=1))
+    plots = write_plots(a, out)
+    md = [*md_controllability(a), *md_verdict(a), *md_cells(a), *md_provenance(plots, commands)]
     (out / "results.md").write_text("\n".join(md))
     return out / "results.md"
 
