@@ -85,6 +85,33 @@ def controllability(
     if kl_at_largest_beta is None:
         kl_at_largest_beta = targets[0] / margin
     f = front.sort_values("init_kl_coef").reset_index(drop=True)
+    table = _controllability_table(f)
+    if f.empty:
+        text = "No fixed-β runs: the experiment's controllability is not shown (run `python sweep.py sweep=frontier`)."
+        return Controllability(table, pd.DataFrame([], columns=list(_CHECK_COLUMNS)), [], text)
+    spans = _span_checks(f, targets, margin)
+    checks = [
+        *_range_checks(f, kl_at_smallest_beta, kl_at_largest_beta),
+        *spans,
+        *_job_length_check(f, steps),
+        *_update_checks(f, targets),
+    ]
+    spanned = [t for t, row in zip(targets, spans, strict=True) if row["passed"]]
+    ctl = Controllability(table, pd.DataFrame(checks), spanned, "", margin)
+    ctl.text = controllability_text(ctl, targets)
+    return ctl
+
+
+_CHECK_COLUMNS = ("check", "required", "passed", "value", "rule")
+
+
+def _check(name: str, passed: Any, value: str, rule: str, required: bool = True) -> dict:
+    """One row of :attr:`Controllability.checks`."""
+    return {"check": name, "required": required, "passed": passed, "value": value, "rule": rule}
+
+
+def _controllability_table(f: pd.DataFrame) -> pd.DataFrame:
+    """The frontier's columns that :attr:`Controllability.table` shows, one row per β (those the frontier has)."""
     cols = [
         "init_kl_coef",
         "n_seeds",
@@ -100,76 +127,92 @@ def controllability(
         "kl_step2_mean",
         "approx_kl_mean_mean",
     ]
-    table = f[[c for c in cols if c in f]].copy()
-    checks: list[dict] = []
+    return f[[c for c in cols if c in f]].copy()
 
-    def check(name: str, passed: Any, value: str, rule: str, required: bool = True) -> None:
-        checks.append({"check": name, "required": required, "passed": passed, "value": value, "rule": rule})
 
-    if f.empty:
-        text = "No fixed-β runs: the experiment's controllability is not shown (run `python sweep.py sweep=frontier`)."
-        return Controllability(
-            table, pd.DataFrame(checks, columns=["check", "required", "passed", "value", "rule"]), [], text
-        )
+def _range_checks(f: pd.DataFrame, kl_at_smallest_beta: float, kl_at_largest_beta: float) -> list[dict]:
+    """The ``monotone``, ``smallest_beta`` and ``largest_beta`` check rows of a β-sorted, non-empty frontier."""
     beta, kl = f["init_kl_coef"].to_numpy(float), f["kl_mean"].to_numpy(float)
     bad = [
         f"β {beta[i]:g}→{beta[i + 1]:g}: {kl[i]:.3g}→{kl[i + 1]:.3g}" for i in range(len(f) - 1) if kl[i + 1] > kl[i]
     ]
-    check(
-        "monotone",
-        len(f) >= 2 and not bad,
-        "; ".join(bad) or f"{len(f)} β values, no increase",
-        "tail KL non-increasing in β (means)",
-    )
-    check(
-        "smallest_beta",
-        bool(kl[0] >= kl_at_smallest_beta),
-        f"β {beta[0]:g}: {kl[0]:.3g}",
-        f"tail KL at the smallest β ≥ {kl_at_smallest_beta:g}",
-    )
-    check(
-        "largest_beta",
-        bool(kl[-1] <= kl_at_largest_beta),
-        f"β {beta[-1]:g}: {kl[-1]:.3g}",
-        f"tail KL at the largest β ≤ {kl_at_largest_beta:g}",
-    )
-    spanned = []
+    return [
+        _check(
+            "monotone",
+            len(f) >= 2 and not bad,
+            "; ".join(bad) or f"{len(f)} β values, no increase",
+            "tail KL non-increasing in β (means)",
+        ),
+        _check(
+            "smallest_beta",
+            bool(kl[0] >= kl_at_smallest_beta),
+            f"β {beta[0]:g}: {kl[0]:.3g}",
+            f"tail KL at the smallest β ≥ {kl_at_smallest_beta:g}",
+        ),
+        _check(
+            "largest_beta",
+            bool(kl[-1] <= kl_at_largest_beta),
+            f"β {beta[-1]:g}: {kl[-1]:.3g}",
+            f"tail KL at the largest β ≤ {kl_at_largest_beta:g}",
+        ),
+    ]
+
+
+def _span_checks(f: pd.DataFrame, targets: Sequence[float], margin: float) -> list[dict]:
+    """One ``spans <t>`` check row per target, in the targets' order: some β ≥ margin·t and some ≤ t/margin."""
+    beta, kl = f["init_kl_coef"].to_numpy(float), f["kl_mean"].to_numpy(float)
+    rows = []
     for t in targets:
         above, below = beta[kl >= margin * t], beta[kl <= t / margin]
         ok = bool(len(above) and len(below))
-        spanned += [t] if ok else []
         value = (
             f"≥{margin:g}×: β {', '.join(f'{b:g}' for b in above) or 'none'}; "
             f"≤{1 / margin:g}×: β {', '.join(f'{b:g}' for b in below) or 'none'}"
         )
-        check(f"spans {t:g}", ok, value, f"some β with tail KL ≥ {margin:g}×{t:g} and some with ≤ {t:g}/{margin:g}")
-    if steps is not None and "steps" in f:
-        short = f[f["steps"] != steps]
-        check(
+        rows.append(
+            _check(
+                f"spans {t:g}", ok, value, f"some β with tail KL ≥ {margin:g}×{t:g} and some with ≤ {t:g}/{margin:g}"
+            )
+        )
+    return rows
+
+
+def _job_length_check(f: pd.DataFrame, steps: int | None) -> list[dict]:
+    """The ``job_length`` check row (every β ran ``steps`` steps); none without ``steps`` or a steps column."""
+    if steps is None or "steps" not in f:
+        return []
+    short = f[f["steps"] != steps]
+    return [
+        _check(
             "job_length",
             short.empty,
             ", ".join(f"β {b:g}: {s:g}" for b, s in zip(short["init_kl_coef"], short["steps"], strict=True))
             or f"all {steps}",
             f"every β ran the sweep's {steps} steps",
         )
+    ]
+
+
+def _update_checks(f: pd.DataFrame, targets: Sequence[float]) -> list[dict]:
+    """The not-required ``first_update`` and ``update_size`` check rows, for the columns the frontier has."""
     smallest = targets[0] if targets else math.nan
+    rows = []
     for name, col, what in (
         ("first_update", "kl_step2_mean", "KL after the first update (step 2)"),
         ("update_size", "approx_kl_mean_mean", "mean approx-KL per rollout"),
     ):
         if col in f and f[col].notna().any():
             worst = float(f[col].max())
-            check(
-                name,
-                bool(worst < smallest),
-                f"max over β {worst:.3g}",
-                f"{what} < smallest target {smallest:g}",
-                required=False,
+            rows.append(
+                _check(
+                    name,
+                    bool(worst < smallest),
+                    f"max over β {worst:.3g}",
+                    f"{what} < smallest target {smallest:g}",
+                    required=False,
+                )
             )
-    checks_df = pd.DataFrame(checks)
-    ctl = Controllability(table, checks_df, spanned, "", margin)
-    ctl.text = controllability_text(ctl, targets)
-    return ctl
+    return rows
 
 
 def controllability_text(c: Controllability, targets: Sequence[float]) -> str:
