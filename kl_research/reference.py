@@ -151,9 +151,7 @@ def pretrain_tiny(cfg: DictConfig, corpus: Corpus, out_dir: Path) -> dict:
 
 
 def _pretrain_tiny(cfg: DictConfig, corpus: Corpus, out_dir: Path, t0: float, threads: int) -> dict:
-    from tqdm.auto import tqdm
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+    """The build metadata of the tiny reference, tokenizer and model trained on corpus.train and saved to out_dir."""
     from kl_research.evaluate import heldout_perplexity
 
     m = cfg.model
@@ -161,74 +159,11 @@ def _pretrain_tiny(cfg: DictConfig, corpus: Corpus, out_dir: Path, t0: float, th
     train_ids = _token_stream(corpus.train, tokenizer)
     heldout_ids = _token_stream(corpus.heldout, tokenizer)
     t_tok = time.time() - t0
-    log.info(
-        "tiny reference: tokenizer (vocab %d) in %.1fs; %d train / %d held-out tokens; %d threads",
-        len(tokenizer),
-        t_tok,
-        len(train_ids),
-        len(heldout_ids),
-        threads,
-    )
-    if len(train_ids) <= m.n_positions + 1:
-        raise ValueError(f"train split has {len(train_ids)} tokens: too few for model.n_positions={m.n_positions}")
-
-    torch.manual_seed(m.seed)
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=m.n_positions,
-        n_embd=m.n_embd,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        resid_pdrop=m.dropout,
-        embd_pdrop=m.dropout,
-        attn_pdrop=m.dropout,
-        activation_function=GPT2_ACTIVATION,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = GPT2LMHeadModel(config)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": m.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=m.lr,
-        betas=(0.9, 0.95),
-        fused=True,  # one kernel per step instead of a dozen elementwise passes (CPU and CUDA)
-    )
-    gen = torch.Generator().manual_seed(m.seed)
-    amp = autocast(torch.device("cpu"), "bf16" if m.bf16 else "fp32")  # model.bf16: an explicit choice, no "auto"
-    block = m.n_positions
-    offsets = torch.arange(block)
-    history = []
-    model.train()
-    bar = tqdm(range(m.steps), desc="pretrain tiny reference", mininterval=2.0, file=sys.stderr)
+    _check_token_streams(m, tokenizer, train_ids, heldout_ids, t_tok, threads)
+    torch.manual_seed(m.seed)  # the model's initialisation, then dropout in training, draw from the global RNG
+    model = _tiny_model(m, tokenizer)
     t1 = time.time()
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, m)
-        starts = torch.randint(0, len(train_ids) - block, (m.batch_size,), generator=gen)
-        x = train_ids[starts[:, None] + offsets]  # (B, block)
-        with amp:
-            loss = model(x, attention_mask=torch.ones_like(x), labels=x, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == m.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % m.eval_every == 0 or step == m.steps - 1:
-            val = _stream_nll(model, heldout_ids, block, 64, amp)
-            history.append({"step": step + 1, "train_loss": loss.item(), "heldout_loss": val})
-            log.info(
-                "tiny reference step %d/%d: train loss %.3f, held-out loss %.3f (ppl %.1f)",
-                step + 1,
-                m.steps,
-                loss.item(),
-                val,
-                math.exp(val),
-            )
-    bar.close()
+    history = _train_tiny(model, m, train_ids, heldout_ids)
     t_train = time.time() - t1
     model.eval()
     # The number reported for the reference: token-weighted perplexity over every held-out text, each scored
@@ -253,6 +188,99 @@ def _pretrain_tiny(cfg: DictConfig, corpus: Corpus, out_dir: Path, t0: float, th
     }
     log.info("tiny reference built in %.0fs: held-out perplexity %.2f", meta["build_seconds"], ppl)
     return meta
+
+
+def _check_token_streams(m: Any, tokenizer, train_ids, heldout_ids, t_tok: float, threads: int) -> None:
+    """None; logs the tokenizer and the token counts, raises ValueError when the train split is shorter than a block."""
+    log.info(
+        "tiny reference: tokenizer (vocab %d) in %.1fs; %d train / %d held-out tokens; %d threads",
+        len(tokenizer),
+        t_tok,
+        len(train_ids),
+        len(heldout_ids),
+        threads,
+    )
+    if len(train_ids) <= m.n_positions + 1:
+        raise ValueError(f"train split has {len(train_ids)} tokens: too few for model.n_positions={m.n_positions}")
+
+
+def _tiny_model(m: Any, tokenizer):
+    """A freshly initialised GPT2LMHeadModel of the model group's shape (initialised from the global torch RNG)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=m.n_positions,
+        n_embd=m.n_embd,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        resid_pdrop=m.dropout,
+        embd_pdrop=m.dropout,
+        attn_pdrop=m.dropout,
+        activation_function=GPT2_ACTIVATION,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _tiny_optimizer(model, m: Any) -> torch.optim.AdamW:
+    """AdamW over the model, weight decay on the matrices only (β₂ 0.95, fused)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": m.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=m.lr,
+        betas=(0.9, 0.95),
+        fused=True,  # one kernel per step instead of a dozen elementwise passes (CPU and CUDA)
+    )
+
+
+def _train_step(model, opt, x: torch.Tensor, lr: float, amp) -> torch.Tensor:
+    """The step's training loss (LM loss on the batch x), after one clipped AdamW update at learning rate lr."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with amp:
+        loss = model(x, attention_mask=torch.ones_like(x), labels=x, use_cache=False).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
+def _train_tiny(model, m: Any, train_ids: torch.Tensor, heldout_ids: torch.Tensor) -> list[dict]:
+    """The history of (step, train loss, held-out loss) every eval_every steps, after m.steps steps on random blocks."""
+    from tqdm.auto import tqdm
+
+    opt = _tiny_optimizer(model, m)
+    gen = torch.Generator().manual_seed(m.seed)
+    amp = autocast(torch.device("cpu"), "bf16" if m.bf16 else "fp32")  # model.bf16: an explicit choice, no "auto"
+    block = m.n_positions
+    offsets = torch.arange(block)
+    history = []
+    model.train()
+    bar = tqdm(range(m.steps), desc="pretrain tiny reference", mininterval=2.0, file=sys.stderr)
+    for step in bar:
+        starts = torch.randint(0, len(train_ids) - block, (m.batch_size,), generator=gen)
+        x = train_ids[starts[:, None] + offsets]  # (B, block)
+        loss = _train_step(model, opt, x, _lr_at(step, m), amp)
+        if step % 50 == 0 or step == m.steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % m.eval_every == 0 or step == m.steps - 1:
+            val = _stream_nll(model, heldout_ids, block, 64, amp)
+            history.append({"step": step + 1, "train_loss": loss.item(), "heldout_loss": val})
+            log.info(
+                "tiny reference step %d/%d: train loss %.3f, held-out loss %.3f (ppl %.1f)",
+                step + 1,
+                m.steps,
+                loss.item(),
+                val,
+                math.exp(val),
+            )
+    bar.close()
+    return history
 
 
 def _ensure(cfg: DictConfig, corpus: Corpus | None = None) -> tuple[Path, bool]:
