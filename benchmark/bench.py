@@ -183,20 +183,53 @@ def bench(
     compile_vocab: the trainer's key (the update's vocabulary work through torch.compile; its compilation falls in the
     warm-up step, reported as warmup_seconds). workload: "trl" (TRL's classic step: −β·k1 in the reward, 4 epochs) or
     "train" (the trainer's defaults: sequence + exact KL, conf/ppo/default.yaml's epochs)."""
-    from benchmark.gemm import gemm_fields
-    from kl_research.algos import PPO, policy_update, uses_exact_kl_loss
-    from kl_research.precision_probe import Workload, auto_precision
-    from kl_research.reference import compose_config, resolve_cache_dir
-    from kl_research.rollout import rollout
-    from kl_research.runtime import (
-        autocast,
-        peak_memory_mb,
-        resolve_device,
-        resolve_precision,
-        setup_allocator,
-        setup_threads,
-    )
+    from kl_research.runtime import autocast, peak_memory_mb, resolve_device, setup_allocator, setup_threads
     from kl_research.train import make_optimizer
+
+    cfg = _bench_config(batch_size, response_len, precision, epochs, minibatch_size, workload)
+    pcfg = cfg.ppo
+    n_threads = setup_threads(threads)
+    malloc_tuned = setup_allocator()
+    dev = resolve_device(device)
+    ref, policy, dims = build_models(shape, seed)
+    ref.to(dev)
+    policy.to(dev)
+    choice = _precision_choice(cfg, policy, dev, precision, prompt_len)
+    amp = autocast(dev, choice.precision)  # the record says what ran, and why (precision_source, precision_reason)
+    _compile_and_check(compile, policy, ref, dims, prompt_len + response_len)
+    optimizer = make_optimizer(policy, pcfg, dev)
+    gen = torch.Generator().manual_seed(seed)
+    shuffle_gen = torch.Generator().manual_seed(seed + 1)
+    prompts = torch.randint(1, dims["vocab_size"], (batch_size, prompt_len), generator=gen).to(dev)
+    roll = _trainer_rollout(policy, ref, prompts, pcfg, amp, response_len, sampler)
+    with _timed_samplers(policy) as timers:
+        step = functools.partial(
+            _ppo_step, roll, prompts, policy, optimizer, pcfg, amp, gen, shuffle_gen, timers, compile_vocab, dev
+        )
+        warmup_s, runs = _run_steps(step, warmup, steps)
+        med = _medians(runs)
+        cpu = med.pop("cpu")  # process CPU seconds (all threads) per step: ≈ threads × total when the cores are ours
+        rss = peak_memory_mb(torch.device("cpu"))["memory/peak_rss_mb"]  # the process's, as a run logs it
+        rec = {
+            **_record_head(shape, dims, policy, pcfg, batch_size, prompt_len, response_len, warmup, steps),
+            **choice.record(),
+            **_record_body(compile, timers, compile_vocab, workload, pcfg, warmup_s, med, cpu, runs),
+            **_record_rates(med, pcfg, batch_size, prompt_len, response_len, rss, dev, n_threads, malloc_tuned),
+        }
+    if floors:
+        rec.update(
+            _floor_fields(
+                policy, ref, prompts, response_len, pcfg, roll, optimizer, shuffle_gen, amp, med, warmup, steps, seed
+            )
+        )
+    return rec
+
+
+def _bench_config(
+    batch_size: int, response_len: int, precision: str, epochs: int | None, minibatch_size: int | None, workload: str
+):
+    """The trainer's composed config for the benchmark's workload (its batch, response length, precision, epochs)."""
+    from kl_research.reference import compose_config
 
     # The benchmark workload is the classic PPO step TRL 0.11 runs (benchmark/bench_trl.py): −β·k1 in the reward and 4
     # epochs, whatever the training defaults are (they moved to the exact-KL loss and 2 epochs for controllability).
@@ -207,51 +240,46 @@ def bench(
         overrides.append(f"ppo.epochs={epochs}")
     if minibatch_size is not None:
         overrides.append(f"ppo.minibatch_size={minibatch_size}")
-    cfg = compose_config(overrides)
-    pcfg = cfg.ppo
-    n_threads = setup_threads(threads)
-    malloc_tuned = setup_allocator()
-    dev = resolve_device(device)
-    ref, policy, dims = build_models(shape, seed)
-    ref.to(dev)
-    policy.to(dev)
+    return compose_config(overrides)
+
+
+def _precision_choice(cfg, policy, dev: torch.device, precision: str, prompt_len: int):
+    """The precision choice (runtime.resolve_precision) as the trainer makes it for this shape and workload."""
+    from kl_research.precision_probe import Workload, auto_precision
+    from kl_research.reference import resolve_cache_dir
+    from kl_research.runtime import resolve_precision
+
     # precision=auto as the trainer resolves it: bf16 on CUDA; on a CPU the cached probe of this shape and workload
-    choice = resolve_precision(
+    return resolve_precision(
         dev,
         precision,
         probe=lambda: auto_precision(
-            policy, Workload.of(pcfg, prompt_len), dev, resolve_cache_dir(cfg.get("cache_dir"))
+            policy, Workload.of(cfg.ppo, prompt_len), dev, resolve_cache_dir(cfg.get("cache_dir"))
         ),
     )
-    precision = choice.precision  # the record says what ran, and why (precision_source, precision_reason)
-    amp = autocast(dev, precision)
+
+
+def _compile_and_check(compile: bool | str, policy, ref, dims: dict[str, Any], seq_len: int) -> None:
+    """None; compiles the trunks when asked, raises ValueError when prompt + response exceed the context."""
     if compile:
         from kl_research.policy import compile_trunks
 
         compile_trunks(compile, policy.lm, ref)
-    if prompt_len + response_len > context_len(dims):
-        raise ValueError(f"prompt_len + response_len = {prompt_len + response_len} > context {context_len(dims)}")
-    optimizer = make_optimizer(policy, pcfg, dev)
-    gen = torch.Generator().manual_seed(seed)
-    shuffle_gen = torch.Generator().manual_seed(seed + 1)
-    B, P, R = batch_size, prompt_len, response_len
-    prompts = torch.randint(1, dims["vocab_size"], (B, P), generator=gen).to(dev)
-    import kl_research.rollout as rollout_module
+    if seq_len > context_len(dims):
+        raise ValueError(f"prompt_len + response_len = {seq_len} > context {context_len(dims)}")
 
-    timer = _Timer(policy.lm.generate)
-    policy.lm.generate = timer  # instance attribute: rollout() calls it as policy.lm.generate(...)
-    fast_timer = _Timer(rollout_module.sample)  # the fast sampler, which rollout() calls by its module-level name
-    rollout_module.sample = fast_timer
 
-    sync = functools.partial(sync_device, dev)
+def _trainer_rollout(policy, ref, prompts: torch.Tensor, pcfg, amp, response_len: int, sampler: str):
+    """The trainer's rollout on these prompts as a no-argument callable (EOS off: every response has R tokens)."""
+    from kl_research.algos import uses_exact_kl_loss
+    from kl_research.rollout import rollout
 
-    # the trainer's rollout on these prompts (EOS off: every response has R tokens)
-    roll = functools.partial(
+    return functools.partial(
         rollout,
         policy,
         ref,
         prompts,
-        response_length=R,
+        response_length=response_len,
         temperature=pcfg.temperature,
         eos_token_id=None,
         pad_token_id=PAD,
@@ -260,44 +288,77 @@ def bench(
         sampler=sampler,
     )
 
-    def step() -> dict[str, float]:
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        batch = roll()
-        sync()
-        t1 = time.perf_counter()
-        scores = torch.randn(B, generator=gen).to(dev)  # synthetic task score (the reward model is not timed)
-        advantages, returns = PPO(pcfg).advantages(batch, scores, 0.1)
-        sync()
-        t2 = time.perf_counter()
-        policy.train()
-        policy_update(PPO(pcfg), policy, optimizer, batch, advantages, returns, P, amp, shuffle_gen, 0.1, compile_vocab)
-        policy.eval()
-        sync()
-        t3 = time.perf_counter()
-        if timer.times and fast_timer.times:
-            raise RuntimeError("one rollout called both samplers")
-        g = (fast_timer.times or timer.times)[-1]
-        return {
-            "cpu": time.process_time() - c0,
-            "generate": g,
-            "score": t1 - t0 - g,
-            "advantages": t2 - t1,
-            "update": t3 - t2,
-            "total": t3 - t0,
-        }
 
+@contextlib.contextmanager
+def _timed_samplers(policy):
+    """(generate's timer, the fast sampler's timer), installed in their place while the context lasts."""
+    import kl_research.rollout as rollout_module
+
+    timer = _Timer(policy.lm.generate)
+    policy.lm.generate = timer  # instance attribute: rollout() calls it as policy.lm.generate(...)
+    fast_timer = _Timer(rollout_module.sample)  # the fast sampler, which rollout() calls by its module-level name
+    rollout_module.sample = fast_timer
+    try:
+        yield timer, fast_timer
+    finally:
+        policy.lm.generate = timer.fn
+        rollout_module.sample = fast_timer.fn
+
+
+def _ppo_step(
+    roll, prompts, policy, optimizer, pcfg, amp, gen, shuffle_gen, timers, compile_vocab: bool, dev: torch.device
+) -> dict[str, float]:
+    """One PPO step's seconds per phase (and its process CPU seconds): rollout of prompts, advantages, update."""
+    from kl_research.algos import PPO, policy_update
+
+    B, P = prompts.shape
+    timer, fast_timer = timers
+    sync_device(dev)
+    t0, c0 = time.perf_counter(), time.process_time()
+    batch = roll()
+    sync_device(dev)
+    t1 = time.perf_counter()
+    scores = torch.randn(B, generator=gen).to(dev)  # synthetic task score (the reward model is not timed)
+    advantages, returns = PPO(pcfg).advantages(batch, scores, 0.1)
+    sync_device(dev)
+    t2 = time.perf_counter()
+    policy.train()
+    policy_update(PPO(pcfg), policy, optimizer, batch, advantages, returns, P, amp, shuffle_gen, 0.1, compile_vocab)
+    policy.eval()
+    sync_device(dev)
+    t3 = time.perf_counter()
+    if timer.times and fast_timer.times:
+        raise RuntimeError("one rollout called both samplers")
+    g = (fast_timer.times or timer.times)[-1]
+    return {
+        "cpu": time.process_time() - c0,
+        "generate": g,
+        "score": t1 - t0 - g,
+        "advantages": t2 - t1,
+        "update": t3 - t2,
+        "total": t3 - t0,
+    }
+
+
+def _run_steps(step, warmup: int, steps: int) -> tuple[float, list[dict[str, float]]]:
+    """(the warm-up's seconds, each timed step's phases): warmup untimed steps, then steps timed ones."""
     t_warm = time.perf_counter()
     for _ in range(warmup):
         step()
     warmup_s = time.perf_counter() - t_warm  # includes torch.compile's compilation with --compile
-    runs = [step() for _ in range(steps)]
+    return warmup_s, [step() for _ in range(steps)]
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The median over the steps of each phase, plus score_and_update (score + advantages + update)."""
     med = {k: _median([r[k] for r in runs]) for k in runs[0]}
     med["score_and_update"] = _median([r["score"] + r["advantages"] + r["update"] for r in runs])
-    cpu = med.pop("cpu")  # process CPU seconds (all threads) per step: ≈ threads × total when the cores are ours
-    rss = peak_memory_mb(torch.device("cpu"))["memory/peak_rss_mb"]  # the process's, as a run logs it
-    n_mb = pcfg.epochs * -(-B // pcfg.minibatch_size)
-    rec: dict[str, Any] = {
+    return med
+
+
+def _record_head(shape: str, dims, policy, pcfg, B: int, P: int, R: int, warmup: int, steps: int) -> dict:
+    """The record's first fields: what was benchmarked (shape, size, batch, lengths, epochs, steps)."""
+    return {
         "bench": "ppo_step",
         "shape": shape,
         "model": dims,
@@ -309,9 +370,14 @@ def bench(
         "minibatch_size": pcfg.minibatch_size,
         "warmup": warmup,
         "steps": steps,
-        **choice.record(),
+    }
+
+
+def _record_body(compile, timers, compile_vocab: bool, workload: str, pcfg, warmup_s, med, cpu, runs) -> dict:
+    """The record's fields after the precision's: the step's settings and its seconds (medians and every step's)."""
+    return {
         "compile": compile,
-        "sampler": "fast" if fast_timer.times else "hf",
+        "sampler": "fast" if timers[1].times else "hf",
         "compile_vocab": compile_vocab,
         "workload": workload,
         "kl_mode": pcfg.kl_mode,
@@ -319,6 +385,12 @@ def bench(
         "seconds": {k: round(v, 4) for k, v in med.items()},
         "cpu_seconds_per_step": round(cpu, 4),
         "seconds_all": {k: [round(r[k], 4) for r in runs] for k in runs[0] if k != "cpu"},
+    }
+
+
+def _record_rates(med, pcfg, B: int, P: int, R: int, rss: float, dev, n_threads: int, malloc_tuned) -> dict:
+    """The record's last fields: tokens per second, peak memory, threads, device and versions."""
+    return {
         "gen_tokens_per_s": round(B * R / med["generate"], 1),
         "train_tokens_per_s": round(pcfg.epochs * B * (P + R) / med["update"], 1),
         "step_tokens_per_s": round(B * R / med["total"], 1),
@@ -329,25 +401,31 @@ def bench(
         "device": str(dev),
         "versions": versions(),
     }
-    policy.lm.generate = timer.fn
-    rollout_module.sample = fast_timer.fn
 
-    if floors:
-        fl = floor_times(policy, ref, prompts, R, pcfg, n_mb, steps, warmup, amp, seed)
-        rec["floor_seconds"] = {k: round(v, 4) for k, v in fl.items()}
-        rec["overhead"] = {
-            "generate": round(med["generate"] / fl["generate"], 3),
-            "score": round(med["score"] / fl["score"], 3),
-            "update": round(med["update"] / fl["update"], 3),
-            "total": round(med["total"] / (fl["generate"] + fl["score"] + fl["update"]), 3),
-        }
-        gf = gemm_floors(roll, policy, prompts, R, pcfg, optimizer, shuffle_gen, amp)
-        rec.update(gemm_fields(gf))
-        rec["gemm_share"] = {  # fraction of our measured time that the GEMMs alone would take
-            k: round(gf[k]["seconds"] / med[k], 3) for k in ("generate", "score", "update")
-        }
-        rec["gemm_top_update"] = gf["update"]["by_shape"][:6]
-    return rec
+
+def _floor_fields(
+    policy, ref, prompts, R: int, pcfg, roll, optimizer, shuffle_gen, amp, med, warmup: int, steps: int, seed: int
+) -> dict:
+    """The record's floor fields: floor seconds, overhead (ours / floor), the GEMM floors and their share."""
+    from benchmark.gemm import gemm_fields
+
+    B = prompts.shape[0]
+    n_mb = pcfg.epochs * -(-B // pcfg.minibatch_size)
+    fl = floor_times(policy, ref, prompts, R, pcfg, n_mb, steps, warmup, amp, seed)
+    out: dict[str, Any] = {"floor_seconds": {k: round(v, 4) for k, v in fl.items()}}
+    out["overhead"] = {
+        "generate": round(med["generate"] / fl["generate"], 3),
+        "score": round(med["score"] / fl["score"], 3),
+        "update": round(med["update"] / fl["update"], 3),
+        "total": round(med["total"] / (fl["generate"] + fl["score"] + fl["update"]), 3),
+    }
+    gf = gemm_floors(roll, policy, prompts, R, pcfg, optimizer, shuffle_gen, amp)
+    out.update(gemm_fields(gf))
+    out["gemm_share"] = {  # fraction of our measured time that the GEMMs alone would take
+        k: round(gf[k]["seconds"] / med[k], 3) for k in ("generate", "score", "update")
+    }
+    out["gemm_top_update"] = gf["update"]["by_shape"][:6]
+    return out
 
 
 def gemm_floors(roll, policy, prompts, R, pcfg, optimizer, shuffle_gen, amp) -> dict[str, dict[str, Any]]:
