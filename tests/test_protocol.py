@@ -118,7 +118,8 @@ def arms_frame(protocol, shift: dict[str, float], seeds=(1000, 1001, 1002, 1003,
     for arm in ("adaptive", "pid", "pid_ci", "static_tuned"):
         for t in protocol["targets"]:
             for s in seeds:
-                rows.append({"arm": arm, "target_kl": t, "seed": s, "stationary": stationary,
+                rows.append({"arm": arm, "target_kl": t, "seed": s, "stationary": stationary, "run": f"{arm}{t}{s}",
+                             "kl_log_ratio_signed": rng.normal(0, 0.02), "reward_diff_signed": rng.normal(0, 0.005),
                              "reward": base[s] + shift.get(arm, 0.0) + rng.normal(0, 0.002),
                              "log_ratio_error": 0.05 + rng.normal(0, 0.01)})  # fmt: skip
     return pd.DataFrame(rows)
@@ -148,6 +149,24 @@ def test_hypothesis_tests_pair_by_seed_and_holm_corrects_the_primary_family(prot
     assert np.allclose(np.sort(prim["p_adj"]), expected)
     assert not np.allclose(np.sort(prim["p_adj"]), np.sort(holm(prim["p"].to_numpy())))
     assert prim["method"].str.contains(f"Holm over {len(prim)} tests").all()
+
+
+def test_cell_stationarity_by_the_mean_drift_does_not_punish_more_seeds(protocol):
+    """mean_within: a cell whose mean drift is shown inside ±tolerance is stationary although one of its 10 seeds
+    fails the per-seed rule by noise; a cell whose mean drifts is not, however many seeds it has."""
+    rules = {**protocol["stationarity"], "cell_rule": "mean_within"}
+    rng = np.random.default_rng(5)
+    noise = pd.DataFrame({"run": [f"r{i}" for i in range(10)], "kl_log_ratio_signed": rng.normal(0, 0.03, 10),
+                          "reward_diff_signed": rng.normal(0, 0.009, 10)})  # fmt: skip
+    noise.loc[0, "reward_diff_signed"] = 0.025  # one seed over the per-seed tolerance by noise
+    noise["stationary"] = (noise["kl_log_ratio_signed"].abs() <= 0.1) & (noise["reward_diff_signed"].abs() <= 0.02)
+    assert not noise["stationary"].all()
+    assert not P.cell_stationary(noise, {**rules, "cell_rule": "every_seed"})
+    assert P.cell_stationary(noise, rules)
+    drifting = noise.assign(reward_diff_signed=noise["reward_diff_signed"] + 0.025)
+    assert not P.cell_stationary(drifting, rules)
+    with pytest.raises(ValueError, match="cell_rule='any' is invalid"):
+        P.cell_stationary(noise, {**rules, "cell_rule": "any"})
 
 
 def test_a_transient_cell_is_reported_but_left_out_of_the_family(protocol):
