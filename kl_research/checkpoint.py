@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoints/last.pt"
 PREVIOUS_CHECKPOINT = "checkpoints/previous.pt"  # the one before last.pt, kept for a last.pt that cannot be read
 LOCK_FILE = ".lock"
-# Keys whose change does not change the trajectory: a restart may differ in these and still resume.
-RESUMABLE_DIFFS = ("steps", "wandb", "threads", "checkpoint_every", "keep_checkpoints", "sweep", "drift_")
+# Keys whose change does not change the trajectory: a restart may differ in these and still resume. `gold`: the gold
+# evaluation samples in a fork of the RNG (kl_research.gold; tests/test_gold.py checks the trajectory is the same).
+RESUMABLE_DIFFS = ("steps", "wandb", "threads", "checkpoint_every", "keep_checkpoints", "sweep", "drift_", "gold")
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ in :func:`validate`, which ``train.py`` calls before it loads anything.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,7 +330,7 @@ class HFDataSchema(DataSchema):
 # ------------------------------------------------------------------------------------------------- reward
 @dataclass
 class RewardSchema:
-    name: str = MISSING  # registry key in kl_research.rewards: sentiment | classifier
+    name: str = MISSING  # registry key in kl_research.rewards: sentiment | classifier | learned
 
 
 @dataclass
@@ -360,6 +361,66 @@ class ClassifierRewardSchema(RewardSchema):
         _need(self.max_length > 0, s, self, "max_length", "an int > 0")
 
 
+@dataclass
+class LearnedRewardSchema(RewardSchema):
+    """A reward model learned from gold labels (Gao, Schulman & Hilton 2022's synthetic setup; docs/gold.md): a scalar
+    head on the reference's own trunk, trained offline by kl_research.reward_model on `n_labels` π_ref responses to
+    training prompts labelled by the gold scorer (VADER), cached under a hash of everything below, the model group and
+    the corpus. Every key here changes the model, so every key is in that hash."""
+
+    name: str = "learned"
+    n_labels: int = 2000  # n: distinct gold-labelled responses the RM learns from (train + validation split)
+    val_fraction: float = 0.2  # of the n labels, held out to choose the epoch (early stopping); never trained on
+    test_labels: int = 1000  # extra labelled responses to *held-out* prompts: the reported accuracy/correlation
+    epochs: int = 15  # at most; the kept weights are those of the epoch with the highest validation Pearson r
+    patience: int = 4  # stop after this many epochs without a higher validation Pearson r
+    batch_size: int = 32
+    lr: float = 1e-3  # AdamW, constant after a one-epoch linear warmup
+    weight_decay: float = 0.01
+    temperature: float = 1.0  # π_ref's sampling temperature for the labelled responses (conf: ${ppo.temperature})
+    response_length: int = 24  # max new tokens of a labelled response (conf: ${ppo.response_length})
+    seed: int = 0  # the RM's own seed (sampling, head init, shuffling): not the PPO seed, every PPO seed shares it
+
+    def __post_init__(self) -> None:
+        s = "reward"
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        _need(is_int(self.n_labels) and self.n_labels >= 10, s, self, "n_labels", "an int >= 10")
+        _need(0 < self.val_fraction <= 0.5, s, self, "val_fraction", "a float in (0, 0.5]")
+        _need(is_int(self.test_labels) and self.test_labels >= 10, s, self, "test_labels", "an int >= 10")
+        for key in ("epochs", "patience", "batch_size", "response_length"):
+            _need(is_int(getattr(self, key)) and getattr(self, key) > 0, s, self, key, "an int > 0")
+        _need(self.lr > 0, s, self, "lr", "a float > 0")
+        _need(self.weight_decay >= 0, s, self, "weight_decay", "a float >= 0")
+        _need(self.temperature > 0, s, self, "temperature", "a float > 0")
+        # at least 2 labels on each side of the validation split (the split is exact: ceil(val_fraction * n))
+        n_val = math.ceil(self.val_fraction * self.n_labels)
+        _need(
+            self.n_labels - n_val >= 2,
+            s,
+            self,
+            "val_fraction",
+            f"a fraction leaving >= 2 of the {self.n_labels} labels to train on",
+        )
+
+
+# --------------------------------------------------------------------------------------------------- gold
+@dataclass
+class GoldSchema:
+    """The gold scorers, measured beside the training reward on held-out prompts at every eval step and never seen by
+    the policy (docs/gold.md): VADER (eval/gold_reward), AFINN (eval/gold2_reward) and the training reward itself
+    (eval/proxy_reward)."""
+
+    prompts: int = 256  # held-out prompts (the first data.prompt_tokens tokens of held-out texts), one response each;
+    # fewer if the held-out split has fewer texts that long. 0 = no gold evaluation
+
+    def __post_init__(self) -> None:
+        ok = isinstance(self.prompts, int) and not isinstance(self.prompts, bool) and self.prompts >= 0
+        _need(ok, "gold", self, "prompts", "an int >= 0 (0: no gold evaluation)")
+
+
 def register_configs() -> None:
     """Register every schema (idempotent; called on import)."""
     cs = ConfigStore.instance()
@@ -373,8 +434,9 @@ def register_configs() -> None:
         cs.store(group="schema/model", name=schema.name, node=schema)
     for schema in (FortunesDataSchema, HFDataSchema):
         cs.store(group="schema/data", name=schema.name, node=schema)
-    for schema in (SentimentRewardSchema, ClassifierRewardSchema):
+    for schema in (SentimentRewardSchema, ClassifierRewardSchema, LearnedRewardSchema):
         cs.store(group="schema/reward", name=schema.name, node=schema)
+    cs.store(group="schema/gold", name="gold", node=GoldSchema)
 
 
 SAMPLERS = ("auto", "fast", "hf")  # the `sampler` key: kl_research.decode, transformers' generate
@@ -424,6 +486,12 @@ def check_context(cfg: DictConfig) -> None:
             f"data.eval_max_length={cfg.data.eval_max_length} is invalid: the model's context is {n} tokens; "
             f"allowed: data.eval_max_length <= {n}"
         )
+    if cfg.reward.name == "learned" and P + cfg.reward.response_length > n:  # π_ref's labelled responses
+        R = cfg.reward.response_length
+        raise ValueError(
+            f"reward.response_length={R} is invalid: data.prompt_tokens + reward.response_length = {P} + {R} exceeds "
+            f"the model's context of {n} tokens; allowed: reward.response_length <= {n - P}"
+        )
 
 
 def check_algo(cfg: DictConfig) -> None:
@@ -453,9 +521,9 @@ def check_algo(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Run every schema's range checks. Raises ValueError naming the key, the value and what is allowed."""
-    sections = ("controller", "ppo", "wandb", "model", "data", "reward", "algo")
+    sections = ("controller", "ppo", "wandb", "model", "data", "reward", "algo", "gold")
     for section in sections:
-        if section in cfg:  # algo: configs written before the algo group have none (they are PPO)
+        if section in cfg:  # algo, gold: configs written before these groups have none (PPO; no gold evaluation)
             OmegaConf.to_object(cfg[section])
     check_algo(cfg)
 

@@ -3,6 +3,11 @@
 Registry keyed by ``reward.name``:
     sentiment   VADER compound score in [-1, 1] (vaderSentiment; lexicon + rules, no model, no download)
     classifier  one label's logit / probability / log-probability from any AutoModelForSequenceClassification
+    learned     a reward model trained by the project on gold (VADER) labels: kl_research.reward_model builds it
+                (it needs the whole job config, so `reward_model.build_job_reward(cfg)` makes it, not `build_reward`)
+
+Beside them, `AfinnReward` (AFINN-165 lexicon, tanh(sum / 5)) is the second, independent gold scorer of the gold
+evaluation (kl_research.gold).
 
 Every reward returns a float32 CPU tensor of shape (B,), and raises if a value is not finite, naming the
 reward and the sample index (a NaN reward would silently poison the advantages).
@@ -64,6 +69,32 @@ class SentimentReward(Reward):
 
     def score(self, texts: list[str]) -> torch.Tensor:
         return torch.tensor([self.analyzer.polarity_scores(t)["compound"] for t in texts], dtype=torch.float32)
+
+
+class AfinnReward(Reward):
+    """AFINN-165 (Nielsen 2011; the `afinn` package ships the lexicon: no download): the sum of the integer valences
+    (-5..+5) of the lexicon's words in the text, squashed to tanh(sum / scale) in (-1, 1).
+
+    Why tanh(sum / 5): like VADER's compound (also a squashed sum) it is bounded, odd, and saturates on a pile of
+    sentiment words, on the same scale: one common word (|v| = 3: "good", "nice", "bad") gives ±0.54 and one strong word
+    (|v| = 5: "outstanding", "superb") ±0.76, where VADER gives 0.42-0.64 and 0.61-0.62 for the same single words. A
+    per-token mean was the alternative; it rewards short responses (one "good" alone beats "good" in a long sentence),
+    which a policy would learn to exploit."""
+
+    name = "afinn"
+
+    def __init__(self, include_prompt: bool = False, scale: float = 5.0) -> None:
+        super().__init__(include_prompt)
+        from afinn import Afinn
+
+        if not scale > 0:
+            raise ValueError(f"AfinnReward: scale={scale} is invalid; allowed: a float > 0")
+        self.analyzer = Afinn(language="en", emoticons=False)
+        self.scale = scale
+
+    def score(self, texts: list[str]) -> torch.Tensor:
+        raw = torch.tensor([self.analyzer.score(t) for t in texts], dtype=torch.float32)
+        return torch.tanh(raw / self.scale)
 
 
 class ClassifierReward(Reward):
@@ -140,7 +171,7 @@ class ClassifierReward(Reward):
         return torch.cat(out) if out else torch.zeros(0)
 
 
-REWARDS = ("sentiment", "classifier")
+REWARDS = ("sentiment", "classifier", "learned")
 
 
 def build_reward(reward_cfg: Any, device: Any = "cpu") -> Reward:
@@ -158,5 +189,10 @@ def build_reward(reward_cfg: Any, device: Any = "cpu") -> Reward:
             include_prompt=include_prompt,
             batch_size=int(_get(reward_cfg, "batch_size", 32)),
             max_length=int(_get(reward_cfg, "max_length", 256)),
+        )
+    if name == "learned":  # its cache key and its build need the model, data and sampling settings too
+        raise ValueError(
+            "reward.name='learned' is built from the whole job config: use "
+            "kl_research.reward_model.build_job_reward(cfg, device), not rewards.build_reward(cfg.reward)"
         )
     raise ValueError(f"reward.name={name!r} is invalid; allowed: {', '.join(REWARDS)}")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from kl_research.analysis.control import TAIL_FRACTION, control_metrics
+from kl_research.analysis.control import GOLD_METRICS, TAIL_FRACTION, control_metrics, tail_eval_mean
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,12 @@ def summarize(history: list[dict[str, Any]], cfg: DictConfig, wall_time_s: float
     evals = [r for r in history if "eval/ppl_heldout" in r]
     ppl_final = evals[-1]["eval/ppl_heldout"] if evals else float("nan")
     ppl_ref = evals[-1]["eval/ppl_ref"] if evals else float("nan")
+    # the gold evaluation (docs/gold.md): the tail's evaluations, and π_ref's values; NaN for a run without it
+    gold: dict[str, float] = {}
+    for name, key in GOLD_METRICS.items():
+        gold[name] = tail_eval_mean([r.get(key, math.nan) for r in history], n_tail)
+        refs = [r[f"{key}_ref"] for r in history if f"{key}_ref" in r]
+        gold[f"{name}_ref"] = float(refs[-1]) if refs else math.nan
     return {
         "status": "completed",
         "controller": cfg.controller.name,
@@ -262,6 +268,7 @@ def summarize(history: list[dict[str, Any]], cfg: DictConfig, wall_time_s: float
         "ppl_final": float(ppl_final),
         "ppl_ref": float(ppl_ref),
         "ppl_change": float(ppl_final / ppl_ref - 1),
+        **gold,
         "drift_warnings": int(history[-1]["kl/drift_warnings"]),
         "wall_time_s": float(wall_time_s),
         "kl_unit": "nats/token",

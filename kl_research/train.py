@@ -254,6 +254,7 @@ class Job:
     history: list[dict[str, Any]] = field(default_factory=list)
     drift: dict[str, Any] = field(default_factory=new_drift_state)
     ppl_ref: float | None = None
+    gold: Any = None  # kl_research.gold.GoldEval: the gold scorers on held-out prompts at eval steps (None: off)
     elapsed_before: float = 0.0
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -279,8 +280,9 @@ class Job:
         """Models, data, reward, controller; then the checkpoint's state if there is one."""
         # Deferred imports: these modules pull in transformers/datasets (seconds), not needed to validate.
         from kl_research.data import build_prompts, eval_subset, load_corpus
+        from kl_research.gold import GoldEval
         from kl_research.reference import load_reference
-        from kl_research.rewards import build_reward
+        from kl_research.reward_model import build_job_reward
 
         resolved = OmegaConf.to_container(cfg, resolve=True)
         threads = setup_threads(cfg.threads)
@@ -336,11 +338,12 @@ class Job:
             choice=choice,
             started=started,
             eval_texts=eval_subset(corpus.heldout, cfg.data.eval_texts),
-            reward_fn=build_reward(cfg.reward, device),
+            reward_fn=build_job_reward(cfg, device),  # reward=learned: the learned RM (built once, cached)
             controller=build_controller(cfg.controller),
             prompt_gen=torch.Generator().manual_seed(cfg.seed),
             shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1),
         )
+        job.gold = GoldEval.of(cfg, corpus.heldout, tokenizer)
         if ckpt is not None:
             job.resume(ckpt)
         if job.ppl_ref is None:
@@ -463,6 +466,8 @@ class Job:
             rec["eval/ppl_heldout"] = self.evaluate_ppl(self.policy.lm)
             rec["eval/ppl_ref"] = self.ppl_ref
             rec["eval/distinct_2"] = distinct_n(responses, 2)
+            if self.gold is not None:  # gold and proxy on held-out prompts: logged only, in a fork of the RNG
+                rec.update(self.gold(self.policy.lm, self.ref_model, self.reward_fn, self.amp))
         self.history.append(rec)
         kl_seq, length = masked_sum(batch["exact_kl"], mask).tolist(), mask.sum(-1).tolist()  # (B,) nats, tokens
         samples = [

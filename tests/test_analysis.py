@@ -910,3 +910,49 @@ def test_report_says_which_device_and_precision_the_runs_had(tmp_path):
     last.write_text(json.dumps({**json.loads(last.read_text()), "device": "cuda", "precision": "bf16"}))
     report = (write_report(sweep) / "report.md").read_text()
     assert "cpu / fp32: 5, cuda / bf16: 1. **Mixed**" in report
+
+
+def test_gold_and_proxy_are_tail_means_of_their_evaluations_in_summaries_scores_cells_and_frontier(tmp_path):
+    """eval/gold_reward, eval/gold2_reward, eval/proxy_reward are logged at eval steps only (docs/gold.md): a run's
+    score is the mean of its evaluations within the tail window, in summary.json and in score_runs alike; a run without
+    them gets NaN; the cell statistics and the frontier carry them; runs of one proxy size group by reward.n_labels."""
+    sweep = tmp_path / "gold_frontier" / "2030-01-01_00-00-00"
+    gold = {6: (0.1, 0.0, 0.3), 7: (0.2, 0.1, 0.5), 8: (0.4, 0.2, 0.9)}  # step: (gold, gold2, proxy)
+    for n in (500, 2000):
+        for b in (0.1, 1.0):
+            for s in (0, 1):
+                hist = history([0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.05, 0.05], 0.5, beta=b)
+                shift = s * 0.1 + (n == 2000) * 1.0 + b
+                for step, (g, g2, p) in gold.items():
+                    hist[step - 1] |= {"eval/gold_reward": g + shift, "eval/gold2_reward": g2, "eval/proxy_reward": p,
+                                       "eval/gold_reward_ref": 0.01, "eval/gold2_reward_ref": 0.02,
+                                       "eval/proxy_reward_ref": 0.03}  # fmt: skip
+                cfg = config("fixed", 0.05, b, s) | {"reward": {"name": "learned", "n_labels": n}}
+                write_run(sweep, f"fixed_b{b:g}_s{s}_n_labels={n}", cfg, hist)
+    write_run(sweep, "fixed_b0.1_s2_vader", config("fixed", 0.05, 0.1, 2), history([0.0, 0.05, 0.05, 0.05], 0.5))
+    s = A.load_sweep(sweep)
+    # 8 steps: the tail is steps 7-8, so the evaluation at step 6 is left out
+    summary = s.summaries.set_index("run").loc["fixed_b1_s1_n_labels=2000"]
+    assert summary["gold_reward"] == pytest.approx((0.2 + 0.4) / 2 + 0.1 + 1.0 + 1.0)
+    assert (summary["gold2_reward"], summary["proxy_reward"]) == pytest.approx((0.15, 0.7))
+    assert (summary["gold_reward_ref"], summary["gold2_reward_ref"], summary["proxy_reward_ref"]) == (0.01, 0.02, 0.03)
+    scores = A.score_runs(s.curves).set_index("run")
+    for run in scores.index.drop("fixed_b0.1_s2_vader"):  # score_runs and summary.json agree, run by run
+        for k in ("gold_reward", "gold2_reward", "proxy_reward"):
+            assert scores.loc[run, k] == pytest.approx(s.summaries.set_index("run").loc[run, k]), (run, k)
+    assert scores.loc["fixed_b0.1_s2_vader", ["gold_reward", "gold2_reward", "proxy_reward"]].isna().all()
+    vader = s.summaries.set_index("run").loc["fixed_b0.1_s2_vader"]
+    assert math.isnan(vader["gold_reward"]) and math.isnan(vader["gold_reward_ref"])  # a run without: NaN
+    # cells and the frontier carry them; a frontier per proxy size (docs/gold.md)
+    scored = A.attach_config(A.score_runs(s.curves), s.configs, keys=[*A.POOL_KEYS, "reward.n_labels"])
+    cells = A.cell_stats(scored, by=["reward.n_labels"]).set_index(["init_kl_coef", "reward.n_labels"])
+    assert cells.loc[(1.0, 2000), "gold_reward_mean"] == pytest.approx(0.3 + 0.05 + 2.0)
+    assert cells.loc[(1.0, 2000), "gold_reward_n"] == 2 and cells.loc[(1.0, 2000), "gold_reward_lo"] < 2.35
+    per_n = {n: A.frontier(g).set_index("init_kl_coef") for n, g in scored.groupby("reward.n_labels")}
+    assert per_n[500].loc[0.1, "gold_reward_mean"] == pytest.approx(0.3 + 0.05 + 0.1)
+    assert per_n[500].loc[1.0, "proxy_reward_mean"] == pytest.approx(0.7)
+    assert per_n[2000].loc[0.1, "gold2_reward_mean"] == pytest.approx(0.15)
+    # runs from before the gold evaluation: no gold columns at all (the committed results' tables are unchanged)
+    old = A.score_runs(A.load_curves(synthetic_sweep(tmp_path / "old"), completed_only=True))
+    assert not {"gold_reward", "gold2_reward", "proxy_reward"} & set(old.columns)
+    assert "gold_reward_mean" not in A.cell_stats(old) and "gold_reward_mean" not in A.frontier(old)

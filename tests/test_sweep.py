@@ -180,6 +180,42 @@ def test_frontier_config_and_slurm_launcher():
         assert key in launcher
 
 
+def test_the_gold_frontier_sweep_composes_for_every_proxy_size():
+    """scripts/gold_frontier.sh (docs/gold.md): the fixed-β frontier × reward.n_labels=500,2000,8000 is one grid whose
+    every job composes and validates as reward=learned at its own n, and whose reward models the sweep builds once
+    each before its jobs (a PrepareOnce callback after the reference's)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra_plugins.kl_research_sweeper.grid import jobs_of
+    from kl_research.config import validate
+    from kl_research.reward_model import prepare
+
+    script = (REPO / "scripts" / "gold_frontier.sh").read_text().splitlines()
+    (line,) = [x for x in script if x.startswith("python sweep.py")]
+    args = [a for a in line.split()[2:] if a != '"$@"']
+    assert "reward=learned" in args and "reward.n_labels=500,2000,8000" in args
+    cfg = compose_sweep(*[a for a in args if "," not in a])
+    s = cfg.hydra.sweeper
+    callbacks = cfg.hydra.callbacks
+    assert list(callbacks).index("reference") < list(callbacks).index("reward_model")
+    assert callbacks.reward_model.function == "kl_research.reward_model.prepare"
+    jobs = jobs_of(
+        Grid.of(s.controllers, s.targets, s.seeds, s.fixed_betas), OverridesParser.create().parse_overrides(args)
+    )
+    assert len(jobs) == len(s.fixed_betas) * len(s.seeds) * 3
+    assert {j.name for j in jobs} >= {"fixed_b0.03_s0_n_labels=500", "fixed_b10_s4_n_labels=8000"}
+    for n in (500, 2000, 8000):
+        job = next(j for j in jobs if j.name == f"fixed_b0.1_s1_n_labels={n}")
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            job_cfg = compose("sweep", overrides=list(job.overrides))
+        validate(job_cfg)
+        assert (job_cfg.reward.name, job_cfg.reward.n_labels, job_cfg.controller.name) == ("learned", n, "fixed")
+        assert (job_cfg.controller.init_kl_coef, job_cfg.seed, job_cfg.wandb.group) == (0.1, 1, "gold_frontier")
+        assert job_cfg.reward.response_length == job_cfg.ppo.response_length  # labels sampled as PPO will sample
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        assert prepare(compose("sweep")) is None  # any other reward: nothing to build
+
+
 def test_stock_submitit_launchers_are_refused_naming_ours():
     check_launcher(compose_sweep())  # hydra/launcher=local
     check_launcher(compose_sweep("hydra/launcher=slurm"))

@@ -36,7 +36,18 @@ METRICS = [
     "approx_kl_mean",
     "ppl_change",
     "final_beta",
+    "gold_reward",
+    "gold2_reward",
+    "proxy_reward",
 ]
+# The gold evaluation's metrics (kl_research.gold, docs/gold.md): column -> the eval key it averages. They are logged at
+# eval steps only, so a run's score is the mean of its evaluations inside the tail window (the last step always
+# evaluates); NaN for a run without them. A frame of runs none of which logged them has no such columns.
+GOLD_METRICS = {
+    "gold_reward": "eval/gold_reward",
+    "gold2_reward": "eval/gold2_reward",
+    "proxy_reward": "eval/proxy_reward",
+}
 ESTIMATORS = ("k1", "k2", "k3", "seed")
 
 
@@ -114,6 +125,14 @@ def control_metrics(
 track = control_metrics  # the name earlier notebooks used
 
 
+def tail_eval_mean(values: Sequence[float] | np.ndarray, n_tail: int) -> float:
+    """Mean of the evaluations among the last `n_tail` steps' values of a metric logged at eval steps only (NaN or
+    absent elsewhere); NaN if none of those steps evaluated. runlog.summarize and score_runs both use it."""
+    v = np.asarray(values, dtype=float)[-n_tail:] if n_tail > 0 else np.array([])
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if len(v) else math.nan
+
+
 def _run_metrics(g: pd.DataFrame, tail_fraction: float) -> dict[str, float]:
     """The target-free metrics of one run's curve (rows sorted by step), as runlog.summarize computes them."""
     n = len(g)
@@ -129,6 +148,9 @@ def _run_metrics(g: pd.DataFrame, tail_fraction: float) -> dict[str, float]:
         ev = g.dropna(subset=["eval/ppl_heldout"])
         if len(ev):
             out["ppl_change"] = float(ev["eval/ppl_heldout"].iloc[-1] / ev["eval/ppl_ref"].iloc[-1] - 1)
+    for name, key in GOLD_METRICS.items():  # the tail's evaluations (NaN for a run without them in this frame)
+        if key in g:
+            out[name] = tail_eval_mean(g[key].to_numpy(float), n_tail)
     return out
 
 
@@ -147,7 +169,8 @@ def score_runs(
     every target of the sweep's other runs; its own logged target if there are none, as in a frontier sweep);
     ``logged_target_kl`` keeps the one it logged, ``rescored`` marks the rows against another target.
     Columns: the curve's non-metric columns (id, ``completed``, config), ``target_kl`` (the scoring target),
-    ``steps`` and :data:`METRICS`. KL is ``kl_key`` (``kl/exact``, docs/sweeps.md); see :func:`control_metrics`.
+    ``steps`` and :data:`METRICS` (the :data:`GOLD_METRICS` where some run logged them). KL is ``kl_key``
+    (``kl/exact``, docs/sweeps.md); see :func:`control_metrics`.
     """
     if curves.empty:
         return pd.DataFrame(columns=[*ID_COLUMNS, "logged_target_kl", "rescored", "steps", *METRICS])
@@ -172,6 +195,6 @@ def score_runs(
                 {**base, "target_kl": t, "logged_target_kl": own, "rescored": bool(untracked), **metrics, **scored}
             )
     df = pd.DataFrame(rows)
-    first_cols = [*ID_COLUMNS, "logged_target_kl", "rescored", "steps", *METRICS]
+    first_cols = [c for c in [*ID_COLUMNS, "logged_target_kl", "rescored", "steps", *METRICS] if c in df.columns]
     df = df[first_cols + [c for c in df.columns if c not in first_cols]]
     return df.sort_values(["controller", "target_kl", "init_kl_coef", "seed", "run"]).reset_index(drop=True)

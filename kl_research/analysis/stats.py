@@ -119,14 +119,17 @@ def cell_stats(
     return pd.DataFrame(rows, columns=cols)
 
 
-FRONTIER_METRICS = ("reward", "kl", "ppl_change", "kl_step2", "approx_kl_mean")
+FRONTIER_METRICS = (
+    "reward", "kl", "ppl_change", "kl_step2", "approx_kl_mean", "proxy_reward", "gold_reward", "gold2_reward",
+)  # fmt: skip
 
 
 def frontier(scores: pd.DataFrame, controller: str = "fixed", level: float = 0.95) -> pd.DataFrame:
     """The reward–KL frontier of the fixed-β runs: per β₀ (and :data:`POOL_KEYS` setting), ``n``/``n_seeds`` and
     mean, 95 % Student-t interval and sd across seeds of tail reward, tail KL, Δ perplexity, ``kl_step2`` and
-    ``approx_kl_mean`` (the per-rollout update size), plus ``steps`` (the runs' length), sorted by KL. These do
-    not depend on the scoring target: each run counts once."""
+    ``approx_kl_mean`` (the per-rollout update size), and the held-out proxy and gold rewards where the runs logged
+    them (docs/gold.md), plus ``steps`` (the runs' length), sorted by KL. These do not depend on the scoring target:
+    each run counts once."""
     runs = scores[scores["controller"] == controller].drop_duplicates("run")
     keys = ["init_kl_coef", *_pool_keys(runs)]
     metrics = [m for m in FRONTIER_METRICS if m in runs]

@@ -1,0 +1,13 @@
+#!/bin/bash
+# Issue 30: reward over-optimisation (Gao, Schulman & Hilton 2022, arXiv 2210.10760) on the embedded default. The fixed-β
+# frontier (conf/sweep/frontier.yaml: 6 β × 5 seeds) trained on a learned proxy RM of each size n (reward=learned,
+# reward.n_labels), with the gold (VADER) and the second gold (AFINN) measured beside the proxy on held-out prompts at
+# every eval step (docs/gold.md). 6 β × 5 seeds × 3 n = 90 jobs in one sweep dir, named <β>_<seed>_n_labels=<n>; the
+# three reward models are built once each, before any job (conf/sweep.yaml's callbacks), and cached.
+#   bash scripts/gold_frontier.sh                              # the whole grid (here: 2 jobs × 1 thread at a time)
+#   bash scripts/gold_frontier.sh sweep.seeds=[0,1] steps=60   # any extra override, as for sweep.py
+# Analysis (per proxy size; runs of two sizes must not be pooled): docs/gold.md, "Reading a gold sweep".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+python sweep.py sweep=frontier sweep.name=gold_frontier reward=learned reward.n_labels=500,2000,8000 "$@"
