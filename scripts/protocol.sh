@@ -16,10 +16,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline} PYTHONPATH=$PWD
-T=${T:-200}  # the job length the stationarity pilot chose (results/protocol/pilot/length.txt)
-EVERY="steps=$T eval_every=50 checkpoint_every=25"
-# √2 apart over the β that give KL ~0.005-0.4 at steady state (the pilot's fixed β 0.05, 0.1 and 10 bracket it)
-BETAS=${BETAS:-0.0707,0.1,0.1414,0.2,0.2828,0.4,0.5657,0.8,1.131,1.6,2.263,3.2}
+T=${T:-400}  # the job length chosen after the stationarity pilot (conf/analysis/protocol.yaml deviations: 1)
+EVERY="steps=$T eval_every=100 checkpoint_every=50"
+# √2 apart from 0.125 to 4 (KL ~0.4 to ~0.005 at 400 rollouts by the pilot: β 0.1 → 0.51, β 10 → 0.002), and 0.1
+BETAS=${BETAS:-0.1,0.125,0.1768,0.25,0.3536,0.5,0.7071,1,1.414,2,2.828,4}
 TUNING="[500,501,502]"
 EVAL="[1000,1001,1002,1003,1004]"
 
