@@ -117,7 +117,8 @@ def test_short_run_writes_every_metric(cache_dir, tmp_path, caplog, monkeypatch)
     # 0.05 target would read it as a −100 % error and lower β
     assert recs[0]["kl/coef_next"] == recs[0]["kl/coef"] == recs[1]["kl/coef"]
     assert recs[2]["kl/coef"] == recs[1]["kl/coef_next"] != recs[1]["kl/coef"]  # one update between rollouts
-    assert recs[0]["policy/epochs"] == 2 and recs[0]["loss/kl"] >= 0  # exact KL in the loss (the default mode)
+    # exact KL in the loss (the default mode): ≥ 0 up to fp32 rounding (π = π_ref at rollout 1, scored by two kernels)
+    assert recs[0]["policy/epochs"] == 2 and recs[0]["loss/kl"] >= -1e-6
     assert summary["status"] == "completed" and summary["controller"] == "pid"
     assert summary["steps"] == 3 and summary["tail_steps"] == 1
     assert summary["kl"] == pytest.approx(recs[-1]["kl/exact"])
@@ -198,7 +199,8 @@ def test_samples_carry_each_responses_kl_and_length_and_compact_runs_keep_a_few(
     assert [r["step"] for r in samples] == [2] * 8 + [3] * 8  # wandb.samples_every=2, and the last step
     for r in samples:
         assert isinstance(r["length"], int) and 1 <= r["length"] <= cfg.ppo.response_length
-        assert r["kl_seq"] >= -1e-7 and r["kl_token"] * r["length"] == pytest.approx(r["kl_seq"], rel=1e-9, abs=1e-12)
+        assert r["kl_seq"] >= -1e-5  # ≥ 0 up to fp32 rounding of sums over V
+        assert r["kl_token"] * r["length"] == pytest.approx(r["kl_seq"], rel=1e-9, abs=1e-12)
     for step in (2, 3):
         batch = [r for r in samples if r["step"] == step]
         n_tokens = sum(r["length"] for r in batch)
@@ -863,6 +865,10 @@ def test_drift_diagnostic_warns_once_when_beta_is_pinned_at_its_upper_bound(cach
         "controller.kl_coef_max=1e-3",
         "drift_grace=1",
         "drift_window=2",
+        # 32 responses per rollout: with 8, a batch of the 30-step reference's text can hold no word VADER scores, so
+        # every advantage is 0, nothing moves and KL stays 0 (it happened under one sampler's draws)
+        "ppo.batch_size=32",
+        "ppo.minibatch_size=8",
     )
     with caplog.at_level(logging.WARNING, logger="kl_research.train"):
         summary = train(cfg, tmp_path)
