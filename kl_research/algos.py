@@ -208,7 +208,7 @@ def vocab_stats(
     """The update's whole share of work over the vocabulary, from the minibatch's (b, R, V) fp32 logits: log π(y)
     (b, R) at the response tokens and, given the reference's (b, R, V) log-probs, the exact KL(π‖π_ref) at each
     position (b, R). The same ops as `Algorithm.loss` on log_softmax(logits/T). One function, so that
-    `ppo.compile_vocab` can compile it (forward and backward) into a few fused loops over V instead of ~12 passes."""
+    the `compile_vocab` key can compile it (forward and backward) into a few fused loops over V, not ~12 passes."""
     logprobs = torch.log_softmax(tempered(logits, temperature), dim=-1)  # (b, R, V)
     logp = logprobs.gather(-1, response.unsqueeze(-1)).squeeze(-1)  # (b, R)
     kl_pos = None if ref_logprobs is None else ppo.exact_token_kl_of_logprobs(logprobs, ref_logprobs)

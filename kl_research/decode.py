@@ -1,11 +1,11 @@
 """Fast sampling for GPT-2-architecture policies: a decode loop over a preallocated (static) KV cache in plain tensor
 ops, with the sampling fused into it.
 
-Why (docs/performance.md "Generation"): at the tiny default (4 layers × 128, batch 64, 24 new tokens) HF `generate`
-spends ~8× its GEMMs' time in per-token machinery (logits processors, stopping criteria, cache objects, the
-modules' Python). The GEMMs are the same here; what goes is everything around them: one preallocated K/V buffer per
-layer written in place, and one softmax + an inverse-CDF draw per token (`inverse_cdf_sample`: B random numbers where
-`torch.multinomial` draws B·V).
+Why (docs/performance.md, "Fast paths"): at the tiny default (4 layers × 128, batch 64, 24 new tokens) HF `generate`
+took ~8× its GEMMs' time, most of it torch.multinomial's B·V random numbers per token and per-token machinery (logits
+processors, stopping criteria, cache objects, the modules' Python). The GEMMs are the same here; what goes is most of
+what surrounds them: one preallocated K/V buffer per layer written in place, and one softmax + an inverse-CDF draw per
+token (`inverse_cdf_sample`: B random numbers). Measured: 0.29 → 0.11 s per rollout's generation, 2.6-3.4× its GEMMs.
 
 The distribution is exactly the policy's at the scoring temperature: p = softmax(logits / T) computed in fp32 from an
 fp32 vocabulary projection (the same as `policy.score_lm`), no top-k / top-p / min-length (docs/kl-contract.md).
