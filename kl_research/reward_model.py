@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Collection
@@ -58,7 +57,7 @@ from kl_research.data import Corpus, build_prompts, corpus_fingerprint, load_cor
 from kl_research.gold import gold_scorer, sample_responses, seeded_rng
 from kl_research.reference import NOT_IN_KEY, ensure_reference, load_reference, reference_key
 from kl_research.rewards import Reward
-from kl_research.runtime import resolve_cache_dir, resolve_device, torch_threads
+from kl_research.runtime import cached_build, resolve_cache_dir, resolve_device, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -386,36 +385,17 @@ def describe(meta: dict) -> str:
 def ensure_reward_model(cfg: DictConfig, device: torch.device | str | None = None) -> tuple[Path, bool]:
     """(cache dir of the learned RM of `cfg`, whether this call built it). Builds it under a file lock if missing; a
     concurrent job waits and then finds it. `device`: where to build (default: the config's device)."""
-    from filelock import FileLock
-
     if cfg.reward.name != "learned":
         raise ValueError(f"reward.name={cfg.reward.name!r}: only reward=learned has a reward model to build")
     device = torch.device(device) if device is not None else resolve_device(str(cfg.get("device", "auto")))
     corpus = load_corpus(cfg.data)
     digest, desc = reward_model_key(cfg, corpus)
     final = resolve_cache_dir(cfg.get("cache_dir")) / "reward_model" / f"learned-{digest[:16]}"
-    if (final / "meta.json").is_file():
-        return final, False
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if (final / "meta.json").is_file():  # another job built it while we waited
-            log.info("reward model: built by another process at %s", final)
-            return final, False
-        log.info("reward model: building %s", final)
-        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            meta = build_reward_model(cfg, corpus, tmp, device)
-            meta["key"] = desc
-            meta["key_sha256"] = digest
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # last file: marks a complete build
-            if final.exists():  # a partial dir left by something else: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final, True
+
+    def build(tmp: Path) -> dict:
+        return {**build_reward_model(cfg, corpus, tmp, device), "key": desc, "key_sha256": digest}
+
+    return cached_build(final, "reward model", build)
 
 
 def reward_model_meta(path: Path) -> dict:

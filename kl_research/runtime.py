@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
+import logging
 import os
 import platform
 import random
 import resource
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ threads
@@ -202,6 +207,36 @@ def resolve_cache_dir(cfg_cache_dir: str | None) -> Path:
         return Path(env).expanduser().resolve()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return (Path(base) / "kl-research").expanduser().resolve()
+
+
+def cached_build(final: Path, what: str, build: Callable[[Path], dict[str, Any]]) -> tuple[Path, bool]:
+    """(final, whether this call built it): a cache directory built once across processes. If final/meta.json exists
+    it is returned as is; otherwise, under a file lock (a concurrent job waits and then finds it), `build(tmp)` fills a
+    private temporary directory and returns the metadata, meta.json is written last (the mark of a complete build),
+    and the directory is renamed to `final` (a partial `final` left by something else is replaced). `what` names the
+    artefact in the log. The tiny reference, the converted GGUF and the learned reward model are cached this way."""
+    from filelock import FileLock
+
+    if (final / "meta.json").is_file():
+        return final, False
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):
+        if (final / "meta.json").is_file():  # another job built it while we waited
+            log.info("%s: built by another process at %s", what, final)
+            return final, False
+        log.info("%s: building %s", what, final)
+        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            meta = build(tmp)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final, True
 
 
 def resolve_compile_vocab(setting: str | bool, device: torch.device) -> tuple[bool, str]:
