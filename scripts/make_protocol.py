@@ -29,6 +29,7 @@ import pandas as pd
 from kl_research.analysis import protocol as P
 from kl_research.analysis.runs import load_curves
 from kl_research.analysis.stats import welch
+from kl_research.plots import save
 
 
 def load(dirs: list[str]) -> pd.DataFrame:
@@ -82,8 +83,7 @@ def plot_frontier(scores: pd.DataFrame, fits: dict, tuned: dict[float, float], p
     b.set(xscale="log", xlabel="tail KL, nats/token", ylabel="tail reward", title="reward at equal KL (x: transient)")
     a.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 # ========================================================================================= evaluation stage
@@ -120,8 +120,7 @@ def plot_cells(cells: pd.DataFrame, path: Path, limit: float) -> None:
     b.set(xscale="log", xlabel="target KL", ylabel="tail reward", title="reward (95 % t-interval, evaluation seeds)")
     a.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def claims(tests: pd.DataFrame, cells: pd.DataFrame) -> list[str]:

@@ -60,6 +60,8 @@ def plot(curves: pd.DataFrame, lengths: list[int], tail_fraction: float, path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from kl_research.plots import save
+
     first = curves.groupby("run").first()
     names = sorted({cell_name(r) for _, r in first.iterrows()})
     fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 5.6), sharex=True, squeeze=False)
@@ -84,7 +86,7 @@ def plot(curves: pd.DataFrame, lengths: list[int], tail_fraction: float, path: P
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("Stationarity pilot: shaded = the tails (last 25 %) of the candidate job lengths", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
