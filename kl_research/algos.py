@@ -62,10 +62,10 @@ class Algorithm:
         beta: float | torch.Tensor,
     ) -> tuple[torch.Tensor, Tensors]:
         """(the minibatch's loss, its parts for the logs). logprobs: (b, R, V) log-softmax of the current policy.
-        The vocabulary's share (log π(y), and the exact KL per position when the KL loss needs it) is taken here with
-        `ppo.exact_kl_loss`'s ops; `policy_update` computes the same two through `vocab_stats` (compiled or not)."""
-        logp = logprobs.gather(-1, mb["response"].unsqueeze(-1)).squeeze(-1)  # (b, R)
-        kl_pos = ppo.exact_token_kl_of_logprobs(logprobs, mb["ref_logprobs"]) if uses_exact_kl_loss(self.pcfg) else None
+        The vocabulary's share (log π(y), and the exact KL per position when the KL loss needs it) is
+        `stats_of_logprobs`, which `policy_update` reaches through `vocab_stats` (compiled or not)."""
+        ref = mb["ref_logprobs"] if uses_exact_kl_loss(self.pcfg) else None
+        logp, kl_pos = stats_of_logprobs(logprobs, mb["response"], ref)
         return self.loss_from_stats(logp, kl_pos, values, mb, advantages, returns, beta)
 
     def loss_from_stats(
@@ -209,7 +209,14 @@ def vocab_stats(
     (b, R) at the response tokens and, given the reference's (b, R, V) log-probs, the exact KL(π‖π_ref) at each
     position (b, R). The same ops as `Algorithm.loss` on log_softmax(logits/T). One function, so that
     the `compile_vocab` key can compile it (forward and backward) into a few fused loops over V, not ~12 passes."""
-    logprobs = torch.log_softmax(tempered(logits, temperature), dim=-1)  # (b, R, V)
+    return stats_of_logprobs(torch.log_softmax(tempered(logits, temperature), dim=-1), response, ref_logprobs)
+
+
+def stats_of_logprobs(
+    logprobs: torch.Tensor, response: torch.Tensor, ref_logprobs: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(y) (b, R) at the response tokens and, given the reference's log-probs, the exact KL per position (b, R),
+    from the (b, R, V) log-probs of the current policy: what `Algorithm.loss` and `vocab_stats` both take."""
     logp = logprobs.gather(-1, response.unsqueeze(-1)).squeeze(-1)  # (b, R)
     kl_pos = None if ref_logprobs is None else ppo.exact_token_kl_of_logprobs(logprobs, ref_logprobs)
     return logp, kl_pos
