@@ -123,14 +123,20 @@ def plot_cells(cells: pd.DataFrame, path: Path, limit: float) -> None:
     save(fig, path, dpi=110)
 
 
-def claims(tests: pd.DataFrame, cells: pd.DataFrame) -> list[str]:
-    """Sentences computed from the tables: each names its test, correction and n."""
+def claims(tests: pd.DataFrame, cells: pd.DataFrame, n_design: int) -> list[str]:
+    """Sentences computed from the tables: each names its test, correction and n. Below the design's n (seed blocks
+    still running) every test is marked interim and no verdict is drawn (deviation 3)."""
     lines = []
     for _, r in tests.iterrows():
+        if r["n"] == 0:
+            lines.append(f"- {r['hypothesis']} {r['comparison']}, {r['metric']} at {r['target_kl']:g}: no runs")
+            continue
         status = "transient: no verdict" if r["transient"] else (
             "significant" if r["p_adj"] < 0.05 else "not significant") if r["family"] == "primary" else ""  # fmt: skip
         if r["method"].startswith("TOST") and not r["transient"]:
             status = "equivalent" if r["p_adj"] < 0.05 else "equivalence not shown"
+        if r["n"] < n_design:
+            status = f"interim (n = {r['n']} of {n_design}): no verdict"
         lines.append(f"- {r['hypothesis']} {r['comparison']}, {r['metric']} at {r['target_kl']:g}: "
                      f"{r['estimate']:+.3g} [{r['lo']:.3g}, {r['hi']:.3g}], n = {r['n']}, p = {r['p']:.3g}, "
                      f"p_adj = {r['p_adj']:.3g} ({r['method']}): {status}")  # fmt: skip
@@ -151,15 +157,29 @@ def eval_stage(dirs: list[str], protocol: dict, fits: dict, tuned: dict[float, f
     arms = P.assign_arms(scores, tuned, protocol)
     cells = P.cells(arms, protocol)
     tests = P.adjust(P.hypothesis_tests(arms, protocol, protocol["targets"]), protocol)
+    out.mkdir(parents=True, exist_ok=True)
     cells.to_csv(out / "cells.csv", index=False)
     tests.to_csv(out / "tests.csv", index=False)
     cells[cells["arm"].str.contains("@")].to_csv(out / "misspecification.csv", index=False)
     equal_kl(arms, fits).to_csv(out / "equal_kl.csv", index=False)
     plot_cells(cells, out / "cells.png", protocol["metrics"]["hold"]["log_ratio_max"])
+    n_design = len(protocol["seeds"]["evaluation"])
     intro = (
         "Computed by scripts/make_protocol.py from the committed runs; every claim names its test, correction and n."
     )
-    text = ["# Protocol v2 results", "", intro, "", *claims(tests, cells), ""]
+    ran = tests[tests["n"] > 0] if not tests.empty else tests
+    if ran.empty or ran["n"].min() < n_design:
+        intro += f" **Interim**: some comparisons have fewer than the design's {n_design} seeds; no verdict is drawn."
+    gone = P.registered_not_run(protocol, protocol["targets"])
+    skipped: dict[str, set[float]] = {}
+    for c in gone:
+        skipped.setdefault(f"{c['hypothesis']} {c['first']} − {c['second']} ({c['metric']})", set()).add(c["target_kl"])
+    not_run = [f"- {k} at {', '.join(f'{t:g}' for t in sorted(v))}" for k, v in sorted(skipped.items())]
+    grpo = any((d.get("not_run") or {}).get("grpo") for d in protocol.get("deviations", []))
+    not_run += ["- the GRPO subset (protocol.yaml `grpo`)"] if grpo else []
+    text = ["# Protocol v2 results", "", intro, "", *claims(tests, cells, n_design), ""]
+    if not_run:
+        text += ["## Registered and not run (conf/analysis/protocol.yaml, deviations)", "", *not_run, ""]
     (out / "results.md").write_text("\n".join(text))
 
 

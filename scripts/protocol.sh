@@ -3,16 +3,17 @@
 # from a clean clone so that edits to a working tree cannot change jobs that start later. Stages, in order:
 #   tuning   the dense fixed-β frontier on the tuning seeds (PPO), T rollouts
 #   tuned    β*(τ) from it (scripts/make_protocol.py --tuning) → results/protocol/tuning/tuned_betas.json
-#   eval     on the evaluation seeds: adaptive, pid, pid_ci at the five targets (β₀ 0.5); the fixed arms (β*(τ), the
-#            seed's β₀ 0.5, and β*(τ)·{0.1, 10} at 0.02 and 0.1); the misspecification arm (each controller from β₀ =
-#            β*(τ)·{0.1, 10} at 0.02 and 0.1)
-#   grpo     the same for algo=grpo: its own tuning frontier, then adaptive, pid_ci and its tuned static
-#   collect  compact runs into results/protocol/ and the analysis
+#   eval     on the evaluation seeds, one seed block after another (deviation 3): adaptive and pid_ci at the five
+#            targets (β₀ 0.5); the fixed arms (β*(τ), and β*(τ)·{0.1, 10} at 0.02 and 0.1); the misspecification arm
+#            (adaptive and pid_ci from β₀ = β*(τ)·{0.1, 10} at 0.02 and 0.1). SEEDS="1000 1001" runs some blocks only
+#   collect  compact the finished evaluation runs into <repo>/results/protocol/runs/ and run the analysis
+#   (pid, the seed's β₀ 0.5 and the GRPO subset were registered and are not run: protocol.yaml, deviation 3)
 # Usage:
 #   git clone <repo> /work/protocol && cd /work/protocol
 #   setsid nohup bash scripts/protocol.sh tuning > protocol.log 2>&1 &        # re-run the same to resume
 #   bash scripts/protocol.sh tuned <repo>                                       # writes <repo>/results/protocol/tuning
 #   setsid nohup bash scripts/protocol.sh eval <repo> > protocol.log 2>&1 &    # reads its tuned_betas.json
+#   bash scripts/protocol.sh collect <repo>                                     # writes <repo>/results/protocol
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline} PYTHONPATH=$PWD
@@ -23,11 +24,11 @@ BETAS=${BETAS:-0.1,0.125,0.1768,0.25,0.3536,0.5,0.7071,1,1.414,2,2.828,4}
 TUNING="[500,501,502]"
 EVAL="[1000,1001,1002,1003,1004]"
 
-betas_from() {  # tuned β*(τ) for the targets, with the seed's 0.5 and the misspecified decades at 0.02 and 0.1
+betas_from() {  # tuned β*(τ) for the targets and the misspecified decades at 0.02 and 0.1 (not the seed's 0.5: deviation 3)
   python - "$1" <<'PY'
 import json, sys
 b = {float(k): v for k, v in json.load(open(sys.argv[1])).items()}
-fixed = sorted({round(v, 4) for v in b.values()} | {0.5} | {round(b[t] * f, 4) for t in (0.02, 0.1) for f in (0.1, 10)})
+fixed = sorted({round(v, 4) for v in b.values()} | {round(b[t] * f, 4) for t in (0.02, 0.1) for f in (0.1, 10)})
 print(",".join(f"{x:g}" for x in fixed))
 for t in (0.02, 0.1):
     for f in (0.1, 10):
@@ -45,21 +46,42 @@ case "${1:-}" in
     (cd "$2" && python scripts/make_protocol.py --tuning results/protocol/tuning/runs --out results/protocol)
     ;;
   eval)
+    # deviation 3 (conf/analysis/protocol.yaml): adaptive, pid_ci and the tuned static only, in seed blocks: every arm
+    # of one evaluation seed before the next seed, so that wherever the runs stop every comparison is paired
     tuned="$2/results/protocol/tuning/tuned_betas.json"
     mapfile -t lines < <(betas_from "$tuned")
-    python sweep.py sweep.name=protocol_grid 'sweep.controllers=[adaptive,pid,pid_ci]' \
-      'sweep.targets=[0.01,0.02,0.05,0.1,0.2]' "sweep.seeds=$EVAL" $EVERY
-    python sweep.py sweep=frontier sweep.name=protocol_fixed "sweep.fixed_betas=[${lines[0]}]" "sweep.seeds=$EVAL" $EVERY
-    for pair in "${lines[@]:1}"; do
-      tau=${pair%%:*} b0=${pair#*:}
-      # kl_coef_max 100: β₀ = 10·β*(0.02) may lie above the grid's bound of 10, which would clamp it at once (the
-      # misspecification arm is compared with fixed β₀, which has no bound; β never nears 100 here)
-      python sweep.py sweep.name="protocol_misspec_${tau}_${b0}" 'sweep.controllers=[adaptive,pid_ci,pid]' \
-        "sweep.targets=[$tau]" "controller.init_kl_coef=$b0" controller.kl_coef_max=100 "sweep.seeds=$EVAL" $EVERY
+    for seed in ${SEEDS:-1000 1001 1002 1003 1004}; do
+      echo "=== evaluation seed $seed: $(date -u +%FT%TZ)"
+      python sweep.py sweep.name="protocol_grid_s$seed" 'sweep.controllers=[adaptive,pid_ci]' \
+        'sweep.targets=[0.01,0.02,0.05,0.1,0.2]' "sweep.seeds=[$seed]" $EVERY
+      python sweep.py sweep=frontier sweep.name="protocol_fixed_s$seed" "sweep.fixed_betas=[${lines[0]}]" \
+        "sweep.seeds=[$seed]" $EVERY
+      for pair in "${lines[@]:1}"; do
+        tau=${pair%%:*} b0=${pair#*:}
+        # kl_coef_max 100: β₀ = 10·β*(0.02) may lie above the grid's bound of 10, which would clamp it at once (the
+        # misspecification arm is compared with fixed β₀, which has no bound; β never nears 100 here)
+        python sweep.py sweep.name="protocol_misspec_${tau}_${b0}_s$seed" 'sweep.controllers=[adaptive,pid_ci]' \
+          "sweep.targets=[$tau]" "controller.init_kl_coef=$b0" controller.kl_coef_max=100 "sweep.seeds=[$seed]" $EVERY
+      done
     done
     ;;
+  collect)
+    # every finished evaluation sweep → <repo>/results/protocol/runs/<sweep name>, then the analysis from all of them
+    # (an unfinished sweep is left out, saying so: compact_runs refuses runs without summary.json)
+    evals=()
+    for src in multirun/protocol_grid_s* multirun/protocol_fixed_s* multirun/protocol_misspec_*; do
+      [ -d "$src" ] || continue
+      dest="results/protocol/runs/$(basename "$src")"
+      if python scripts/compact_runs.py "$(ls -d "$src"/*/ | sort | tail -1)" "$2/$dest"; then
+        evals+=(--eval "$dest")
+      else
+        echo "left out: $src (unfinished)"
+      fi
+    done
+    (cd "$2" && python scripts/make_protocol.py --tuning results/protocol/tuning/runs "${evals[@]}" --out results/protocol)
+    ;;
   *)
-    echo "usage: bash $0 tuning | tuned <repo> | eval <repo>" >&2
+    echo "usage: bash $0 tuning | tuned <repo> | eval <repo> | collect <repo>" >&2
     exit 2
     ;;
 esac

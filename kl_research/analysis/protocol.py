@@ -378,17 +378,41 @@ def _comparisons(protocol: Mapping[str, Any], targets: Sequence[float]) -> list[
     return out
 
 
+def not_run_arms(protocol: Mapping[str, Any]) -> set[str]:
+    """The registered arms that a deviation (its `not_run.arms`) took out of the runs."""
+    return {a for d in protocol.get("deviations", []) for a in (d.get("not_run") or {}).get("arms", [])}
+
+
+def _arm_base(arm: str) -> str:
+    """'pid@x10' → 'pid': the controller behind a misspecification arm's name."""
+    return arm.split("@", 1)[0]
+
+
+def registered_not_run(protocol: Mapping[str, Any], targets: Sequence[float]) -> list[dict[str, Any]]:
+    """Every pre-registered comparison with an arm that a deviation took out: listed in the report, never tested
+    (and so never in a family)."""
+    gone = not_run_arms(protocol)
+    return [c for c in _comparisons(protocol, targets) if {_arm_base(c["first"]), _arm_base(c["second"])} & gone]
+
+
 def hypothesis_tests(arms: pd.DataFrame, protocol: Mapping[str, Any], targets: Sequence[float]) -> pd.DataFrame:
     """Stage: one row per pre-registered comparison, the two arms paired by seed: comparison, metric, target_kl, n,
     estimate, lo, hi, p, method, and `transient` (either cell failed stationarity: left out of the family)."""
     rows = []
+    gone = not_run_arms(protocol)
     for c in _comparisons(protocol, targets):
+        if {_arm_base(c["first"]), _arm_base(c["second"])} & gone:
+            continue  # registered_not_run lists these
         col = METRIC_COLUMN[c["metric"]]
         sel = [
             arms[(arms["arm"] == arm) & np.isclose(arms["target_kl"], c["target_kl"])]
             for arm in (c["first"], c["second"])
         ]
-        if any(s.empty for s in sel):
+        if any(s.empty for s in sel):  # an arm the design runs but the runs lack: a row that says so, never tested
+            rows.append({"hypothesis": c["hypothesis"], "comparison": f"{c['first']} − {c['second']}",
+                         "metric": c["metric"], "target_kl": c["target_kl"], "n": 0, "estimate": math.nan,
+                         "lo": math.nan, "hi": math.nan, "p": math.nan, "method": "no runs of an arm",
+                         "family": c["family"], "transient": False})  # fmt: skip
             continue
         steady = [cell_stationary(s.drop_duplicates("run"), protocol["stationarity"]) for s in sel]
         a, b = (s.groupby("seed")[col].mean() for s in sel)
