@@ -259,5 +259,7 @@ def test_make_protocol_runs_the_pipeline_from_run_dirs(tmp_path, protocol):
         (tmp_path / "eval" / f"pid_ci_{t}_1004" / "summary.json").unlink()
     mp.eval_stage([str(tmp_path / "eval")], protocol, fits, tuned, tmp_path / "out2")
     text = (tmp_path / "out2" / "results.md").read_text()
-    assert "Interim" in text and text.count("interim (n = 4 of 5): no verdict") == 5 + 10  # pid_ci: H1 (5 targets), H3 (2 metrics × 5)
+    assert (
+        "Interim" in text and text.count("interim (n = 4 of 5): no verdict") == 5 + 10
+    )  # pid_ci: H1 (5 targets), H3 (2 metrics × 5)
     assert text.count(": equivalent") == 5  # adaptive's H1 rows keep n = 5

@@ -1,0 +1,107 @@
+"""Gold against proxy (issue 30, docs/gold.md): the evaluation points of runs trained on a learned proxy, and Gao,
+Schulman & Hilton's functional form for reward over-optimisation (2022, "Scaling laws for reward model
+overoptimization", arXiv 2210.10760, eq. 2): for RL, the gold gain over the initial policy at distance
+d = √KL(π‖π_ref) (KL of the whole response, nats) is
+
+    R(d) = d·(α − β·log d)
+
+which is linear in (α, β): least squares on the features (d, −d·log d), no intercept (R(0) = 0 by construction).
+Its maximum, for β > 0, is at log d* = α/β − 1, i.e. KL* = d*² = exp(2α/β − 2), where R(d*) = β·d*.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+GOLD_COLUMNS = {"gold": "eval/gold_reward", "gold2": "eval/gold2_reward", "proxy": "eval/proxy_reward"}
+REF_COLUMNS = {"gold": "eval/gold_reward_ref", "gold2": "eval/gold2_reward_ref", "proxy": "eval/proxy_reward_ref"}
+
+
+def eval_points(curves: pd.DataFrame, window: int = 5, by: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per (run, evaluation step): the KL the policy had there and its gold, second gold and proxy on the
+    held-out prompts, each also as the gain over π_ref's (measured at the run's first evaluation).
+
+    KL at an evaluation step is the mean of the exact per-token KL (``kl/exact``, nats/token) and of the response
+    length over the ``window`` rollouts up to it (one rollout's batch KL is noisy); ``kl_seq`` = their product, the
+    mean KL of a whole response (exact when the per-token mean is token-weighted, as ``kl/exact`` is), and
+    ``d`` = √kl_seq, Gao et al.'s distance. ``by``: extra id columns to carry (e.g. ``reward.n_labels``)."""
+    need = ["run", "step", "kl/exact", "response/length", *GOLD_COLUMNS.values()]
+    missing = [c for c in need if c not in curves]
+    if missing:
+        raise ValueError(f"eval_points needs the columns {missing}: runs with a gold evaluation (docs/gold.md)")
+    ids = [c for c in ("controller", "target_kl", "init_kl_coef", "seed", *by) if c in curves]
+    rows = []
+    for run, g in curves.sort_values("step").groupby("run", sort=False):
+        kl = g["kl/exact"].rolling(window, min_periods=1).mean().to_numpy()
+        length = g["response/length"].rolling(window, min_periods=1).mean().to_numpy()
+        refs = {k: g[c].dropna().iloc[0] if c in g and g[c].notna().any() else math.nan for k, c in REF_COLUMNS.items()}
+        at = g[GOLD_COLUMNS["gold"]].notna().to_numpy()
+        for i in np.flatnonzero(at):
+            r = g.iloc[i]
+            row = {"run": run, **{c: r[c] for c in ids}, "step": int(r["step"]), "kl_token": float(kl[i]),
+                   "length": float(length[i]), "kl_seq": float(kl[i] * length[i])}  # fmt: skip
+            for k, c in GOLD_COLUMNS.items():
+                row[k] = float(r[c])
+                row[f"{k}_gain"] = float(r[c]) - refs[k]
+            rows.append(row)
+    out = pd.DataFrame(rows)
+    if not out.empty:
+        out["d"] = np.sqrt(out["kl_seq"].clip(lower=0))
+    return out
+
+
+def fit_gao(d: np.ndarray, gain: np.ndarray) -> dict[str, float]:
+    """Least squares of gain = d·(α − β·log d) over points with d > 0. Returns α, β, the peak (d*, KL* = d*²,
+    R(d*)) where β > 0 (else NaN: no interior maximum, the gold still rising at every d), the fit's R² and n."""
+    d, gain = np.asarray(d, float), np.asarray(gain, float)
+    ok = (d > 0) & np.isfinite(gain)
+    d, gain = d[ok], gain[ok]
+    n = len(d)
+    out = {"alpha": math.nan, "beta": math.nan, "d_peak": math.nan, "kl_peak": math.nan, "gain_peak": math.nan,
+           "r2": math.nan, "n": n}  # fmt: skip
+    if n < 3:
+        return out
+    X = np.column_stack([d, -d * np.log(d)])
+    (alpha, beta), *_ = np.linalg.lstsq(X, gain, rcond=None)
+    resid = gain - X @ np.array([alpha, beta])
+    ss_tot = float(((gain - gain.mean()) ** 2).sum())
+    out.update(
+        alpha=float(alpha), beta=float(beta), r2=1 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else math.nan
+    )
+    if beta > 0:
+        d_peak = math.exp(alpha / beta - 1)
+        out.update(d_peak=d_peak, kl_peak=d_peak**2, gain_peak=beta * d_peak)
+    return out
+
+
+def gao_curve(alpha: float, beta: float, d: np.ndarray) -> np.ndarray:
+    """R(d) = d·(α − β·log d), with R(0) = 0."""
+    d = np.asarray(d, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(d > 0, d * (alpha - beta * np.log(np.where(d > 0, d, 1.0))), 0.0)
+
+
+def overoptimised(points: pd.DataFrame, top: float = 0.25) -> dict[str, float]:
+    """Does the proxy rise while the gold falls at the largest KL? Over one group of evaluation points: the gold's
+    and the proxy's mean gain among the points of the largest ``top`` fraction of d, against the gold's best mean over
+    any equally sized window of d below them. Returns gold_peak, gold_top, proxy_peak_window, proxy_top, the drop
+    (gold_peak − gold_top) and the proxy's rise over the same two windows; the caller judges them against noise."""
+    p = points.sort_values("d").reset_index(drop=True)
+    k = max(1, round(len(p) * top))
+    if len(p) < 2 * k:
+        return {"gold_peak": math.nan, "gold_top": math.nan, "proxy_peak": math.nan, "proxy_top": math.nan,
+                "gold_drop": math.nan, "proxy_rise": math.nan, "n": len(p)}  # fmt: skip
+    gold = p["gold_gain"].rolling(k).mean().to_numpy()
+    proxy = p["proxy_gain"].rolling(k).mean().to_numpy()
+    below = gold[k - 1 : len(p) - k]  # windows that end before the top window starts
+    i = int(np.nanargmax(below)) + k - 1
+    out = {"gold_peak": float(gold[i]), "gold_top": float(gold[-1]), "proxy_peak": float(proxy[i]),
+           "proxy_top": float(proxy[-1]), "d_peak": float(p["d"].iloc[i - k + 1 : i + 1].mean()),
+           "d_top": float(p["d"].iloc[-k:].mean()), "n": len(p)}  # fmt: skip
+    out["gold_drop"] = out["gold_peak"] - out["gold_top"]
+    out["proxy_rise"] = out["proxy_top"] - out["proxy_peak"]
+    return out

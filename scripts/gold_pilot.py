@@ -1,0 +1,102 @@
+"""Can the learned proxy be over-optimised at this model size? (issue 30's pilot, docs/gold.md)
+
+    bash scripts/gold_frontier.sh pilot                      # the runs: low fixed β under each proxy size
+    python scripts/gold_pilot.py multirun/gold_pilot/<time> --out results/gold/pilot
+
+Reads every run's evaluation points (kl_research.analysis.gold.eval_points: gold, second gold and proxy on held-out
+prompts at each eval step, against √KL of the whole response), per proxy size (`reward.n_labels`): Gao et al.'s RL form
+fitted to the gold's and the proxy's gain over π_ref, where the gold peaks, and whether the proxy still rises where the
+gold has fallen (`overoptimised`). Writes points.csv, summary.csv and pilot.png (gold and proxy gain against d, one
+panel per proxy size, one line per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from kl_research.analysis import gold as G
+from kl_research.analysis.runs import attach_config, load_configs, load_curves
+from kl_research.plots import save
+
+N_KEY = "reward.n_labels"
+
+
+def points_of(dirs: list[str]) -> pd.DataFrame:
+    frames = []
+    for d in dirs:
+        curves = attach_config(load_curves(d, completed_only=True), load_configs(d), keys=[N_KEY])
+        frames.append(G.eval_points(curves, by=[N_KEY]))
+    pts = pd.concat(frames, ignore_index=True)
+    if pts.empty:
+        raise SystemExit(f"no evaluation points with a gold under {dirs}")
+    return pts
+
+
+def summarise(pts: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for n, g in pts.groupby(N_KEY):
+        row = {N_KEY: n, "runs": g["run"].nunique(), "d_max": g["d"].max(), "kl_seq_max": g["kl_seq"].max()}
+        for k in ("gold", "gold2", "proxy"):
+            fit = G.fit_gao(g["d"], g[f"{k}_gain"])
+            row.update({f"{k}_{name}": v for name, v in fit.items() if name != "n"})
+        row.update({f"oo_{k}": v for k, v in G.overoptimised(g).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot(pts: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
+    sizes = sorted(pts[N_KEY].unique())
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.6 * len(sizes), 3.8), squeeze=False, sharey=True)
+    for ax, n in zip(axes[0], sizes, strict=True):
+        g = pts[pts[N_KEY] == n]
+        for (beta, _run), r in g.groupby(["init_kl_coef", "run"]):
+            r = r.sort_values("step")
+            ax.plot(r["d"], r["proxy_gain"], "-", color="tab:orange", alpha=0.6, lw=1)
+            ax.plot(r["d"], r["gold_gain"], "-", color="tab:blue", alpha=0.6, lw=1)
+            ax.plot(r["d"], r["gold2_gain"], ":", color="tab:green", alpha=0.6, lw=1)
+            ax.annotate(f"β {beta:g}", (r["d"].iloc[-1], r["proxy_gain"].iloc[-1]), fontsize=7)
+        s = summary[summary[N_KEY] == n].iloc[0]
+        grid = np.linspace(1e-3, g["d"].max() * 1.05, 200)
+        for k, c in (("gold", "tab:blue"), ("proxy", "tab:orange")):
+            if np.isfinite(s[f"{k}_alpha"]):
+                ax.plot(grid, G.gao_curve(s[f"{k}_alpha"], s[f"{k}_beta"], grid), "--", color=c, lw=2,
+                        label=f"{k}: Gao fit (R² {s[f'{k}_r2']:.2f})")  # fmt: skip
+        ax.plot([], [], "-", color="tab:blue", label="gold (VADER) gain")
+        ax.plot([], [], ":", color="tab:green", label="gold2 (AFINN) gain")
+        ax.plot([], [], "-", color="tab:orange", label="proxy (learned RM) gain")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(title=f"proxy n = {n}", xlabel="d = √KL(π‖π_ref) per response (nats½)")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("gain over π_ref (held-out prompts)")
+    fig.tight_layout()
+    save(fig, path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dirs", nargs="+", help="sweep dirs of runs with reward=learned and a gold evaluation")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pts = points_of(args.dirs)
+    summary = summarise(pts)
+    pts.to_csv(out / "points.csv", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
+    plot(pts, summary, out / "pilot.png")
+    cols = [N_KEY, "runs", "kl_seq_max", "gold_kl_peak", "oo_gold_peak", "oo_gold_top", "oo_gold_drop",
+            "oo_proxy_rise", "gold_r2", "proxy_r2"]  # fmt: skip
+    print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""The gold-vs-proxy analysis (kl_research.analysis.gold): Gao et al.'s RL form recovered from known curves, its peak,
+the evaluation points' KL per response, and the over-optimisation reading. Synthetic runs with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kl_research.analysis import gold as G
+
+
+def test_gao_fit_recovers_alpha_beta_and_the_peak():
+    rng = np.random.default_rng(0)
+    d = np.linspace(0.2, 6.0, 40)
+    alpha, beta = 0.3, 0.2
+    gain = G.gao_curve(alpha, beta, d) + rng.normal(0, 0.005, d.size)
+    fit = G.fit_gao(d, gain)
+    assert fit["alpha"] == pytest.approx(alpha, abs=0.01) and fit["beta"] == pytest.approx(beta, abs=0.01)
+    d_star = math.exp(alpha / beta - 1)  # dR/dd = α − β·log d − β = 0
+    assert fit["d_peak"] == pytest.approx(d_star, rel=0.05) and fit["kl_peak"] == pytest.approx(d_star**2, rel=0.1)
+    # R(d*) = d*·(α − β·log d*) = β·d*, and it is the maximum of the fitted curve
+    grid = np.linspace(0.01, 10, 5000)
+    assert fit["gain_peak"] == pytest.approx(G.gao_curve(fit["alpha"], fit["beta"], grid).max(), rel=1e-3)
+    assert fit["r2"] > 0.99 and fit["n"] == 40
+
+
+def test_a_gold_that_never_turns_has_no_peak():
+    d = np.linspace(0.1, 3.0, 20)
+    fit = G.fit_gao(d, 0.2 * d + 0.05 * d * np.log(d))  # β < 0: still rising at every d
+    assert fit["beta"] < 0 and math.isnan(fit["d_peak"]) and math.isnan(fit["kl_peak"])
+
+
+def _curves(kl_token: float, length: float, steps: int = 60, every: int = 20) -> pd.DataFrame:
+    rows = []
+    for s in range(1, steps + 1):
+        r = {"run": "r", "step": s, "kl/exact": kl_token * s / steps, "response/length": length, "seed": 0,
+             "controller": "fixed", "init_kl_coef": 0.05, "target_kl": 0.05, "reward.n_labels": 500}  # fmt: skip
+        if s % every == 0:
+            r.update({"eval/gold_reward": 0.1 + s / 1000, "eval/gold2_reward": 0.0, "eval/proxy_reward": s / 100})
+            if s == every:
+                r.update({"eval/gold_reward_ref": 0.1, "eval/gold2_reward_ref": 0.0, "eval/proxy_reward_ref": 0.0})
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def test_eval_points_carry_the_kl_of_a_whole_response_and_gains_over_the_reference():
+    pts = G.eval_points(_curves(kl_token=0.3, length=20.0), window=1, by=["reward.n_labels"])
+    assert list(pts["step"]) == [20, 40, 60]
+    assert np.allclose(pts["kl_seq"], 0.3 * np.array([20, 40, 60]) / 60 * 20.0)  # per token × tokens per response
+    assert np.allclose(pts["d"], np.sqrt(pts["kl_seq"]))
+    assert np.allclose(pts["gold_gain"], np.array([20, 40, 60]) / 1000) and (pts["reward.n_labels"] == 500).all()
+    with pytest.raises(ValueError, match="eval/gold_reward"):
+        G.eval_points(_curves(0.3, 20.0).drop(columns=["eval/gold_reward"]))
+
+
+def test_overoptimised_sees_the_gold_fall_while_the_proxy_rises():
+    d = np.linspace(0.1, 6.0, 40)
+    turning = pd.DataFrame({"d": d, "gold_gain": G.gao_curve(0.3, 0.2, d), "proxy_gain": 0.1 * d})
+    r = G.overoptimised(turning)
+    assert r["gold_drop"] > 0.05 and r["proxy_rise"] > 0.1 and r["d_peak"] < r["d_top"]
+    rising = turning.assign(gold_gain=0.05 * d)
+    assert G.overoptimised(rising)["gold_drop"] < 0
