@@ -415,10 +415,13 @@ class GoldSchema:
 
     prompts: int = 256  # held-out prompts (the first data.prompt_tokens tokens of held-out texts), one response each;
     # fewer if the held-out split has fewer texts that long. 0 = no gold evaluation
+    rollout_judge: bool = True  # AFINN of every rollout's responses as reward/judge: a second scorer of the samples
+    # the policy was trained on (a lexicon lookup, ~0.01 s per rollout), independent of the training reward
 
     def __post_init__(self) -> None:
         ok = isinstance(self.prompts, int) and not isinstance(self.prompts, bool) and self.prompts >= 0
         _need(ok, "gold", self, "prompts", "an int >= 0 (0: no gold evaluation)")
+        _need(isinstance(self.rollout_judge, bool), "gold", self, "rollout_judge", "true or false")
 
 
 def register_configs() -> None:

@@ -114,6 +114,8 @@ class GoldEval:
     batch_size: int
     scorers: dict[str, Reward] = field(default_factory=gold_scorers)
     reference: dict[str, float] | None = None  # π_ref's scores, measured at the first evaluation
+    keep: int = 8  # the first `keep` prompts' responses and scores of each policy evaluation: `last_samples`
+    last_samples: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def of(cls, cfg: DictConfig, heldout: list[str], tokenizer: Any) -> GoldEval | None:
@@ -136,15 +138,25 @@ class GoldEval:
 
     def measure(self, lm: torch.nn.Module, proxy: Reward, amp: Any = None) -> dict[str, float]:
         """Mean score of each gold scorer and of the proxy over one response per held-out prompt of `lm`."""
+        return self.measure_with_samples(lm, proxy, amp)[0]
+
+    def measure_with_samples(
+        self, lm: torch.nn.Module, proxy: Reward, amp: Any = None
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """`measure`, and the first `keep` prompts with their response and every score of it."""
         device = next(lm.parameters()).device
         with seeded_rng(self.seed, device):
             texts_p, responses = sample_responses(
                 lm, self.tokenizer, self.prompts, temperature=self.temperature,
                 response_length=self.response_length, sampler=self.sampler, amp=amp, batch_size=self.batch_size,
             )  # fmt: skip
-        out = {name: float(scorer(texts_p, responses).mean()) for name, scorer in self.scorers.items()}
-        out["proxy_reward"] = float(proxy(texts_p, responses).mean())
-        return out
+        scores = {name: scorer(texts_p, responses) for name, scorer in self.scorers.items()}
+        scores["proxy_reward"] = proxy(texts_p, responses)
+        samples = [
+            {"prompt": texts_p[i], "response": responses[i], **{k: float(v[i]) for k, v in scores.items()}}
+            for i in range(min(self.keep, len(responses)))
+        ]
+        return {k: float(v.mean()) for k, v in scores.items()}, samples
 
     def __call__(
         self, policy_lm: torch.nn.Module, ref_lm: torch.nn.Module, proxy: Reward, amp: Any = None
@@ -153,7 +165,7 @@ class GoldEval:
         for π_ref (eval/<name>_ref)."""
         if self.reference is None:
             self.reference = self.measure(ref_lm, proxy, amp)
-        now = self.measure(policy_lm, proxy, amp)
+        now, self.last_samples = self.measure_with_samples(policy_lm, proxy, amp)
         return {
             **{f"eval/{k}": v for k, v in now.items()},
             **{f"eval/{k}_ref": v for k, v in self.reference.items()},

@@ -23,6 +23,18 @@ log = logging.getLogger(__name__)
 SAMPLE_FIELDS = ("step", "prompt", "response", "reward", "kl_seq", "kl_token", "length")
 # Samples of each logged step that a compact run (results/<name>/runs/) keeps.
 COMPACT_SAMPLES = 4
+# One record of eval_samples.jsonl: the first few held-out prompts of each gold evaluation (the same prompts in every
+# run and at every evaluation, kl_research.gold) with the policy's response and each scorer's score of it.
+EVAL_SAMPLE_FIELDS = ("step", "prompt", "response", "gold_reward", "gold2_reward", "proxy_reward")
+
+
+def trim_jsonl(path: Path, last_step: int) -> None:
+    """Drop the records of ``path`` (jsonl with a ``step`` field) after ``last_step``: on resume, the steps after
+    the checkpoint run again and would otherwise be written twice."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 class RunLogger:
@@ -42,6 +54,7 @@ class RunLogger:
         self.out = out
         self.metrics_path = out / "metrics.jsonl"
         self.samples_path = out / "samples.jsonl"
+        self.eval_samples_path = out / "eval_samples.jsonl"
         self.run = None
         self.mode = str(cfg.wandb.mode)
         self.run_id: str | None = None
@@ -136,7 +149,11 @@ class RunLogger:
         )
 
     def replay(self, history: list[dict[str, Any]]) -> None:
-        """(Re)write metrics.jsonl from the checkpoint's history: lines after the last checkpoint go."""
+        """(Re)write metrics.jsonl from the checkpoint's history: lines after the last checkpoint go, in the two
+        sample files too."""
+        last_step = int(history[-1]["step"]) if history else 0
+        for path in (self.samples_path, self.eval_samples_path):
+            trim_jsonl(path, last_step)
         self._metrics = self.metrics_path.open("w")
         for rec in history:
             self._metrics.write(json.dumps(rec) + "\n")
@@ -168,6 +185,12 @@ class RunLogger:
             self.run.log({"samples": table, "step": step})
 
         self._wandb(log_table)
+
+    def eval_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """Append a gold evaluation's samples (:data:`EVAL_SAMPLE_FIELDS` after ``step``) to eval_samples.jsonl."""
+        with self.eval_samples_path.open("a") as f:
+            for x in samples:
+                f.write(json.dumps({"step": step, **{k: x[k] for k in EVAL_SAMPLE_FIELDS[1:]}}) + "\n")
 
     def summary(self, summary: dict[str, Any]) -> None:
         self._wandb(lambda: self.run.summary.update({f"summary/{k}": v for k, v in summary.items()}))
@@ -203,8 +226,9 @@ class RunLogger:
 
 def compact_run(run_dir: str | Path, dest: str | Path, samples_per_step: int = COMPACT_SAMPLES) -> Path:
     """Copy what results/ keeps of a finished run into ``dest``: ``metrics.jsonl``, ``summary.json``,
-    ``.hydra/*.yaml`` and the first ``samples_per_step`` samples of each logged step (``samples.jsonl``, when the run
-    has one), without its checkpoints, policy or W&B files. Returns ``dest``."""
+    ``.hydra/*.yaml``, the first ``samples_per_step`` samples of each logged step (``samples.jsonl``, when the run
+    has one) and the gold evaluations' samples (``eval_samples.jsonl``), without its checkpoints, policy or W&B files.
+    Returns ``dest``."""
     src, dest = Path(run_dir), Path(dest)
     if not (src / "summary.json").is_file():
         raise FileNotFoundError(f"{src} is not a finished run: it has no summary.json")
@@ -222,6 +246,8 @@ def compact_run(run_dir: str | Path, dest: str | Path, samples_per_step: int = C
             if per_step[step] <= samples_per_step:
                 kept.append(line + "\n")
         (dest / "samples.jsonl").write_text("".join(kept))
+    if (src / "eval_samples.jsonl").is_file():  # a few fixed held-out prompts per evaluation: kept whole
+        shutil.copyfile(src / "eval_samples.jsonl", dest / "eval_samples.jsonl")
     return dest
 
 
@@ -244,8 +270,9 @@ def summarize(history: list[dict[str, Any]], cfg: DictConfig, wall_time_s: float
     gold: dict[str, float] = {}
     for name, key in GOLD_METRICS.items():
         gold[name] = tail_eval_mean([r.get(key, math.nan) for r in history], n_tail)
-        refs = [r[f"{key}_ref"] for r in history if f"{key}_ref" in r]
-        gold[f"{name}_ref"] = float(refs[-1]) if refs else math.nan
+        if key.startswith("eval/"):  # π_ref's value, measured at the first evaluation (reward/judge has none)
+            refs = [r[f"{key}_ref"] for r in history if f"{key}_ref" in r]
+            gold[f"{name}_ref"] = float(refs[-1]) if refs else math.nan
     return {
         "status": "completed",
         "controller": cfg.controller.name,

@@ -206,6 +206,8 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
             last = step + 1 == total
             if (step + 1) % cfg.wandb.samples_every == 0 or last:
                 logger.samples(step + 1, samples[:8])
+            if job.gold is not None and "eval/gold_reward" in rec:  # this step's gold evaluation, a few prompts
+                logger.eval_samples(step + 1, job.gold.last_samples)
             kl = f"{rec['kl/' + cfg.ppo.kl_signal]:.4f}/{job.target:g}"
             bar.set_postfix(reward=f"{rec['reward/mean']:+.3f}", kl=kl, beta=f"{rec['kl/coef']:.4g}", refresh=False)
             if not tty and ((step + 1) % progress_every == 0 or last):
@@ -255,6 +257,7 @@ class Job:
     drift: dict[str, Any] = field(default_factory=new_drift_state)
     ppl_ref: float | None = None
     gold: Any = None  # kl_research.gold.GoldEval: the gold scorers on held-out prompts at eval steps (None: off)
+    judge: Any = None  # AFINN on every rollout's responses (reward/judge; gold.rollout_judge): never trained on
     elapsed_before: float = 0.0
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -344,6 +347,10 @@ class Job:
             shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1),
         )
         job.gold = GoldEval.of(cfg, corpus.heldout, tokenizer)
+        if cfg.get("gold") is not None and cfg.gold.get("rollout_judge", False):
+            from kl_research.rewards import AfinnReward
+
+            job.judge = AfinnReward(include_prompt=False)
         if ckpt is not None:
             job.resume(ckpt)
         if job.ppl_ref is None:
@@ -439,6 +446,7 @@ class Job:
             "samples": (step + 1) * pcfg.batch_size,
             "reward/mean": float(scores.mean()),
             "reward/std": float(scores.std()),
+            **({"reward/judge": float(self.judge(texts_p, responses).mean())} if self.judge is not None else {}),
             **{f"kl/{k}": v for k, v in kls.items()},
             "kl/target": self.target,
             "kl/coef": beta,

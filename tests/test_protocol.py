@@ -121,6 +121,7 @@ def arms_frame(protocol, shift: dict[str, float], seeds=(1000, 1001, 1002, 1003,
                 rows.append({"arm": arm, "target_kl": t, "seed": s, "stationary": stationary, "run": f"{arm}{t}{s}",
                              "kl_log_ratio_signed": rng.normal(0, 0.02), "reward_diff_signed": rng.normal(0, 0.005),
                              "reward": base[s] + shift.get(arm, 0.0) + rng.normal(0, 0.002),
+                             "judge_reward": base[s] + 2 * shift.get(arm, 0.0) + rng.normal(0, 0.002),
                              "log_ratio_error": 0.05 + rng.normal(0, 0.01)})  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -150,6 +151,14 @@ def test_hypothesis_tests_pair_by_seed_and_holm_corrects_the_primary_family(prot
     assert np.allclose(np.sort(prim["p_adj"]), expected)
     assert not np.allclose(np.sort(prim["p_adj"]), np.sort(holm(prim["p"].to_numpy())))
     assert prim["method"].str.contains(f"Holm over {len(prim)} tests").all()
+    # H5, the judge (AFINN) beside the reward: secondary, BH within it, never in the primary family
+    h5 = tests[tests["hypothesis"] == "H5"]
+    assert len(h5) == 2 * 5 and (h5["family"] == "secondary").all() and (h5["metric"] == "judge").all()
+    assert h5["method"].str.contains("Benjamini-Hochberg over 10 tests").all()
+    assert np.allclose(h5.loc[h5["comparison"] == "pid_ci − static_tuned", "estimate"], 0.01, atol=0.003)
+    # runs from before reward/judge existed: the rows say so and are not tested
+    old = P.hypothesis_tests(df.drop(columns=["judge_reward"]), protocol, protocol["targets"])
+    assert (old.loc[old["hypothesis"] == "H5", "method"] == "judge_reward not logged by these runs").all()
 
 
 def test_cell_stationarity_by_the_mean_drift_does_not_punish_more_seeds(protocol):

@@ -365,6 +365,9 @@ def assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeyp
     assert [r["kl/coef"] for r in a] == [r["kl/coef"] for r in b]  # the same β trajectory, bit for bit
     assert len({r["kl/coef"] for r in a}) > 1  # ... and β did move
     assert without_timing(a) == without_timing(b)
+    for name in ("samples.jsonl", "eval_samples.jsonl"):  # the steps after the checkpoint are not written twice
+        if (full / name).exists():
+            assert (crashed / name).read_text() == (full / name).read_text(), name
 
 
 def test_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, monkeypatch):
@@ -374,6 +377,33 @@ def test_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, mon
     cfg = make_cfg(cache_dir, "steps=5", "controller=adaptive", "controller.horizon=16", *drift)
     assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch)
     assert [r["kl/drift_warnings"] for r in read_metrics(tmp_path / "crashed")] == [0, 0, 1, 2, 3]
+
+
+def test_kill_and_resume_writes_each_steps_samples_once(cache_dir, tmp_path, monkeypatch):
+    """Samples and the gold evaluation's samples at every step: the killed process wrote step 3's, which the resume
+    (from the checkpoint at step 2) writes again; the files end as the uninterrupted run's."""
+    cfg = make_cfg(cache_dir, "steps=5", "wandb.samples_every=1", "eval_every=1", "gold.prompts=8")
+    assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch)
+    evals = [json.loads(line) for line in (tmp_path / "full" / "eval_samples.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [s for s in range(1, 6) for _ in range(8)]  # the first 8 (gold.keep) each
+    assert set(evals[0]) == {"step", "prompt", "response", "gold_reward", "gold2_reward", "proxy_reward"}
+    # the same 8 held-out prompts at every evaluation, all of them kept here (gold.prompts = keep = 8), so their
+    # scores' mean is the logged eval/gold_reward
+    assert len({e["prompt"] for e in evals}) <= 8
+    recs = read_metrics(tmp_path / "full")
+    for r in recs:
+        mine = [e["gold_reward"] for e in evals if e["step"] == r["step"]]
+        assert sum(mine) / len(mine) == pytest.approx(r["eval/gold_reward"], abs=1e-6)
+    # reward/judge: AFINN of the rollout's own responses (batch 8 = the 8 samples kept per step), not the training
+    # reward's VADER
+    from kl_research.rewards import AfinnReward
+
+    samples = [json.loads(line) for line in (tmp_path / "full" / "samples.jsonl").read_text().splitlines()]
+    for r in recs:
+        mine = [x for x in samples if x["step"] == r["step"]]
+        afinn = AfinnReward(include_prompt=False)([x["prompt"] for x in mine], [x["response"] for x in mine])
+        assert r["reward/judge"] == pytest.approx(float(afinn.mean()), abs=1e-6)
+    assert any(r["reward/judge"] != r["reward/mean"] for r in recs)
 
 
 @pytest.mark.parametrize("paths", [["sampler=hf", "compile_vocab=false"], ["sampler=fast", "compile_vocab=true"]])

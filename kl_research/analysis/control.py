@@ -39,6 +39,7 @@ METRICS = [
     "gold_reward",
     "gold2_reward",
     "proxy_reward",
+    "judge_reward",
 ]
 # The gold evaluation's metrics (kl_research.gold, docs/gold.md): column -> the eval key it averages. They are logged at
 # eval steps only, so a run's score is the mean of its evaluations inside the tail window (the last step always
@@ -47,6 +48,7 @@ GOLD_METRICS = {
     "gold_reward": "eval/gold_reward",
     "gold2_reward": "eval/gold2_reward",
     "proxy_reward": "eval/proxy_reward",
+    "judge_reward": "reward/judge",  # AFINN of the training rollouts' responses, every step (gold.rollout_judge)
 }
 ESTIMATORS = ("k1", "k2", "k3", "seed")
 

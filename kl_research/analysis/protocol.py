@@ -182,6 +182,7 @@ def run_scores(
 CELL_METRICS = (
     "log_ratio_error", "reward", "kl", "tracking_error", "in_band", "settle_censored", "overshoot", "iae",
     "ppl_change", "response_length", "distinct_2", "final_beta", "kl_log_ratio", "reward_diff",
+    "judge_reward", "gold_reward", "gold2_reward",
 )  # fmt: skip
 CELL_ID = ["arm", "controller", "target_kl", "init_kl_coef"]
 
@@ -352,7 +353,8 @@ def paired_test(a: np.ndarray, b: np.ndarray, kind: str, margin: float | None = 
     return out
 
 
-METRIC_COLUMN = {"tracking": "log_ratio_error", "reward": "reward"}
+# tracking and reward: the primary metrics; judge: AFINN of the same rollouts' responses (reward/judge, amendment 4)
+METRIC_COLUMN = {"tracking": "log_ratio_error", "reward": "reward", "judge": "judge_reward"}
 METHOD_NAME = {
     "t_paired": "paired t (two-sided), seeds matched",
     "t_paired_greater": "paired t (one-sided, first − second > 0), seeds matched",
@@ -408,10 +410,13 @@ def hypothesis_tests(arms: pd.DataFrame, protocol: Mapping[str, Any], targets: S
             arms[(arms["arm"] == arm) & np.isclose(arms["target_kl"], c["target_kl"])]
             for arm in (c["first"], c["second"])
         ]
-        if any(s.empty for s in sel):  # an arm the design runs but the runs lack: a row that says so, never tested
+        missing = "no runs of an arm" if any(s.empty for s in sel) else None
+        if missing is None and (col not in arms or arms.loc[sel[0].index.union(sel[1].index), col].isna().all()):
+            missing = f"{col} not logged by these runs"
+        if missing:  # what the design asks and the runs lack: a row that says so, never tested
             rows.append({"hypothesis": c["hypothesis"], "comparison": f"{c['first']} − {c['second']}",
                          "metric": c["metric"], "target_kl": c["target_kl"], "n": 0, "estimate": math.nan,
-                         "lo": math.nan, "hi": math.nan, "p": math.nan, "method": "no runs of an arm",
+                         "lo": math.nan, "hi": math.nan, "p": math.nan, "method": missing,
                          "family": c["family"], "transient": False})  # fmt: skip
             continue
         steady = [cell_stationary(s.drop_duplicates("run"), protocol["stationarity"]) for s in sel]

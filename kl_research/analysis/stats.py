@@ -121,6 +121,7 @@ def cell_stats(
 
 FRONTIER_METRICS = (
     "reward", "kl", "ppl_change", "kl_step2", "approx_kl_mean", "proxy_reward", "gold_reward", "gold2_reward",
+    "judge_reward",
 )  # fmt: skip
 
 
