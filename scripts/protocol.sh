@@ -52,16 +52,18 @@ case "${1:-}" in
     mapfile -t lines < <(betas_from "$tuned")
     for seed in ${SEEDS:-1000 1001 1002 1003 1004}; do
       echo "=== evaluation seed $seed: $(date -u +%FT%TZ)"
+      # a sweep with a failed job says so in its report and here, and the block goes on (re-running resumes it)
       python sweep.py sweep.name="protocol_grid_s$seed" 'sweep.controllers=[adaptive,pid_ci]' \
-        'sweep.targets=[0.01,0.02,0.05,0.1,0.2]' "sweep.seeds=[$seed]" $EVERY
+        'sweep.targets=[0.01,0.02,0.05,0.1,0.2]' "sweep.seeds=[$seed]" $EVERY || echo "!!! protocol_grid_s$seed failed"
       python sweep.py sweep=frontier sweep.name="protocol_fixed_s$seed" "sweep.fixed_betas=[${lines[0]}]" \
-        "sweep.seeds=[$seed]" $EVERY
+        "sweep.seeds=[$seed]" $EVERY || echo "!!! protocol_fixed_s$seed failed"
       for pair in "${lines[@]:1}"; do
         tau=${pair%%:*} b0=${pair#*:}
         # kl_coef_max 100: β₀ = 10·β*(0.02) may lie above the grid's bound of 10, which would clamp it at once (the
         # misspecification arm is compared with fixed β₀, which has no bound; β never nears 100 here)
         python sweep.py sweep.name="protocol_misspec_${tau}_${b0}_s$seed" 'sweep.controllers=[adaptive,pid_ci]' \
-          "sweep.targets=[$tau]" "controller.init_kl_coef=$b0" controller.kl_coef_max=100 "sweep.seeds=[$seed]" $EVERY
+          "sweep.targets=[$tau]" "controller.init_kl_coef=$b0" controller.kl_coef_max=100 "sweep.seeds=[$seed]" \
+          $EVERY || echo "!!! protocol_misspec_${tau}_${b0}_s$seed failed"
       done
     done
     ;;
