@@ -9,7 +9,9 @@ per target → arms → cells → paired tests → Holm/BH → tables, figures, 
   tuning/tuned_betas.json, tuning/frontier.png
 - with --eval: cells.csv (one row per arm × target × β₀, `n`, `stationary`, `holds`), tests.csv (one row per test:
   comparison, metric, target_kl, n, estimate, lo, hi, p, p_adj, method), misspecification.csv (`init_kl_coef`),
-  equal_kl.csv (each arm's reward against the frontier's at its KL), cells.png, results.md
+  equal_kl.csv (each arm's reward against the frontier's at its KL), cells.png, tests.png (every paired comparison,
+  estimate and interval, marked by its corrected verdict), misspecification.png (KL / τ over training from a
+  misspecified β₀, controllers against fixed β₀), results.md
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -123,6 +126,76 @@ def plot_cells(cells: pd.DataFrame, path: Path, limit: float) -> None:
     save(fig, path, dpi=110)
 
 
+def plot_tests(tests: pd.DataFrame, protocol: dict, path: Path) -> None:
+    """The paired comparisons as a reviewer reads them first: per hypothesis, each comparison's estimate and interval
+    (TOST: the 90 % one, against the ±margin band; t tests: 95 %) at every target, filled where the corrected test
+    rejects, hollow where it does not, grey where no verdict is drawn (transient, interim or untested)."""
+    ran = tests[tests["n"] > 0]
+    hyps = [h for h in protocol["hypotheses"] if h in set(ran["hypothesis"])]
+    if not hyps:
+        return
+    n_design = len(protocol["seeds"]["evaluation"])
+    panels = [(h, m) for h in hyps for m in sorted(set(ran.loc[ran["hypothesis"] == h, "metric"]))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (h, m) in zip(axes[0], panels, strict=True):
+        g = ran[(ran["hypothesis"] == h) & (ran["metric"] == m)]
+        comps = sorted(g["comparison"].unique())
+        for i, comp in enumerate(comps):
+            c = g[g["comparison"] == comp].sort_values("target_kl")
+            x = c["target_kl"] * (1 + 0.06 * (i - (len(comps) - 1) / 2))
+            verdict = ~c["transient"] & (c["n"] >= n_design) & c["p_adj"].notna()
+            for xi, r, v in zip(x, c.itertuples(), verdict, strict=True):
+                color = f"C{i}" if v else "0.6"
+                face = color if v and r.p_adj < protocol["multiplicity"]["alpha"] else "white"
+                ax.plot([xi, xi], [r.lo, r.hi], color=color, lw=1.2)
+                ax.scatter([xi], [r.estimate], s=22, edgecolors=color, facecolors=face, zorder=3)
+            ax.plot([], [], "o", color=f"C{i}", label=comp)
+        margin = protocol["hypotheses"][h].get("margin")
+        if margin:
+            ax.axhspan(-margin, margin, color="0.9", zorder=0)
+        ax.axhline(0, color="0.5", lw=0.6)
+        ax.set(xscale="log", xlabel="target KL", title=f"{h}: {m} ({g['method'].iloc[0].split(',')[0].split(';')[0]})")
+        ax.set_xticks(protocol["targets"], [f"{t:g}" for t in protocol["targets"]])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("paired difference (first − second)")
+    fig.suptitle("filled: rejected after correction; hollow: not; grey: no verdict (transient, interim)", fontsize=8)
+    fig.tight_layout()
+    save(fig, path, dpi=110)
+
+
+ARM_COLORS = {"adaptive": "C0", "pid_ci": "C2", "pid": "C1", "fixed_beta0": "C3", "static_tuned": "k"}
+
+
+def plot_misspecification(curves: pd.DataFrame, arms: pd.DataFrame, path: Path) -> None:
+    """What control buys: per misspecified (τ, β₀) the KL / τ of every run over training, controllers against the
+    fixed β₀ they start from, on a log scale with the target (1) and the hold band [2/3, 3/2]."""
+    mis = arms[arms["arm"].str.contains("@")].drop_duplicates(["run", "target_kl"])
+    if mis.empty:
+        return
+    keys = sorted({(float(t), a.split("@x")[1]) for t, a in zip(mis["target_kl"], mis["arm"], strict=True)})
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.4), squeeze=False, sharey=True)
+    for ax, (tau, f) in zip(axes[0], keys, strict=True):
+        sel = mis[np.isclose(mis["target_kl"], tau) & mis["arm"].str.endswith(f"@x{f}")]
+        for arm, g in sel.groupby("arm"):
+            name = arm.split("@")[0]
+            for j, run in enumerate(g["run"]):
+                c = curves[curves["run"] == run].sort_values("step")
+                c = c[c["step"] > 1]  # rollout 1 is π_ref's own sample: KL 0
+                ax.plot(c["step"], c["kl/exact"] / tau, color=ARM_COLORS.get(name, "0.4"), lw=0.7, alpha=0.7,
+                        label=name if j == 0 else None)  # fmt: skip
+        ax.axhline(1, color="k", lw=0.8)
+        ax.axhspan(2 / 3, 3 / 2, color="0.9", zorder=0)
+        beta0 = sel["init_kl_coef"].iloc[0]
+        ax.set(yscale="log", xlabel="rollout", title=f"τ {tau:g}, β₀ = {f}·β*(τ) = {beta0:.3g}")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("KL / target (exact, per token)")
+    fig.tight_layout()
+    save(fig, path, dpi=110)
+
+
 def claims(tests: pd.DataFrame, cells: pd.DataFrame, n_design: int) -> list[str]:
     """Sentences computed from the tables: each names its test, correction and n. Below the design's n (seed blocks
     still running) every test is marked interim and no verdict is drawn (deviation 3)."""
@@ -163,6 +236,8 @@ def eval_stage(dirs: list[str], protocol: dict, fits: dict, tuned: dict[float, f
     cells[cells["arm"].str.contains("@")].to_csv(out / "misspecification.csv", index=False)
     equal_kl(arms, fits).to_csv(out / "equal_kl.csv", index=False)
     plot_cells(cells, out / "cells.png", protocol["metrics"]["hold"]["log_ratio_max"])
+    plot_tests(tests, protocol, out / "tests.png")
+    plot_misspecification(curves, arms, out / "misspecification.png")
     n_design = len(protocol["seeds"]["evaluation"])
     intro = (
         "Computed by scripts/make_protocol.py from the committed runs; every claim names its test, correction and n."

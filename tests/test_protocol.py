@@ -237,7 +237,16 @@ def test_make_protocol_runs_the_pipeline_from_run_dirs(tmp_path, protocol):
             b = round(tuned[t], 4)
             write_run(tmp_path / "eval", f"static_{t}_{seed}", "fixed", t, b, seed, 0.02 / b,
                       0.1 + 0.05 * math.log(0.02 / b / 0.001))  # fmt: skip
+    # the misspecification arm: controllers from β₀ = β*(τ)·{0.1, 10} reach τ; fixed β₀ runs exist where a static run
+    # has that β (β*(0.02)·0.1 = β*(0.2), β*(0.1)·10 = β*(0.01)), and their KL is 0.02/β₀, a decade off τ
+    for seed in protocol["seeds"]["evaluation"]:
+        for t in (0.02, 0.1):
+            for f in (0.1, 10.0):
+                for c in ("adaptive", "pid_ci"):
+                    write_run(tmp_path / "eval", f"{c}_{t}_x{f:g}_{seed}", c, t, round(tuned[t] * f, 4), seed, t,
+                              0.1 + 0.05 * math.log(t / 0.001))  # fmt: skip
     mp.eval_stage([str(tmp_path / "eval")], protocol, fits, tuned, tmp_path / "out")
+    assert all((tmp_path / "out" / f).stat().st_size > 0 for f in ("cells.png", "tests.png", "misspecification.png"))
     cells = pd.read_csv(tmp_path / "out" / "cells.csv")
     tests = pd.read_csv(tmp_path / "out" / "tests.csv")
     assert {"n", "stationary", "holds"} <= set(cells.columns)
@@ -259,7 +268,13 @@ def test_make_protocol_runs_the_pipeline_from_run_dirs(tmp_path, protocol):
     assert len(h1) == 10 and (h1["p_adj"] < 0.05).all()  # same reward by construction: TOST shows equivalence
     assert not tests["comparison"].str.contains(r"\bpid\b(?!_ci)", regex=True).any()
     h2 = tests[tests["hypothesis"] == "H2"]
-    assert len(h2) == 8 and (h2["n"] == 0).all() and h2["p_adj"].isna().all()
+    assert len(h2) == 8
+    ran = h2[h2["n"] > 0]  # the two (τ, β₀) with a fixed β₀ run; the other two rows say "no runs of an arm"
+    assert set(zip(ran["target_kl"], ran["comparison"].str.extract(r"@x(\S+) ")[0], strict=True)) == {
+        (0.02, "0.1"), (0.1, "10")}  # fmt: skip
+    assert (h2.loc[h2["n"] == 0, "method"] == "no runs of an arm").all()
+    # fixed β₀ is a decade off τ (e = log 10), the controllers sit on it: H2 holds, after Holm
+    assert np.allclose(ran["estimate"], math.log(10), atol=0.1) and (ran["p_adj"] < 0.05).all()
     text = (tmp_path / "out" / "results.md").read_text()
     assert text.count(": equivalent") == 10 and "Interim" not in text
     assert "H1 pid − static_tuned (reward) at 0.01, 0.02, 0.05, 0.1, 0.2" in text and "GRPO subset" in text
