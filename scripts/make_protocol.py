@@ -36,9 +36,14 @@ from kl_research.plots import save
 
 
 def load(dirs: list[str]) -> pd.DataFrame:
-    """Completed runs of every directory, in long form."""
-    frames = [load_curves(d, completed_only=True) for d in dirs]
-    frames = [f for f in frames if not f.empty]
+    """Completed runs of every directory, in long form. A run is named `<its sweep dir>/<its dir>`: two sweeps name
+    their runs alike (the grid's adaptive_kl0.02_s1000 starts from β₀ 0.5, the misspecification sweep's from β*·10),
+    and the stages group by run."""
+    frames = []
+    for d in dirs:
+        f = load_curves(d, completed_only=True)
+        if not f.empty:
+            frames.append(f.assign(run=Path(d).name + "/" + f["run"].astype(str)))
     if not frames:
         raise SystemExit(f"no completed runs under {dirs}")
     return pd.concat(frames, ignore_index=True)

@@ -242,10 +242,11 @@ def test_make_protocol_runs_the_pipeline_from_run_dirs(tmp_path, protocol):
     for seed in protocol["seeds"]["evaluation"]:
         for t in (0.02, 0.1):
             for f in (0.1, 10.0):
-                for c in ("adaptive", "pid_ci"):
-                    write_run(tmp_path / "eval", f"{c}_{t}_x{f:g}_{seed}", c, t, round(tuned[t] * f, 4), seed, t,
-                              0.1 + 0.05 * math.log(t / 0.001))  # fmt: skip
-    mp.eval_stage([str(tmp_path / "eval")], protocol, fits, tuned, tmp_path / "out")
+                for c in ("adaptive", "pid_ci"):  # named as the grid's runs, in their own sweep dir (as sweeps do)
+                    write_run(tmp_path / f"misspec_{t}_{f:g}", f"{c}_{t}_{seed}", c, t, round(tuned[t] * f, 4), seed,
+                              t, 0.1 + 0.05 * math.log(t / 0.001))  # fmt: skip
+    evals = [str(tmp_path / "eval"), *(str(tmp_path / f"misspec_{t}_{f:g}") for t in (0.02, 0.1) for f in (0.1, 10.0))]
+    mp.eval_stage(evals, protocol, fits, tuned, tmp_path / "out")
     assert all((tmp_path / "out" / f).stat().st_size > 0 for f in ("cells.png", "tests.png", "misspecification.png"))
     cells = pd.read_csv(tmp_path / "out" / "cells.csv")
     tests = pd.read_csv(tmp_path / "out" / "tests.csv")
@@ -281,7 +282,7 @@ def test_make_protocol_runs_the_pipeline_from_run_dirs(tmp_path, protocol):
     # a seed block half run: every test on fewer than the design's seeds is interim, with no verdict
     for t in protocol["targets"]:
         (tmp_path / "eval" / f"pid_ci_{t}_1004" / "summary.json").unlink()
-    mp.eval_stage([str(tmp_path / "eval")], protocol, fits, tuned, tmp_path / "out2")
+    mp.eval_stage(evals, protocol, fits, tuned, tmp_path / "out2")
     text = (tmp_path / "out2" / "results.md").read_text()
     assert (
         "Interim" in text and text.count("interim (n = 4 of 5): no verdict") == 5 + 10
