@@ -11,7 +11,8 @@ per target → arms → cells → paired tests → Holm/BH → tables, figures, 
   comparison, metric, target_kl, n, estimate, lo, hi, p, p_adj, method), misspecification.csv (`init_kl_coef`),
   equal_kl.csv (each arm's reward against the frontier's at its KL), cells.png, tests.png (every paired comparison,
   estimate and interval, marked by its corrected verdict), misspecification.png (KL / τ over training from a
-  misspecified β₀, controllers against fixed β₀), results.md
+  misspecified β₀, controllers against fixed β₀), samples/<arm>_tau<τ>.md (each seed's answers to the same held-out
+  prompts), results.md
 """
 
 from __future__ import annotations
@@ -201,6 +202,46 @@ def plot_misspecification(curves: pd.DataFrame, arms: pd.DataFrame, path: Path) 
     save(fig, path, dpi=110)
 
 
+def write_samples(dirs: list[str], arms: pd.DataFrame, out: Path, prompts: int = 4) -> int:
+    """samples/<arm>_tau<τ>.md per cell: the last gold evaluation's answers to the same first `prompts` held-out
+    prompts (every run answers the same ones, kl_research.gold), one line per seed, with VADER (the training
+    reward's scorer, on held-out prompts) and AFINN (the judge). From each run's eval_samples.jsonl; returns the
+    number of files written."""
+    import json
+
+    from kl_research.analysis.runs import run_dirs
+
+    answers: dict[str, list[dict]] = {}
+    for d in dirs:
+        for r in run_dirs(d):
+            f = r / "eval_samples.jsonl"
+            if f.is_file():
+                recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                last = max((x["step"] for x in recs), default=None)
+                answers[f"{Path(d).name}/{r.name}"] = [x for x in recs if x["step"] == last]
+    target = out / "samples"
+    written = 0
+    for (arm, tau), g in arms.drop_duplicates(["run", "arm", "target_kl"]).groupby(["arm", "target_kl"]):
+        runs = [(int(s), answers[r]) for r, s in sorted(zip(g["run"], g["seed"], strict=True), key=lambda x: x[1])
+                if r in answers]  # fmt: skip
+        if not runs:
+            continue
+        lines = [f"# {arm} at τ = {tau:g}: answers to the same held-out prompts", "",
+                 f"The last gold evaluation (rollout {runs[0][1][0]['step']}) of each evaluation seed; VADER is the "
+                 "training reward's scorer, AFINN the judge (docs/gold.md).", ""]  # fmt: skip
+        for i in range(min(prompts, *(len(a) for _, a in runs))):
+            lines += [f"## prompt {i + 1}: “{runs[0][1][i]['prompt']}”", "", "| seed | response | VADER | AFINN |",
+                      "|---|---|---|---|"]  # fmt: skip
+            for seed, a in runs:
+                text = a[i]["response"].replace("|", "\\|").replace("\n", " ")
+                lines.append(f"| {seed} | {text} | {a[i]['gold_reward']:+.2f} | {a[i]['gold2_reward']:+.2f} |")
+            lines.append("")
+        target.mkdir(parents=True, exist_ok=True)
+        (target / f"{arm}_tau{tau:g}.md").write_text("\n".join(lines))
+        written += 1
+    return written
+
+
 def claims(tests: pd.DataFrame, cells: pd.DataFrame, n_design: int) -> list[str]:
     """Sentences computed from the tables: each names its test, correction and n. Below the design's n (seed blocks
     still running) every test is marked interim and no verdict is drawn (deviation 3)."""
@@ -241,6 +282,7 @@ def eval_stage(dirs: list[str], protocol: dict, fits: dict, tuned: dict[float, f
     cells[cells["arm"].str.contains("@")].to_csv(out / "misspecification.csv", index=False)
     equal_kl(arms, fits).to_csv(out / "equal_kl.csv", index=False)
     plot_cells(cells, out / "cells.png", protocol["metrics"]["hold"]["log_ratio_max"])
+    write_samples(dirs, arms, out)
     plot_tests(tests, protocol, out / "tests.png")
     plot_misspecification(curves, arms, out / "misspecification.png")
     n_design = len(protocol["seeds"]["evaluation"])

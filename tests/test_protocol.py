@@ -208,6 +208,10 @@ def write_run(root, name: str, controller: str, target: float, beta: float, seed
             rec["eval/distinct_2"] = 0.95
         lines.append(json.dumps(rec))
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    answers = [{"step": 120, "prompt": f"prompt {i}", "response": f"{controller} β{beta:g} s{seed} #{i}",
+                "gold_reward": reward, "gold2_reward": reward / 2, "proxy_reward": reward}
+               for i in range(8)]  # fmt: skip
+    (d / "eval_samples.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     ids = {"controller": controller, "target_kl": target, "init_kl_coef": beta, "seed": seed}
     (d / "summary.json").write_text(json.dumps(ids))
 
@@ -248,6 +252,10 @@ def test_make_protocol_runs_the_pipeline_from_run_dirs(tmp_path, protocol):
     evals = [str(tmp_path / "eval"), *(str(tmp_path / f"misspec_{t}_{f:g}") for t in (0.02, 0.1) for f in (0.1, 10.0))]
     mp.eval_stage(evals, protocol, fits, tuned, tmp_path / "out")
     assert all((tmp_path / "out" / f).stat().st_size > 0 for f in ("cells.png", "tests.png", "misspecification.png"))
+    # samples: per cell, each seed's answer to the same held-out prompts; the misspecified arm's file has its own runs
+    text = (tmp_path / "out" / "samples" / "adaptive@x10_tau0.02.md").read_text()
+    assert text.count("| 100") == 4 * 5 and "s1004 #3" in text and "adaptive β10" in text and "β0.5" not in text
+    assert "fixed β1.0015 s1000 #0" in (tmp_path / "out" / "samples" / "static_tuned_tau0.02.md").read_text()
     cells = pd.read_csv(tmp_path / "out" / "cells.csv")
     tests = pd.read_csv(tmp_path / "out" / "tests.csv")
     assert {"n", "stationary", "holds"} <= set(cells.columns)
