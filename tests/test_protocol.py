@@ -216,7 +216,7 @@ def write_run(root, name: str, controller: str, target: float, beta: float, seed
     (d / "summary.json").write_text(json.dumps(ids))
 
 
-def test_make_protocol_runs_the_pipeline_from_run_dirs(tmp_path, protocol):
+def test_make_protocol_runs_the_pipeline_from_run_dirs(tmp_path, protocol, monkeypatch):
     """The driver end to end on synthetic run dirs: the tuning frontier gives β*(τ) = 0.02/τ, the tuned static arm
     is found by its β, and the tables carry the columns the issue asks for."""
     import importlib.util
@@ -296,3 +296,34 @@ def test_make_protocol_runs_the_pipeline_from_run_dirs(tmp_path, protocol):
         "Interim" in text and text.count("interim (n = 4 of 5): no verdict") == 5 + 10
     )  # pid_ci: H1 (5 targets), H3 (2 metrics × 5)
     assert text.count(": equivalent") == 5  # adaptive's H1 rows keep n = 5
+    # the protocol notebook reads exactly these tables and executes without an error
+    run_protocol_notebook(tmp_path / "out", monkeypatch)
+
+
+PROTOCOL_NOTEBOOK = P.PROTOCOL_FILE.parents[2] / "notebooks" / "protocol.ipynb"
+
+
+def run_protocol_notebook(out, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("PROTOCOL_DIR", str(out))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(PROTOCOL_NOTEBOOK, as_version=4)
+    NotebookClient(nb, kernel_name="python3", timeout=120,
+                   resources={"metadata": {"path": str(PROTOCOL_NOTEBOOK.parent)}}).execute()  # fmt: skip
+    assert not any(o.output_type == "error" for c in nb.cells for o in c.get("outputs", []))
+    (cell,) = [c for c in nb.cells if "tests" in c.metadata.get("tags", [])]
+    shown = "".join(o["data"].get("text/plain", "") for o in cell.outputs if o.output_type == "display_data")
+    assert "adaptive − static_tuned" in shown and "Holm" in shown
+    (cell,) = [c for c in nb.cells if "samples" in c.metadata.get("tags", [])]
+    assert any("answers to the same held-out prompts" in str(o.get("data", "")) for o in cell.outputs)
+
+
+def test_committed_protocol_notebook_has_no_outputs_and_a_parameters_cell():
+    import nbformat
+
+    nb = nbformat.read(PROTOCOL_NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    assert [t for c in code for t in c.metadata.get("tags", [])].count("parameters") == 1
