@@ -13,6 +13,7 @@ panel per proxy size, one line per run).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -22,9 +23,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from kl_research.analysis import gold as G
-from kl_research.analysis.runs import attach_config, load_configs, load_curves
-from kl_research.plots import save
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the repo this script is in, whatever kl_research an install points at
+    sys.path.insert(0, str(REPO))
+
+from kl_research.analysis import gold as G  # noqa: E402
+from kl_research.analysis.runs import attach_config, load_configs, load_curves  # noqa: E402
+from kl_research.plots import save  # noqa: E402
 
 N_KEY = "reward.n_labels"
 

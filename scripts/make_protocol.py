@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -30,10 +31,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from kl_research.analysis import protocol as P
-from kl_research.analysis.runs import load_curves
-from kl_research.analysis.stats import welch
-from kl_research.plots import save
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the repo this script is in, whatever kl_research an install points at
+    sys.path.insert(0, str(REPO))
+
+from kl_research.analysis import protocol as P  # noqa: E402
+from kl_research.analysis.runs import load_curves  # noqa: E402
+from kl_research.analysis.stats import welch  # noqa: E402
+from kl_research.plots import save  # noqa: E402
 
 
 def load(dirs: list[str]) -> pd.DataFrame:

@@ -14,12 +14,17 @@ nothing in a job depends on its total length), and writes
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from kl_research.analysis.protocol import choose_length, load_protocol, stationarity
-from kl_research.analysis.runs import load_curves
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the repo this script is in, whatever kl_research an install points at
+    sys.path.insert(0, str(REPO))
+
+from kl_research.analysis.protocol import choose_length, load_protocol, stationarity  # noqa: E402
+from kl_research.analysis.runs import load_curves  # noqa: E402
 
 
 def cell_name(row: pd.Series) -> str:
