@@ -14,9 +14,11 @@ export HF_HUB_OFFLINE=1
 if [ "${1:-}" = pilot ]; then
   # the pilot (issue 30: "size the grid from a pilot that shows the proxy can be over-optimised"): two low fixed β
   # under the two cheap proxies, one seed, 300 rollouts, a gold evaluation every 20; read by scripts/gold_pilot.py
+  # (NS / BETAS / NAME change the proxy sizes, the βs and the sweep's name: the second pilot, weaker proxies, was
+  # NS=30,100 BETAS=0.01 NAME=gold_pilot_weak)
   shift
-  python sweep.py sweep=frontier sweep.name=gold_pilot reward=learned reward.n_labels=500,2000 \
-    "sweep.fixed_betas=[0.01,0.05]" "sweep.seeds=[0]" steps=300 eval_every=20 checkpoint_every=50 "$@"
+  python sweep.py sweep=frontier sweep.name="${NAME:-gold_pilot}" reward=learned reward.n_labels="${NS:-500,2000}" \
+    "sweep.fixed_betas=[${BETAS:-0.01,0.05}]" "sweep.seeds=[0]" steps=300 eval_every=20 checkpoint_every=50 "$@"
   exit
 fi
 python sweep.py sweep=frontier sweep.name=gold_frontier reward=learned reward.n_labels=500,2000,8000 "$@"
