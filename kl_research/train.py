@@ -542,6 +542,10 @@ class Job:
             save_file(self.policy.v_head.state_dict(), str(out / "policy" / "value_head.safetensors"))
         memory = {k.removeprefix("memory/"): v for k, v in peak_memory_mb(self.device).items()}
         summary = {**summarize(self.history, cfg, wall), "device": str(self.device), **self.choice.record(), **memory}
+        rm_meta = getattr(self.reward_fn, "meta", None)  # reward=learned: the proxy's own agreement with the gold
+        if rm_meta is not None:
+            summary.update({f"proxy_test_{k}": rm_meta["test"][k] for k in ("pearson", "spearman", "accuracy")})
+            summary["proxy_n_labels"] = rm_meta["n_labels"]
         plot_curves(self.history, self.target, out / "curves.png", title=run_name(cfg))
         log.info(
             "done: reward %.3f, KL %.4g (target %g), tracking error %.2f, β %.4g, ppl %.2f (ref %.2f), %.0f s",

@@ -6,8 +6,9 @@
 Reads every run's evaluation points (kl_research.analysis.gold.eval_points: gold, second gold and proxy on held-out
 prompts at each eval step, against √KL of the whole response), per proxy size (`reward.n_labels`): Gao et al.'s RL form
 fitted to the gold's and the proxy's gain over π_ref, where the gold peaks, and whether the proxy still rises where the
-gold has fallen (`overoptimised`). Writes points.csv, summary.csv and pilot.png (gold and proxy gain against d, one
-panel per proxy size, one line per run).
+gold has fallen (`overoptimised`). Writes points.csv, summary.csv, reward_models.csv (each proxy's held-out agreement
+with the gold, from the RM cache) and pilot.png (gold and proxy gain against d, one panel per proxy size, one line
+per run).
 """
 
 from __future__ import annotations
@@ -45,6 +46,19 @@ def points_of(dirs: list[str]) -> pd.DataFrame:
     return pts
 
 
+def reward_models(cache: Path) -> pd.DataFrame:
+    """Every learned RM under a reward-model cache dir (its meta.json): n, held-out agreement with the gold, cost."""
+    import json
+
+    rows = []
+    for meta in sorted(cache.glob("learned-*/meta.json")):
+        m = json.loads(meta.read_text())
+        test = {f"test_{k}": m["test"][k] for k in ("pearson", "spearman", "accuracy")}
+        rows.append({N_KEY: m["n_labels"], **test, "best_epoch": m["best_epoch"], "build_seconds": m["build_seconds"],
+                     "dir": meta.parent.name})  # fmt: skip
+    return pd.DataFrame(rows).sort_values(N_KEY) if rows else pd.DataFrame(columns=[N_KEY, "test_pearson"])
+
+
 def summarise(pts: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for n, g in pts.groupby(N_KEY):
@@ -59,8 +73,12 @@ def summarise(pts: pd.DataFrame) -> pd.DataFrame:
 
 def plot(pts: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
     sizes = sorted(pts[N_KEY].unique())
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4.6 * len(sizes), 3.8), squeeze=False, sharey=True)
-    for ax, n in zip(axes[0], sizes, strict=True):
+    cols = min(3, len(sizes))
+    rows = -(-len(sizes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(sizes) :]:
+        ax.set_visible(False)
+    for ax, n in zip(axes.flat, sizes, strict=False):
         g = pts[pts[N_KEY] == n]
         for (beta, _run), r in g.groupby(["init_kl_coef", "run"]):
             r = r.sort_values("step")
@@ -78,9 +96,15 @@ def plot(pts: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
         ax.plot([], [], ":", color="tab:green", label="gold2 (AFINN) gain")
         ax.plot([], [], "-", color="tab:orange", label="proxy (learned RM) gain")
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set(title=f"proxy n = {n}", xlabel="d = √KL(π‖π_ref) per response (nats½)")
+        r = s.get("test_pearson", float("nan"))
+        ax.set(
+            title=f"proxy n = {n} (test Pearson r with the gold {r:.2f})",
+            xlabel="d = √KL(π‖π_ref) per response (nats½)",
+        )
+        ax.title.set_fontsize(9)
         ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("gain over π_ref (held-out prompts)")
+    for row in axes:
+        row[0].set_ylabel("gain over π_ref (held-out prompts)")
     fig.tight_layout()
     save(fig, path, dpi=110)
 
@@ -89,16 +113,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", help="sweep dirs of runs with reward=learned and a gold evaluation")
     ap.add_argument("--out", required=True)
+    default_cache = Path.home() / ".cache" / "kl-research" / "reward_model"
+    ap.add_argument("--rm-cache", type=Path, default=default_cache,
+                    help="the runs' reward-model cache (<cache_dir>/reward_model): each RM's agreement")  # fmt: skip
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pts = points_of(args.dirs)
+    rms = reward_models(args.rm_cache)
+    rms = rms[rms[N_KEY].isin(pts[N_KEY].unique())]
+    rms.to_csv(out / "reward_models.csv", index=False)
     summary = summarise(pts)
+    if len(rms) and not rms[N_KEY].duplicated().any():  # one RM per n in the cache: its agreement beside the runs
+        summary = summary.merge(rms[[N_KEY, "test_pearson", "test_accuracy"]], on=N_KEY, how="left")
     pts.to_csv(out / "points.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     plot(pts, summary, out / "pilot.png")
-    cols = [N_KEY, "runs", "kl_seq_max", "gold_kl_peak", "oo_gold_peak", "oo_gold_top", "oo_gold_drop",
-            "oo_proxy_rise", "gold_r2", "proxy_r2"]  # fmt: skip
+    cols = [N_KEY, *(["test_pearson"] if "test_pearson" in summary else []), "runs", "kl_seq_max", "gold_kl_peak",
+            "oo_gold_peak", "oo_gold_top", "oo_gold_drop", "oo_proxy_rise", "gold_r2", "proxy_r2"]  # fmt: skip
     print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     return 0
 

@@ -206,6 +206,9 @@ def test_a_learned_reward_run_logs_gold_beside_proxy_and_trains_on_the_proxy(cac
         assert summary[name] == recs[1][k] and summary[name + "_ref"] == recs[1][k + "_ref"]  # tail: step 2
     on_disk = json.loads((tmp_path / "built" / "summary.json").read_text())
     assert {"gold_reward", "gold2_reward", "proxy_reward"} <= set(on_disk)
+    # the proxy's own agreement with the gold, from its meta.json, beside the run's numbers
+    meta = rm.reward_model_meta(next((fresh / "reward_model").glob("learned-*/")))
+    assert on_disk["proxy_test_pearson"] == meta["test"]["pearson"] and on_disk["proxy_n_labels"] == meta["n_labels"]
     # the policy's reward is the proxy: the job's reward function is the learned RM of the cache, and every sample's
     # logged reward is its score
     (path,) = (fresh / "reward_model").glob("learned-*/")

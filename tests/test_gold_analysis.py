@@ -4,6 +4,7 @@ the evaluation points' KL per response, and the over-optimisation reading. Synth
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -63,3 +64,46 @@ def test_overoptimised_sees_the_gold_fall_while_the_proxy_rises():
     assert r["gold_drop"] > 0.05 and r["proxy_rise"] > 0.1 and r["d_peak"] < r["d_top"]
     rising = turning.assign(gold_gain=0.05 * d)
     assert G.overoptimised(rising)["gold_drop"] < 0
+
+
+def test_gold_pilot_script_reads_runs_per_proxy_size(tmp_path):
+    """scripts/gold_pilot.py on two synthetic runs (proxy n = 30 and 500) and an RM cache: one summary row per n with
+    its RM's test Pearson, the over-optimisation reading (the n = 30 run's gold falls while its proxy rises) and the
+    figure."""
+    import importlib.util
+    import json
+
+    import yaml
+
+    runs = tmp_path / "sweep"
+    for n, gold_slope in ((30, -0.01), (500, 0.1)):
+        d = runs / f"fixed_b0.01_s0_n_labels={n}"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"reward": {"n_labels": n}, "seed": 0}))
+        recs = []
+        for s in range(1, 101):
+            r = {"step": s, "kl/exact": 0.02 * s, "response/length": 20.0}
+            if s % 10 == 0:
+                kl_seq = 0.02 * s * 20
+                r.update({"eval/gold_reward": gold_slope * kl_seq**0.5, "eval/gold2_reward": 0.0,
+                          "eval/proxy_reward": 0.1 * kl_seq**0.5})  # fmt: skip
+                if s == 10:
+                    r.update({"eval/gold_reward_ref": 0.0, "eval/gold2_reward_ref": 0.0, "eval/proxy_reward_ref": 0.0})
+            recs.append(r)
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (d / "summary.json").write_text(json.dumps({"controller": "fixed", "target_kl": 0.05, "init_kl_coef": 0.01,
+                                                    "seed": 0}))  # fmt: skip
+        rm = tmp_path / "rm" / f"learned-{n}"
+        rm.mkdir(parents=True)
+        test = {"pearson": n / 1000, "spearman": 0.0, "accuracy": 0.5}
+        (rm / "meta.json").write_text(json.dumps({"n_labels": n, "test": test, "best_epoch": 1, "build_seconds": 1.0}))
+    script = Path(G.__file__).resolve().parents[2] / "scripts" / "gold_pilot.py"
+    spec = importlib.util.spec_from_file_location("gold_pilot", script)
+    gp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gp)
+    gp.main([str(runs), "--out", str(tmp_path / "out"), "--rm-cache", str(tmp_path / "rm")])
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("reward.n_labels")
+    assert list(summary.index) == [30, 500] and summary.loc[500, "test_pearson"] == 0.5
+    assert summary.loc[30, "oo_gold_drop"] > 0 and summary.loc[30, "oo_proxy_rise"] > 0
+    assert summary.loc[500, "oo_gold_drop"] < 0  # still rising at the largest KL
+    assert (tmp_path / "out" / "pilot.png").stat().st_size > 0
