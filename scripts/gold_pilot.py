@@ -29,34 +29,9 @@ if str(REPO) not in sys.path:  # the repo this script is in, whatever kl_researc
     sys.path.insert(0, str(REPO))
 
 from kl_research.analysis import gold as G  # noqa: E402
-from kl_research.analysis.runs import attach_config, load_configs, load_curves  # noqa: E402
 from kl_research.plots import save  # noqa: E402
 
 N_KEY = "reward.n_labels"
-
-
-def points_of(dirs: list[str]) -> pd.DataFrame:
-    frames = []
-    for d in dirs:
-        curves = attach_config(load_curves(d, completed_only=True), load_configs(d), keys=[N_KEY])
-        frames.append(G.eval_points(curves, by=[N_KEY]))
-    pts = pd.concat(frames, ignore_index=True)
-    if pts.empty:
-        raise SystemExit(f"no evaluation points with a gold under {dirs}")
-    return pts
-
-
-def reward_models(cache: Path) -> pd.DataFrame:
-    """Every learned RM under a reward-model cache dir (its meta.json): n, held-out agreement with the gold, cost."""
-    import json
-
-    rows = []
-    for meta in sorted(cache.glob("learned-*/meta.json")):
-        m = json.loads(meta.read_text())
-        test = {f"test_{k}": m["test"][k] for k in ("pearson", "spearman", "accuracy")}
-        rows.append({N_KEY: m["n_labels"], **test, "best_epoch": m["best_epoch"], "build_seconds": m["build_seconds"],
-                     "dir": meta.parent.name})  # fmt: skip
-    return pd.DataFrame(rows).sort_values(N_KEY) if rows else pd.DataFrame(columns=[N_KEY, "test_pearson"])
 
 
 def summarise(pts: pd.DataFrame) -> pd.DataFrame:
@@ -119,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pts = points_of(args.dirs)
-    rms = reward_models(args.rm_cache)
+    pts = G.load_points(args.dirs)
+    rms = G.reward_model_table(args.rm_cache)
     rms = rms[rms[N_KEY].isin(pts[N_KEY].unique())]
     rms.to_csv(out / "reward_models.csv", index=False)
     summary = summarise(pts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -105,3 +106,98 @@ def overoptimised(points: pd.DataFrame, top: float = 0.25) -> dict[str, float]:
     out["gold_drop"] = out["gold_peak"] - out["gold_top"]
     out["proxy_rise"] = out["proxy_top"] - out["proxy_peak"]
     return out
+
+
+# ============================================================================================ the frontier grid
+GROUP = ("reward.n_labels", "controller", "init_kl_coef", "target_kl")
+
+
+def run_tails(points: pd.DataFrame, tail_fraction: float = 0.25) -> pd.DataFrame:
+    """One row per run: the mean over its evaluations in the tail (the last `tail_fraction` of its evaluation steps,
+    at least one) of kl_token, kl_seq, d and each score and gain, with its ids. `points`: :func:`eval_points`."""
+    rows = []
+    for run, g in points.sort_values("step").groupby("run", sort=False):
+        tail = g.iloc[-max(1, math.ceil(tail_fraction * len(g))) :]
+        ids = {c: g[c].iloc[0] for c in g.columns if c in (*GROUP, "seed")}
+        vals = [c for c in g.columns if c in ("kl_token", "kl_seq", "d", "length") or c.endswith(("_gain",))]
+        vals += [c for c in ("gold", "gold2", "proxy") if c in g]
+        rows.append({"run": run, **ids, **{c: float(tail[c].mean()) for c in vals}, "evals": len(tail)})
+    return pd.DataFrame(rows)
+
+
+def frontier_table(tails: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Per proxy size × controller × β₀ (× target): n seeds and, for KL per token and per response and every score
+    and gain, the mean over seeds with its Student-t interval (kl_research.analysis.stats.t_interval)."""
+    from kl_research.analysis.stats import t_interval
+
+    keys = [c for c in GROUP if c in tails]
+    metrics = [c for c in ("kl_token", "kl_seq", "d", "gold", "gold2", "proxy", "gold_gain", "gold2_gain", "proxy_gain")
+               if c in tails]  # fmt: skip
+    rows = []
+    for key, g in tails.groupby(keys, dropna=False):
+        row = {**dict(zip(keys, key, strict=True)), "n": int(g["seed"].nunique())}
+        for m in metrics:
+            mean, lo, hi, _, _ = t_interval(g[m].to_numpy(float), level)
+            row.update({f"{m}_mean": mean, f"{m}_lo": lo, f"{m}_hi": hi})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fits_over_seeds(
+    points: pd.DataFrame, score: str = "gold", level: float = 0.95
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Gao's RL form fitted per proxy size and seed, on every evaluation point of that seed's fixed-β runs (Gao et
+    al. fit over the KL a run passes through, whatever its β); then per proxy size the mean of α, β, KL* and
+    R(d*) over seeds with a Student-t interval, and how many seeds' fits have no interior peak (β ≤ 0: still
+    rising), which the KL* interval leaves out and the table says. Returns (per seed, per proxy size)."""
+    from kl_research.analysis.stats import t_interval
+
+    fixed = points[points["controller"] == "fixed"] if "controller" in points else points
+    per_seed = []
+    for (n, seed), g in fixed.groupby(["reward.n_labels", "seed"]):
+        per_seed.append({"reward.n_labels": n, "seed": seed, "score": score, **fit_gao(g["d"], g[f"{score}_gain"])})
+    per_seed = pd.DataFrame(per_seed)
+    rows = []
+    for n, g in per_seed.groupby("reward.n_labels"):
+        row = {
+            "reward.n_labels": n,
+            "score": score,
+            "seeds": len(g),
+            "seeds_without_peak": int(g["d_peak"].isna().sum()),
+        }
+        for m in ("alpha", "beta", "kl_peak", "gain_peak", "r2"):
+            mean, lo, hi, _, _ = t_interval(g[m].to_numpy(float), level)
+            row.update({f"{m}_mean": mean, f"{m}_lo": lo, f"{m}_hi": hi})
+        rows.append(row)
+    return per_seed, pd.DataFrame(rows)
+
+
+def load_points(dirs: Sequence[str | Path], n_key: str = "reward.n_labels") -> pd.DataFrame:
+    """:func:`eval_points` of every completed run under the sweep dirs, with the proxy size (`reward.n_labels`) from
+    each run's config. Runs are named `<sweep dir>/<run dir>` (two sweeps may name runs alike)."""
+    from kl_research.analysis.runs import attach_config, load_configs, load_curves
+
+    frames = []
+    for d in dirs:
+        curves = attach_config(load_curves(d, completed_only=True), load_configs(d), keys=[n_key])
+        if not curves.empty:
+            pts = eval_points(curves, by=[n_key])
+            frames.append(pts.assign(run=Path(d).name + "/" + pts["run"].astype(str)))
+    if not frames:
+        raise ValueError(f"no completed runs with a gold evaluation under {list(map(str, dirs))}")
+    return pd.concat(frames, ignore_index=True)
+
+
+def reward_model_table(cache: str | Path, n_key: str = "reward.n_labels") -> pd.DataFrame:
+    """Every learned RM under a reward-model cache dir (`<cache_dir>/reward_model`, its meta.json): n, held-out
+    agreement with the gold (Pearson, Spearman, pairwise accuracy), best epoch, build time, thread count, dir."""
+    import json
+
+    rows = []
+    for meta in sorted(Path(cache).glob("learned-*/meta.json")):
+        m = json.loads(meta.read_text())
+        test = {f"test_{k}": m["test"][k] for k in ("pearson", "spearman", "accuracy")}
+        rows.append({n_key: m["n_labels"], **test, "best_epoch": m.get("best_epoch"),
+                     "build_seconds": m.get("build_seconds"), "threads": m.get("threads"),
+                     "dir": meta.parent.name})  # fmt: skip
+    return pd.DataFrame(rows).sort_values(n_key) if rows else pd.DataFrame(columns=[n_key, "test_pearson"])
