@@ -7,8 +7,8 @@ Reads every run's evaluation points (kl_research.analysis.gold.eval_points: gold
 prompts at each eval step, against √KL of the whole response), per proxy size (`reward.n_labels`): Gao et al.'s RL form
 fitted to the gold's and the proxy's gain over π_ref, where the gold peaks, and whether the proxy still rises where the
 gold has fallen (`overoptimised`). Writes points.csv, summary.csv, reward_models.csv (each proxy's held-out agreement
-with the gold, from the RM cache) and pilot.png (gold and proxy gain against d, one panel per proxy size, one line
-per run).
+with the gold, from the RM cache) pilot.png (gold and proxy gain against d, one panel per proxy size, one line per
+run) and samples/ (each run's last answers to the same held-out prompts, with proxy and gold scores).
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     pts.to_csv(out / "points.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     plot(pts, summary, out / "pilot.png")
+    G.write_samples(args.dirs, G.run_tails(pts), out)
     cols = [N_KEY, *(["test_pearson"] if "test_pearson" in summary else []), "runs", "kl_seq_max", "gold_kl_peak",
             "oo_gold_peak", "oo_gold_top", "oo_gold_drop", "oo_proxy_rise", "gold_r2", "proxy_r2"]  # fmt: skip
     print(summary[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))

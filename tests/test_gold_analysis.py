@@ -71,15 +71,16 @@ def test_gold_pilot_script_reads_runs_per_proxy_size(tmp_path):
     its RM's test Pearson, the over-optimisation reading (the n = 30 run's gold falls while its proxy rises) and the
     figure."""
     import importlib.util
+    import itertools
     import json
 
     import yaml
 
     runs = tmp_path / "sweep"
-    for n, gold_slope in ((30, -0.01), (500, 0.1)):
-        d = runs / f"fixed_b0.01_s0_n_labels={n}"
+    for (n, gold_slope), seed in itertools.product(((30, -0.01), (500, 0.1)), (0, 1)):
+        d = runs / f"fixed_b0.01_s{seed}_n_labels={n}"
         (d / ".hydra").mkdir(parents=True)
-        (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"reward": {"n_labels": n}, "seed": 0}))
+        (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"reward": {"n_labels": n}, "seed": seed}))
         recs = []
         for s in range(1, 101):
             r = {"step": s, "kl/exact": 0.02 * s, "response/length": 20.0}
@@ -92,9 +93,12 @@ def test_gold_pilot_script_reads_runs_per_proxy_size(tmp_path):
             recs.append(r)
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
         (d / "summary.json").write_text(json.dumps({"controller": "fixed", "target_kl": 0.05, "init_kl_coef": 0.01,
-                                                    "seed": 0}))  # fmt: skip
+                                                    "seed": seed}))  # fmt: skip
+        answer = {"step": 100, "prompt": "p", "response": f"n{n} s{seed} | it it", "proxy_reward": 1.0,
+                  "gold_reward": 0.0, "gold2_reward": 0.0}  # fmt: skip
+        (d / "eval_samples.jsonl").write_text(json.dumps(answer) + "\n")
         rm = tmp_path / "rm" / f"learned-{n}"
-        rm.mkdir(parents=True)
+        rm.mkdir(parents=True, exist_ok=True)
         test = {"pearson": n / 1000, "spearman": 0.0, "accuracy": 0.5}
         (rm / "meta.json").write_text(json.dumps({"n_labels": n, "test": test, "best_epoch": 1, "build_seconds": 1.0}))
     script = Path(G.__file__).resolve().parents[2] / "scripts" / "gold_pilot.py"
@@ -107,3 +111,66 @@ def test_gold_pilot_script_reads_runs_per_proxy_size(tmp_path):
     assert summary.loc[30, "oo_gold_drop"] > 0 and summary.loc[30, "oo_proxy_rise"] > 0
     assert summary.loc[500, "oo_gold_drop"] < 0  # still rising at the largest KL
     assert (tmp_path / "out" / "pilot.png").stat().st_size > 0
+    # make_gold.py, the grid's analysis, on the same runs: two seeds per proxy size give intervals
+    script = Path(G.__file__).resolve().parents[2] / "scripts" / "make_gold.py"
+    spec = importlib.util.spec_from_file_location("make_gold", script)
+    mg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mg)
+    mg.main([str(runs), "--out", str(tmp_path / "grid"), "--rm-cache", str(tmp_path / "rm")])
+    front = pd.read_csv(tmp_path / "grid" / "frontier.csv").set_index("reward.n_labels")
+    assert (front["n"] == 2).all() and (front["gold_gain_lo"] <= front["gold_gain_mean"]).all()
+    assert front.loc[500, "gold_gain_mean"] > 0 > front.loc[30, "gold_gain_mean"]
+    fit = pd.read_csv(tmp_path / "grid" / "fit_gold.csv").set_index("reward.n_labels")
+    assert list(fit["seeds"]) == [2, 2]
+    text = (tmp_path / "grid" / "samples" / "n30_fixed_b0.01.md").read_text()
+    assert "| 0 | n30 s0 \\| it it | +1.00 | +0.00 | +0.00 |" in text and "n30 s1" in text
+    assert (tmp_path / "grid" / "gold.png").stat().st_size > 0
+
+
+def _grid_points(seeds=(0, 1, 2)) -> pd.DataFrame:
+    """Evaluation points of a synthetic gold grid: per proxy size a known Gao curve (n = 200 peaks, n = 2000 still
+    rises), per seed a small shift of α, three β each giving a run that walks out along d."""
+    rng = np.random.default_rng(1)
+    rows = []
+    truth = {200: (0.3, 0.2), 2000: (0.3, -0.02)}
+    for n, (alpha, beta) in truth.items():
+        for seed in seeds:
+            a = alpha + 0.01 * (seed - 1)
+            for b0, d_max in ((0.01, 8.0), (0.05, 5.0), (0.2, 2.0)):
+                for k, d in enumerate(np.linspace(0.3, d_max, 10)):
+                    gold = float(gao_curve_safe(a, beta, d)) + rng.normal(0, 0.003)
+                    rows.append({"run": f"n{n}_b{b0}_s{seed}", "reward.n_labels": n, "controller": "fixed",
+                                 "init_kl_coef": b0, "target_kl": 0.05, "seed": seed, "step": 20 * (k + 1), "d": d,
+                                 "kl_seq": d**2, "kl_token": d**2 / 20, "length": 20.0, "gold": 0.1 + gold,
+                                 "gold_gain": gold, "proxy": 0.1 + 0.1 * d, "proxy_gain": 0.1 * d,
+                                 "gold2": 0.0, "gold2_gain": 0.0})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def gao_curve_safe(a, b, d):
+    return G.gao_curve(a, b, np.array([d]))[0]
+
+
+def test_fits_over_seeds_recover_the_peak_and_count_seeds_without_one():
+    per_seed, table = G.fits_over_seeds(_grid_points())
+    assert len(per_seed) == 2 * 3 and set(table["reward.n_labels"]) == {200, 2000}
+    peaked = table.set_index("reward.n_labels").loc[200]
+    kl_star = math.exp(2 * 0.3 / 0.2 - 2)  # KL* = d*² = exp(2α/β − 2) at the middle seed's α
+    assert peaked["kl_peak_lo"] < kl_star < peaked["kl_peak_hi"] and peaked["seeds_without_peak"] == 0
+    assert peaked["alpha_lo"] < 0.3 < peaked["alpha_hi"]
+    rising = table.set_index("reward.n_labels").loc[2000]
+    assert rising["seeds_without_peak"] == 3 and math.isnan(rising["kl_peak_mean"])
+
+
+def test_run_tails_and_the_frontier_table_average_the_tail_then_the_seeds():
+    pts = _grid_points()
+    tails = G.run_tails(pts, tail_fraction=0.2)  # the last 2 of 10 evaluations
+    r = tails.set_index("run").loc["n200_b0.01_s1"]
+    last2 = pts[pts["run"] == "n200_b0.01_s1"].sort_values("step").tail(2)
+    assert r["d"] == pytest.approx(last2["d"].mean()) and r["evals"] == 2
+    front = G.frontier_table(tails)
+    row = front[(front["reward.n_labels"] == 200) & (front["init_kl_coef"] == 0.01)].iloc[0]
+    assert row["n"] == 3
+    three = tails[(tails["reward.n_labels"] == 200) & (tails["init_kl_coef"] == 0.01)]["gold_gain"]
+    assert row["gold_gain_mean"] == pytest.approx(three.mean())
+    assert row["gold_gain_lo"] < row["gold_gain_mean"] < row["gold_gain_hi"]

@@ -201,3 +201,46 @@ def reward_model_table(cache: str | Path, n_key: str = "reward.n_labels") -> pd.
                      "build_seconds": m.get("build_seconds"), "threads": m.get("threads"),
                      "dir": meta.parent.name})  # fmt: skip
     return pd.DataFrame(rows).sort_values(n_key) if rows else pd.DataFrame(columns=[n_key, "test_pearson"])
+
+
+def write_samples(dirs: Sequence[str | Path], tails: pd.DataFrame, out: Path, prompts: int = 3) -> int:
+    """<out>/samples/n<n>_<controller>_b<β>[_tau<τ>].md per cell of :func:`run_tails`: each seed's answers at its
+    last evaluation to the same first held-out prompts (eval_samples.jsonl), with proxy, gold and second gold scores:
+    what the proxy's exploit looks like. Returns the number of files written."""
+    import json
+
+    from kl_research.analysis.runs import run_dirs
+
+    answers: dict[str, list[dict]] = {}
+    for d in dirs:
+        for r in run_dirs(d):
+            f = r / "eval_samples.jsonl"
+            if f.is_file():
+                recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                last = max((x["step"] for x in recs), default=None)
+                answers[f"{Path(d).name}/{r.name}"] = [x for x in recs if x["step"] == last]
+    written = 0
+    keys = [k for k in GROUP if k in tails]
+    for key, g in tails.groupby(keys):
+        ids = dict(zip(keys, key, strict=True))
+        runs = [(int(s), answers[r]) for r, s in sorted(zip(g["run"], g["seed"], strict=True), key=lambda x: x[1])
+                if r in answers]  # fmt: skip
+        if not runs:
+            continue
+        name = f"n{ids['reward.n_labels']}_{ids['controller']}_b{ids['init_kl_coef']:g}"
+        name += "" if ids["controller"] == "fixed" else f"_tau{ids['target_kl']:g}"
+        lines = [f"# proxy n = {ids['reward.n_labels']}, {ids['controller']}, β₀ {ids['init_kl_coef']:g}: answers "
+                 "to held-out prompts at the last evaluation", ""]  # fmt: skip
+        for i in range(min(prompts, *(len(a) for _, a in runs))):
+            lines += [f"## prompt {i + 1}: “{runs[0][1][i]['prompt']}”", "",
+                      "| seed | response | proxy | gold (VADER) | gold2 (AFINN) |",
+                      "|---|---|---|---|---|"]  # fmt: skip
+            for seed, a in runs:
+                text = a[i]["response"].replace("|", "\\|").replace("\n", " ")
+                lines.append(f"| {seed} | {text} | {a[i]['proxy_reward']:+.2f} | {a[i]['gold_reward']:+.2f} | "
+                             f"{a[i]['gold2_reward']:+.2f} |")  # fmt: skip
+            lines.append("")
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        (out / "samples" / f"{name}.md").write_text("\n".join(lines))
+        written += 1
+    return written
