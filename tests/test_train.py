@@ -213,10 +213,12 @@ def test_samples_carry_each_responses_kl_and_length_and_compact_runs_keep_a_few(
     kept = compact / run.name
     assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file()) == [
         ".hydra/config.yaml",
+        "eval_samples.jsonl",  # the gold evaluations' few fixed held-out prompts, kept whole
         "metrics.jsonl",
         "samples.jsonl",
         "summary.json",
     ]
+    assert (kept / "eval_samples.jsonl").read_text() == (run / "eval_samples.jsonl").read_text()
     assert (kept / "metrics.jsonl").read_text() == (run / "metrics.jsonl").read_text()
     kept_samples = [json.loads(line) for line in (kept / "samples.jsonl").read_text().splitlines()]
     assert kept_samples == samples[:4] + samples[8:12]  # the first 4 of each logged step
