@@ -288,6 +288,19 @@ def variant_label(runs: pd.DataFrame) -> str:
     return " · ".join(parts)
 
 
+def panel_grid(n: int, ylabel: str = "", cols: int = 3, width: float = 4.6, height: float = 3.8):
+    """(figure, the first n axes) of a grid of at most `cols` panels a row sharing y, `ylabel` on the first column;
+    panels past n are hidden. The gold figures draw one panel per proxy size with it."""
+    cols = max(1, min(cols, n))
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel(ylabel)
+    return fig, list(axes.flat[:n])
+
+
 def save(fig: plt.Figure, path: str | Path, dpi: int = 120, label: str = "") -> Path:
     """Write ``fig`` to ``path``; ``label`` (:func:`variant_label`) goes in its top-left corner."""
     if label and fig.get_suptitle():  # a left-aligned suptitle (curves_by_target) takes it in front

@@ -20,7 +20,6 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -29,7 +28,7 @@ if str(REPO) not in sys.path:  # the repo this script is in, whatever kl_researc
     sys.path.insert(0, str(REPO))
 
 from kl_research.analysis import gold as G  # noqa: E402
-from kl_research.plots import save  # noqa: E402
+from kl_research.plots import panel_grid, save  # noqa: E402
 
 N_KEY = "reward.n_labels"
 
@@ -48,12 +47,8 @@ def summarise(pts: pd.DataFrame) -> pd.DataFrame:
 
 def plot(pts: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
     sizes = sorted(pts[N_KEY].unique())
-    cols = min(3, len(sizes))
-    rows = -(-len(sizes) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False, sharey=True)
-    for ax in axes.flat[len(sizes) :]:
-        ax.set_visible(False)
-    for ax, n in zip(axes.flat, sizes, strict=False):
+    fig, axes = panel_grid(len(sizes), "gain over π_ref (held-out prompts)")
+    for ax, n in zip(axes, sizes, strict=True):
         g = pts[pts[N_KEY] == n]
         for (beta, _run), r in g.groupby(["init_kl_coef", "run"]):
             r = r.sort_values("step")
@@ -78,8 +73,6 @@ def plot(pts: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
         )
         ax.title.set_fontsize(9)
         ax.legend(fontsize=6)
-    for row in axes:
-        row[0].set_ylabel("gain over π_ref (held-out prompts)")
     fig.tight_layout()
     save(fig, path, dpi=110)
 

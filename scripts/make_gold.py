@@ -21,7 +21,6 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -30,19 +29,15 @@ if str(REPO) not in sys.path:  # the repo this script is in, whatever kl_researc
     sys.path.insert(0, str(REPO))
 
 from kl_research.analysis import gold as G  # noqa: E402
-from kl_research.plots import save  # noqa: E402
+from kl_research.plots import panel_grid, save  # noqa: E402
 
 N_KEY = "reward.n_labels"
 
 
 def plot(front: pd.DataFrame, fits: dict[str, pd.DataFrame], path: Path) -> None:
     sizes = sorted(front[N_KEY].unique())
-    cols = min(3, len(sizes))
-    rows = -(-len(sizes) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False, sharey=True)
-    for ax in axes.flat[len(sizes) :]:
-        ax.set_visible(False)
-    for ax, n in zip(axes.flat, sizes, strict=False):
+    fig, axes = panel_grid(len(sizes), "gain over π_ref (held-out prompts)")
+    for ax, n in zip(axes, sizes, strict=True):
         g = front[front[N_KEY] == n]
         fixed, ctl = g[g["controller"] == "fixed"], g[g["controller"] != "fixed"]
         for k, color in (("gold", "tab:blue"), ("proxy", "tab:orange"), ("gold2", "tab:green")):
@@ -62,8 +57,6 @@ def plot(front: pd.DataFrame, fits: dict[str, pd.DataFrame], path: Path) -> None
         ax.axhline(0, color="grey", lw=0.5)
         ax.set(title=f"proxy n = {n}", xlabel="d = √KL(π‖π_ref) per response (nats½)")
         ax.legend(fontsize=6)
-    for row in axes:
-        row[0].set_ylabel("gain over π_ref (held-out prompts)")
     fig.suptitle(
         "dashed: Gao et al.'s R(d) = d(α − β log d), mean of the per-seed fits; squares: controllers", fontsize=8
     )

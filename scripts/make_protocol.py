@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:  # the repo this script is in, whatever kl_researc
     sys.path.insert(0, str(REPO))
 
 from kl_research.analysis import protocol as P  # noqa: E402
-from kl_research.analysis.runs import load_curves  # noqa: E402
+from kl_research.analysis.runs import last_eval_samples, load_curves  # noqa: E402
 from kl_research.analysis.stats import welch  # noqa: E402
 from kl_research.plots import save  # noqa: E402
 
@@ -212,18 +212,7 @@ def write_samples(dirs: list[str], arms: pd.DataFrame, out: Path, prompts: int =
     prompts (every run answers the same ones, kl_research.gold), one line per seed, with VADER (the training
     reward's scorer, on held-out prompts) and AFINN (the judge). From each run's eval_samples.jsonl; returns the
     number of files written."""
-    import json
-
-    from kl_research.analysis.runs import run_dirs
-
-    answers: dict[str, list[dict]] = {}
-    for d in dirs:
-        for r in run_dirs(d):
-            f = r / "eval_samples.jsonl"
-            if f.is_file():
-                recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-                last = max((x["step"] for x in recs), default=None)
-                answers[f"{Path(d).name}/{r.name}"] = [x for x in recs if x["step"] == last]
+    answers = last_eval_samples(dirs)
     target = out / "samples"
     written = 0
     for (arm, tau), g in arms.drop_duplicates(["run", "arm", "target_kl"]).groupby(["arm", "target_kl"]):

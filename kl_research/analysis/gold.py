@@ -207,18 +207,9 @@ def write_samples(dirs: Sequence[str | Path], tails: pd.DataFrame, out: Path, pr
     """<out>/samples/n<n>_<controller>_b<β>[_tau<τ>].md per cell of :func:`run_tails`: each seed's answers at its
     last evaluation to the same first held-out prompts (eval_samples.jsonl), with proxy, gold and second gold scores:
     what the proxy's exploit looks like. Returns the number of files written."""
-    import json
+    from kl_research.analysis.runs import last_eval_samples
 
-    from kl_research.analysis.runs import run_dirs
-
-    answers: dict[str, list[dict]] = {}
-    for d in dirs:
-        for r in run_dirs(d):
-            f = r / "eval_samples.jsonl"
-            if f.is_file():
-                recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-                last = max((x["step"] for x in recs), default=None)
-                answers[f"{Path(d).name}/{r.name}"] = [x for x in recs if x["step"] == last]
+    answers = last_eval_samples(dirs)
     written = 0
     keys = [k for k in GROUP if k in tails]
     for key, g in tails.groupby(keys):

@@ -195,6 +195,20 @@ def load_curves(sweep_dir: str | Path, completed_only: bool = False, config: boo
 SAMPLE_COLUMNS = [*ID_COLUMNS, "step", "prompt", "response", "reward", "kl_seq", "kl_token", "length"]
 
 
+def last_eval_samples(dirs: Sequence[str | Path]) -> dict[str, list[dict]]:
+    """Each run's answers at its last gold evaluation (its ``eval_samples.jsonl``, kl_research.gold: the same held-out
+    prompts in every run), keyed ``<sweep dir>/<run dir>`` as the protocol and gold analyses name runs."""
+    answers: dict[str, list[dict]] = {}
+    for d in dirs:
+        for r in run_dirs(d):
+            f = r / "eval_samples.jsonl"
+            if f.is_file():
+                recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                last = max((x["step"] for x in recs), default=None)
+                answers[f"{Path(d).name}/{r.name}"] = [x for x in recs if x["step"] == last]
+    return answers
+
+
 def samples_table(sweep_dir: str | Path, n: int = 3, step: str = "last") -> pd.DataFrame:
     """A few generations per cell to read beside the numbers: per (controller, target, β₀), the first ``n`` samples
     of the runs' ``samples.jsonl`` (seeds in order), from each run's last logged step (``step="last"``: what the
