@@ -18,7 +18,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline} PYTHONPATH=$PWD
 T=${T:-400}  # the job length chosen after the stationarity pilot (conf/analysis/protocol.yaml deviations: 1)
-EVERY="steps=$T eval_every=100 checkpoint_every=50"
+# precision pinned to fp32: what precision=auto resolved to on the tuning sweep's CPU (AMD EPYC, no AMX); on an AMX
+# Xeon auto may pick bf16, and the evaluation arms must differ from the tuning frontier in seed only (deviation 5)
+EVERY="steps=$T eval_every=100 checkpoint_every=50 precision=fp32"
 # √2 apart from 0.125 to 4 (KL ~0.4 to ~0.005 at 400 rollouts by the pilot: β 0.1 → 0.51, β 10 → 0.002), and 0.1
 BETAS=${BETAS:-0.1,0.125,0.1768,0.25,0.3536,0.5,0.7071,1,1.414,2,2.828,4}
 TUNING="[500,501,502]"
@@ -51,7 +53,9 @@ case "${1:-}" in
     tuned="$2/results/protocol/tuning/tuned_betas.json"
     mapfile -t lines < <(betas_from "$tuned")
     for seed in ${SEEDS:-1000 1001 1002 1003 1004}; do
-      echo "=== evaluation seed $seed: $(date -u +%FT%TZ)"
+      cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
+      echo "=== evaluation seed $seed: $(date -u +%FT%TZ) on $cpu"
+      echo "$seed,$(date -u +%FT%TZ),\"$cpu\",$(nproc)" >> protocol_cpus.csv  # collect → results/protocol/cpus.csv
       # a sweep with a failed job says so in its report and here, and the block goes on (re-running resumes it)
       python sweep.py sweep.name="protocol_grid_s$seed" 'sweep.controllers=[adaptive,pid_ci]' \
         'sweep.targets=[0.01,0.02,0.05,0.1,0.2]' "sweep.seeds=[$seed]" $EVERY || echo "!!! protocol_grid_s$seed failed"
@@ -80,6 +84,7 @@ case "${1:-}" in
         echo "left out: $src (unfinished)"
       fi
     done
+    [ -f protocol_cpus.csv ] && { echo "seed,started,cpu,cores"; cat protocol_cpus.csv; } > "$2/results/protocol/cpus.csv"
     (cd "$2" && python scripts/make_protocol.py --tuning results/protocol/tuning/runs "${evals[@]}" --out results/protocol)
     ;;
   *)
