@@ -7,6 +7,7 @@
 #   bash scripts/gold_frontier.sh                              # the whole grid (here: 2 jobs × 1 thread at a time)
 #   bash scripts/gold_frontier.sh sweep.seeds=[0,1] steps=60   # any extra override, as for sweep.py
 #   bash scripts/gold_frontier.sh pilot                        # the pilot first: scripts/gold_pilot.py reads it
+#   bash scripts/gold_frontier.sh grid                         # the grid the pilot sized (docs/gold.md), after it
 # Analysis (per proxy size; runs of two sizes must not be pooled): docs/gold.md, "Reading a gold sweep".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,34 @@ if [ "${1:-}" = pilot ]; then
   shift
   python sweep.py sweep=frontier sweep.name="${NAME:-gold_pilot}" reward=learned reward.n_labels="${NS:-500,2000}" \
     "sweep.fixed_betas=[${BETAS:-0.01,0.05}]" "sweep.seeds=[0]" steps=300 eval_every=20 checkpoint_every=50 "$@"
+  exit
+fi
+if [ "${1:-}" = grid ]; then
+  # the registered grid (docs/gold.md, "The grid: pre-registration"): n ∈ {350, 500, 2000} × fixed β ∈ {0.01, 0.03,
+  # 0.1, 0.3} × fresh seeds 1-3 (the pilot used seed 0), 300 rollouts, a gold evaluation every 20, fp32 pinned. The
+  # reward models are part of the experiment: their training texts are π_ref's samples, which differ between CPU
+  # kinds, so the same n gives a different RM on another machine. The RMs the grid used are committed under
+  # results/gold/reward_models/ and copied into the cache before any stage runs, so that the controller stage (and a
+  # reader's rerun) trains on the very proxies the grid measured.
+  shift
+  cache=$(python -c "from kl_research.runtime import resolve_cache_dir; print(resolve_cache_dir(None))")/reward_model
+  mkdir -p "$cache"
+  for rm in results/gold/reward_models/learned-*/; do
+    [ -d "$rm" ] && [ ! -e "$cache/$(basename "$rm")/meta.json" ] && cp -r "$rm" "$cache/" && echo "RM from the repo: $rm"
+  done
+  python sweep.py sweep=frontier sweep.name="${NAME:-gold_grid}" reward=learned reward.n_labels="${NS:-350,500,2000}" \
+    "sweep.fixed_betas=[${BETAS:-0.01,0.03,0.1,0.3}]" "sweep.seeds=[1,2,3]" steps=300 eval_every=20 \
+    checkpoint_every=50 precision=fp32 "$@"
+  # keep the RMs this grid trained on (meta.json's key names n; the dir name hashes the whole key)
+  python - "$cache" "${NS:-350,500,2000}" <<'PY'
+import json, pathlib, shutil, sys
+cache, ns = pathlib.Path(sys.argv[1]), {int(n) for n in sys.argv[2].split(",")}
+out = pathlib.Path("results/gold/reward_models")
+for meta in sorted(cache.glob("learned-*/meta.json")):
+    if json.loads(meta.read_text())["key"]["reward"]["n_labels"] in ns and not (out / meta.parent.name).exists():
+        shutil.copytree(meta.parent, out / meta.parent.name)
+        print("RM kept:", out / meta.parent.name)
+PY
   exit
 fi
 python sweep.py sweep=frontier sweep.name=gold_frontier reward=learned reward.n_labels=500,2000,8000 "$@"
