@@ -6,7 +6,9 @@ Stages (kl_research.analysis.gold): every run's evaluation points (gold, second 
 the whole response) → each run's tail → per proxy size × β (× target for controllers) the mean over seeds with its
 Student-t interval → Gao et al.'s RL form fitted per proxy size and seed on the fixed-β runs' points, then its α, β, KL*
 and R(d*) over seeds. Writes to <out>/: points.csv, frontier.csv, fits_per_seed.csv, fit_gold.csv, fit_gold2.csv,
-fit_proxy.csv, reward_models.csv (each proxy's agreement with the gold, from the RM cache), gold.png (gold and proxy
+fit_proxy.csv, drops.csv and tests.csv (the registered hypotheses G1-G3 on the gold's drop between the pilot's
+windows, Holm), equal_kl.csv (controller runs against the same seed's fixed-β frontier at equal KL, if any),
+reward_models.csv (each proxy's agreement with the gold, from the RM cache), gold.png (gold and proxy
 gain against d, one panel per proxy size, the fixed-β runs' tails with their intervals, the mean fit, controllers as
 points) and samples/n<n>_<controller>_b<β>.md (the last evaluation's answers to the same held-out prompts, each seed,
 with proxy and gold scores: what the proxy's exploit looks like).
@@ -54,6 +56,8 @@ def plot(front: pd.DataFrame, fits: dict[str, pd.DataFrame], path: Path) -> None
             err = [[r["gold_gain_mean"] - r["gold_gain_lo"]], [r["gold_gain_hi"] - r["gold_gain_mean"]]]
             ax.errorbar(r["d_mean"], r["gold_gain_mean"], yerr=err, fmt="s", ms=6, mfc="white", color="k", capsize=2)
             ax.annotate(f"{r['controller']} τ {r['target_kl']:g}", (r["d_mean"], r["gold_gain_mean"]), fontsize=6)
+        ax.axvspan(*G.PEAK_WINDOW, color="tab:blue", alpha=0.06, lw=0)  # the registered windows (docs/gold.md)
+        ax.axvspan(G.FALL_FROM, max(G.FALL_FROM, g["d_mean"].max()) * 1.05, color="tab:red", alpha=0.05, lw=0)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set(title=f"proxy n = {n}", xlabel="d = √KL(π‖π_ref) per response (nats½)")
         ax.legend(fontsize=6)
@@ -86,12 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     pd.concat(per_seed).to_csv(out / "fits_per_seed.csv", index=False)
     pts.to_csv(out / "points.csv", index=False)
     front.to_csv(out / "frontier.csv", index=False)
+    drops = G.window_drops(pts)
+    drops.to_csv(out / "drops.csv", index=False)
+    tests = G.registered_tests(drops)
+    tests.to_csv(out / "tests.csv", index=False)
+    if (tails["controller"] != "fixed").any():
+        G.equal_kl_gold(tails).to_csv(out / "equal_kl.csv", index=False)
     rms = G.reward_model_table(args.rm_cache)
     rms[rms[N_KEY].isin(pts[N_KEY].unique())].to_csv(out / "reward_models.csv", index=False)
     plot(front, fits, out / "gold.png")
     n_samples = G.write_samples(args.dirs, tails, out)
     cols = [N_KEY, "seeds", "seeds_without_peak", "alpha_mean", "beta_mean", "kl_peak_mean", "kl_peak_lo", "kl_peak_hi"]
     print(fits["gold"][cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    cols = ["hypothesis", N_KEY, "seeds", "estimate", "lo", "hi", "p", "p_adj", "verdict", "proxy_drop"]
+    print(tests[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     print(f"{len(tails)} runs, {len(front)} cells, {n_samples} sample files → {out}")
     return 0
 

@@ -174,3 +174,61 @@ def test_run_tails_and_the_frontier_table_average_the_tail_then_the_seeds():
     three = tails[(tails["reward.n_labels"] == 200) & (tails["init_kl_coef"] == 0.01)]["gold_gain"]
     assert row["gold_gain_mean"] == pytest.approx(three.mean())
     assert row["gold_gain_lo"] < row["gold_gain_mean"] < row["gold_gain_hi"]
+
+
+def _window_points(n: int, gold, seeds=(1, 2, 3), noise: float = 0.01) -> pd.DataFrame:
+    """Fixed-β evaluation points of one proxy size: per seed, d from 1 to 9 over four βs, gold_gain = gold(d) + noise,
+    the proxy rising with d."""
+    rng = np.random.default_rng(n)
+    rows = []
+    for seed in seeds:
+        for beta, ds in ((0.3, [1.0, 1.5, 2.2]), (0.1, [1.8, 2.6, 3.4]), (0.03, [2.5, 4.5, 6.0]),
+                         (0.01, [3.0, 7.2, 8.8])):  # fmt: skip
+            for d in ds:
+                g = gold(d) + rng.normal(0, noise)
+                rows.append({"reward.n_labels": n, "seed": seed, "controller": "fixed", "init_kl_coef": beta, "d": d,
+                             "gold_gain": g, "gold2_gain": g, "proxy_gain": 0.05 * d})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_the_registered_tests_see_a_fall_and_no_fall_and_say_when_they_cannot_tell():
+    peaked = _window_points(350, lambda d: G.gao_curve(0.12, 0.05, d))  # peak at d* = e^1.4 ≈ 4.1, falls after
+    rising = _window_points(500, lambda d: 0.1 * d)  # aligned proxy: gold rises with d
+    one_seed = _window_points(2000, lambda d: 0.1 * d, seeds=(1,))
+    drops = G.window_drops(pd.concat([peaked, rising, one_seed]))
+    # the windows are the registered ones: 2 ≤ d ≤ 4 (peak) against d ≥ 7 (fall), each seed's βs pooled
+    row = drops[(drops["reward.n_labels"] == 350) & (drops["seed"] == 1)].iloc[0]
+    assert row["points_peak"] == 5 and row["points_fall"] == 2
+    p = peaked[peaked["seed"] == 1]
+    want = p[(p.d >= 2) & (p.d <= 4)].gold_gain.mean() - p[p.d >= 7].gold_gain.mean()
+    assert row["gold_drop"] == pytest.approx(want) and row["proxy_drop"] < 0  # the proxy rises
+    tests = G.registered_tests(drops).set_index("hypothesis")
+    assert tests.loc["G1", "verdict"] == "rejected H0" and tests.loc["G1", "estimate"] > 0
+    assert tests.loc["G2", "verdict"] == "rejected H0" and tests.loc["G2", "hi"] < G.NO_FALL_MARGIN  # no fall
+    assert tests.loc["G3", "verdict"].startswith("no verdict") and math.isnan(tests.loc["G3", "p"])
+    # Holm over the testable ones: the smaller p times 2, the larger as is (but not below the first)
+    p1, p2 = tests.loc["G1", "p"], tests.loc["G2", "p"]
+    assert min(tests.loc["G1", "p_adj"], tests.loc["G2", "p_adj"]) == pytest.approx(min(1, 2 * min(p1, p2)))
+    # a gold that rises everywhere does not pass as a fall, and one that falls does not pass as "no fall"
+    swapped = G.registered_tests(drops, registered=(("G1", 500, "fall"), ("G2", 350, "no_fall")))
+    assert (swapped["verdict"] == "not rejected").all()
+
+
+def test_equal_kl_gold_reads_the_same_seeds_fixed_frontier_at_the_controllers_kl():
+    rows = []
+    for seed in (1, 2):
+        for beta, kl in ((0.3, 0.05), (0.1, 0.1), (0.03, 0.3), (0.01, 1.0)):
+            rows.append({"run": f"f{beta}_{seed}", "reward.n_labels": 350, "controller": "fixed", "init_kl_coef": beta,
+                         "target_kl": 0.0, "seed": seed, "kl_token": kl, "gold_gain": math.log(kl) + seed})  # fmt: skip
+    # on the frontier (gold = log KL + seed there too), above it by 0.1, and outside its KL range
+    rows.append({"run": "a1", "reward.n_labels": 350, "controller": "adaptive", "init_kl_coef": 0.1, "target_kl": 0.2,
+                 "seed": 1, "kl_token": 0.2, "gold_gain": math.log(0.2) + 1})  # fmt: skip
+    rows.append({"run": "a2", "reward.n_labels": 350, "controller": "adaptive", "init_kl_coef": 0.1, "target_kl": 0.2,
+                 "seed": 2, "kl_token": 0.5, "gold_gain": math.log(0.5) + 2 + 0.1})  # fmt: skip
+    rows.append({"run": "a3", "reward.n_labels": 350, "controller": "pid_ci", "init_kl_coef": 0.1, "target_kl": 2.0,
+                 "seed": 1, "kl_token": 2.0, "gold_gain": 0.0})  # fmt: skip
+    eq = G.equal_kl_gold(pd.DataFrame(rows)).set_index("run")
+    # PCHIP in log KL through points on a line in log KL is that line: exact at any KL between them
+    assert eq.loc["a1", "difference"] == pytest.approx(0.0, abs=1e-12)
+    assert eq.loc["a2", "difference"] == pytest.approx(0.1, abs=1e-12)  # seed 2's frontier, not seed 1's
+    assert math.isnan(eq.loc["a3", "fixed_gold_gain"])  # beyond the frontier's KL: no extrapolation

@@ -235,3 +235,107 @@ def write_samples(dirs: Sequence[str | Path], tails: pd.DataFrame, out: Path, pr
         (out / "samples" / f"{name}.md").write_text("\n".join(lines))
         written += 1
     return written
+
+
+# ================================================================= the grid's registered tests (docs/gold.md)
+# Fixed before the grid's runs, from the pilot (seed 0, another draw of the n = 350 RM): the gold's peak window and
+# its fall window in d = √KL per response (nats½), and G2/G3's equivalence margin. Not estimated from the data tested.
+PEAK_WINDOW = (2.0, 4.0)
+FALL_FROM = 7.0
+NO_FALL_MARGIN = 0.05
+REGISTERED = (  # (hypothesis, proxy size, kind): "fall" H1 drop > 0; "no_fall" H1 drop < margin
+    ("G1", 350, "fall"),
+    ("G2", 500, "no_fall"),
+    ("G3", 2000, "no_fall"),
+)
+
+
+def window_drops(
+    points: pd.DataFrame, peak: tuple[float, float] = PEAK_WINDOW, fall_from: float = FALL_FROM
+) -> pd.DataFrame:
+    """Per proxy size × seed, over that seed's fixed-β evaluation points (all βs pooled): for gold, gold2 and proxy,
+    the mean gain in the peak window (peak[0] ≤ d ≤ peak[1]) and in the fall window (d ≥ fall_from), their
+    difference ``<score>_drop`` = peak − fall (> 0: the score falls from the peak window to the largest KL; for the
+    proxy, < 0 is a rise) and how many points each window holds. A window with no point gives NaN."""
+    fixed = points[points["controller"] == "fixed"] if "controller" in points else points
+    rows = []
+    for (n, seed), g in fixed.groupby(["reward.n_labels", "seed"]):
+        lo = g[(g["d"] >= peak[0]) & (g["d"] <= peak[1])]
+        hi = g[g["d"] >= fall_from]
+        row = {"reward.n_labels": n, "seed": seed, "points_peak": len(lo), "points_fall": len(hi)}
+        for k in ("gold", "gold2", "proxy"):
+            a = float(lo[f"{k}_gain"].mean()) if len(lo) else math.nan
+            b = float(hi[f"{k}_gain"].mean()) if len(hi) else math.nan
+            row.update({f"{k}_peak_window": a, f"{k}_fall_window": b, f"{k}_drop": a - b})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _one_sided(x: np.ndarray, against: float, greater: bool) -> dict[str, float]:
+    """One-sample Student t of mean(x) against a constant, one-sided (H1: mean > against if greater, else <), with
+    the matching 90 % two-sided interval of the mean (so the test rejects at 0.05 ⇔ the bound clears `against`)."""
+    from scipy import stats
+
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    n = len(x)
+    out = {"seeds": n, "estimate": float(x.mean()) if n else math.nan, "lo": math.nan, "hi": math.nan, "p": math.nan}
+    if n < 2:
+        return out
+    se = max(float(x.std(ddof=1)) / math.sqrt(n), 1e-300)
+    half = float(stats.t.ppf(0.95, n - 1)) * se
+    t = (out["estimate"] - against) / se
+    out.update(lo=out["estimate"] - half, hi=out["estimate"] + half,
+               p=float(stats.t.sf(t, n - 1) if greater else stats.t.cdf(t, n - 1)))  # fmt: skip
+    return out
+
+
+def registered_tests(
+    drops: pd.DataFrame, registered: Sequence[tuple[str, int, str]] = REGISTERED, margin: float = NO_FALL_MARGIN,
+    alpha: float = 0.05,
+) -> pd.DataFrame:  # fmt: skip
+    """The grid's hypotheses on the gold drop (:func:`window_drops`), Holm-corrected over the family; beside each,
+    the proxy's and the second gold's drop over the same seeds with their 90 % intervals (reported, not tested).
+    A hypothesis whose proxy size has fewer than 2 seeds with points in both windows gets no p and no verdict."""
+    from statsmodels.stats.multitest import multipletests
+
+    rows = []
+    for name, n, kind in registered:
+        g = drops[drops["reward.n_labels"] == n]
+        x = g["gold_drop"].to_numpy(float)
+        res = _one_sided(x, 0.0, True) if kind == "fall" else _one_sided(x, margin, False)
+        method = ("one-sided one-sample t over seeds, H1 gold drop > 0" if kind == "fall" else
+                  f"one-sided one-sample t over seeds, H1 gold drop < {margin:g} (TOST's upper half)")  # fmt: skip
+        row = {"hypothesis": name, "reward.n_labels": n, "metric": "gold_drop", **res, "method": method + "; Holm"}
+        for k in ("proxy", "gold2"):
+            other = _one_sided(g[f"{k}_drop"].to_numpy(float), 0.0, True)
+            row.update({f"{k}_drop": other["estimate"], f"{k}_drop_lo": other["lo"], f"{k}_drop_hi": other["hi"]})
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    ok = out["p"].notna().to_numpy()
+    out["p_adj"] = math.nan
+    if ok.any():
+        out.loc[ok, "p_adj"] = multipletests(out.loc[ok, "p"].to_numpy(float), alpha=alpha, method="holm")[1]
+    out["verdict"] = np.where(~ok, "no verdict (< 2 seeds with points in both windows)",
+                              np.where(out["p_adj"] < alpha, "rejected H0", "not rejected"))  # fmt: skip
+    return out
+
+
+def equal_kl_gold(tails: pd.DataFrame, score: str = "gold_gain") -> pd.DataFrame:
+    """The controller stage's comparison (docs/gold.md): each controller run's tail `score` minus what the same
+    seed's fixed-β runs (same proxy size) reach at the run's tail KL per token, by a PCHIP in log KL through that
+    seed's fixed-β tails (monotone, no overshoot between βs; NaN outside their KL range: no extrapolation)."""
+    from scipy.interpolate import PchipInterpolator
+
+    fixed, ctl = tails[tails["controller"] == "fixed"], tails[tails["controller"] != "fixed"]
+    rows = []
+    for _, r in ctl.iterrows():
+        f = fixed[(fixed["reward.n_labels"] == r["reward.n_labels"]) & (fixed["seed"] == r["seed"])]
+        f = f.sort_values("kl_token")
+        x = np.log(f["kl_token"].to_numpy(float))
+        at = math.nan
+        if len(f) >= 2 and np.all(np.diff(x) > 0) and x[0] <= math.log(r["kl_token"]) <= x[-1]:
+            at = float(PchipInterpolator(x, f[score].to_numpy(float))(math.log(r["kl_token"])))
+        rows.append({**{k: r[k] for k in ("run", "reward.n_labels", "controller", "target_kl", "seed", "kl_token")},
+                     score: r[score], f"fixed_{score}": at, "difference": r[score] - at})  # fmt: skip
+    return pd.DataFrame(rows)
