@@ -206,9 +206,14 @@ def test_the_registered_tests_see_a_fall_and_no_fall_and_say_when_they_cannot_te
     assert tests.loc["G1", "verdict"] == "rejected H0" and tests.loc["G1", "estimate"] > 0
     assert tests.loc["G2", "verdict"] == "rejected H0" and tests.loc["G2", "hi"] < G.NO_FALL_MARGIN  # no fall
     assert tests.loc["G3", "verdict"].startswith("no verdict") and math.isnan(tests.loc["G3", "p"])
-    # Holm over the testable ones: the smaller p times 2, the larger as is (but not below the first)
+    # Holm over the registered family of three, G3 (not testable yet) counted as p = 1: the smaller p times 3,
+    # the larger times 2 (but never below the first); G3's own p_adj stays empty
     p1, p2 = tests.loc["G1", "p"], tests.loc["G2", "p"]
-    assert min(tests.loc["G1", "p_adj"], tests.loc["G2", "p_adj"]) == pytest.approx(min(1, 2 * min(p1, p2)))
+    assert min(tests.loc["G1", "p_adj"], tests.loc["G2", "p_adj"]) == pytest.approx(min(1, 3 * min(p1, p2)))
+    assert max(tests.loc["G1", "p_adj"], tests.loc["G2", "p_adj"]) == pytest.approx(
+        min(1, max(3 * min(p1, p2), 2 * max(p1, p2)))
+    )
+    assert math.isnan(tests.loc["G3", "p_adj"])
     # a gold that rises everywhere does not pass as a fall, and one that falls does not pass as "no fall"
     swapped = G.registered_tests(drops, registered=(("G1", 500, "fall"), ("G2", 350, "no_fall")))
     assert (swapped["verdict"] == "not rejected").all()

@@ -294,7 +294,8 @@ def registered_tests(
     drops: pd.DataFrame, registered: Sequence[tuple[str, int, str]] = REGISTERED, margin: float = NO_FALL_MARGIN,
     alpha: float = 0.05,
 ) -> pd.DataFrame:  # fmt: skip
-    """The grid's hypotheses on the gold drop (:func:`window_drops`), Holm-corrected over the family; beside each,
+    """The grid's hypotheses on the gold drop (:func:`window_drops`), Holm-corrected over the registered family (one
+    not yet testable counts as p = 1); beside each,
     the proxy's and the second gold's drop over the same seeds with their 90 % intervals (reported, not tested).
     A hypothesis whose proxy size has fewer than 2 seeds with points in both windows gets no p and no verdict."""
     from statsmodels.stats.multitest import multipletests
@@ -313,9 +314,10 @@ def registered_tests(
         rows.append(row)
     out = pd.DataFrame(rows)
     ok = out["p"].notna().to_numpy()
-    out["p_adj"] = math.nan
-    if ok.any():
-        out.loc[ok, "p_adj"] = multipletests(out.loc[ok, "p"].to_numpy(float), alpha=alpha, method="holm")[1]
+    # Holm over the whole registered family: a test that cannot be run yet counts as p = 1 (conservative: it never
+    # makes another test's adjustment smaller); its own p_adj stays empty
+    adj = multipletests(out["p"].fillna(1.0).to_numpy(float), alpha=alpha, method="holm")[1]
+    out["p_adj"] = np.where(ok, adj, math.nan)
     out["verdict"] = np.where(~ok, "no verdict (< 2 seeds with points in both windows)",
                               np.where(out["p_adj"] < alpha, "rejected H0", "not rejected"))  # fmt: skip
     return out
