@@ -8,6 +8,7 @@
 #   bash scripts/gold_frontier.sh sweep.seeds=[0,1] steps=60   # any extra override, as for sweep.py
 #   bash scripts/gold_frontier.sh pilot                        # the pilot first: scripts/gold_pilot.py reads it
 #   bash scripts/gold_frontier.sh grid                         # the grid the pilot sized (docs/gold.md), after it
+#   bash scripts/gold_frontier.sh controllers                  # then the controllers around its gold peak
 # Analysis (per proxy size; runs of two sizes must not be pooled): docs/gold.md, "Reading a gold sweep".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +49,26 @@ for meta in sorted(cache.glob("learned-*/meta.json")):
         shutil.copytree(meta.parent, out / meta.parent.name)
         print("RM kept:", out / meta.parent.name)
 PY
+  exit
+fi
+if [ "${1:-}" = controllers ]; then
+  # the controller stage (docs/gold.md, registered before the grid): adaptive and pid_ci at KL*·{1/2, 1, 2} from the
+  # grid's pooled n = 350 Gao fit, β₀ from its frontier, seeds 1-3, the same evaluations; one sweep per target
+  # (β₀ differs). Needs results/gold/points.csv and frontier.csv (make_gold.py on the grid) and the committed RMs.
+  shift
+  cache=$(python -c "from kl_research.runtime import resolve_cache_dir; print(resolve_cache_dir(None))")/reward_model
+  mkdir -p "$cache"
+  for rm in results/gold/reward_models/learned-*/; do
+    [ -d "$rm" ] && [ ! -e "$cache/$(basename "$rm")/meta.json" ] && cp -r "$rm" "$cache/" && echo "RM from the repo: $rm"
+  done
+  mapfile -t rows < <(python scripts/gold_targets.py results/gold --n 350)
+  for row in "${rows[@]}"; do
+    read -r tau b0 <<< "$row"
+    python sweep.py sweep.name="gold_controllers_tau${tau}" reward=learned reward.n_labels=350 \
+      'sweep.controllers=[adaptive,pid_ci]' "sweep.targets=[$tau]" "controller.init_kl_coef=$b0" \
+      controller.kl_coef_max=100 "sweep.seeds=[1,2,3]" steps=300 eval_every=20 checkpoint_every=50 precision=fp32 \
+      "$@" || echo "!!! gold_controllers_tau${tau} failed"
+  done
   exit
 fi
 python sweep.py sweep=frontier sweep.name=gold_frontier reward=learned reward.n_labels=500,2000,8000 "$@"

@@ -237,3 +237,31 @@ def test_equal_kl_gold_reads_the_same_seeds_fixed_frontier_at_the_controllers_kl
     assert eq.loc["a1", "difference"] == pytest.approx(0.0, abs=1e-12)
     assert eq.loc["a2", "difference"] == pytest.approx(0.1, abs=1e-12)  # seed 2's frontier, not seed 1's
     assert math.isnan(eq.loc["a3", "fixed_gold_gain"])  # beyond the frontier's KL: no extrapolation
+
+
+def test_the_controller_stage_targets_follow_the_registered_rule():
+    """gold_targets.py: KL* from the pooled Gao fit at n = 350, over 24 tokens; τ = KL*·{1/2, 1, 2} to 2 significant
+    digits; β₀ log-interpolated on the frontier's (KL, β); no interior peak → no targets."""
+    import importlib.util
+
+    script = Path(G.__file__).resolve().parents[2] / "scripts" / "gold_targets.py"
+    spec = importlib.util.spec_from_file_location("gold_targets", script)
+    gt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gt)
+    alpha, beta = 0.12, 0.05  # d* = e^(α/β − 1) = e^1.4, KL* = e^2.8 ≈ 16.4 nats per response, 0.685 per token
+    pts = _window_points(350, lambda d: G.gao_curve(alpha, beta, d), noise=0.0)
+    front = pd.DataFrame(
+        {
+            "reward.n_labels": 350,
+            "controller": "fixed",
+            "init_kl_coef": [0.01, 0.1, 1.0],
+            "kl_token_mean": [4.0, 0.4, 0.04],
+        }
+    )  # fmt: skip  (β ∝ 1/KL on this frontier)
+    fit, rows = gt.targets(pts, front, 350)
+    kl_star = math.exp(2 * (alpha / beta - 1)) / 24
+    assert fit["kl_peak"] / 24 == pytest.approx(kl_star, rel=1e-6)
+    assert [t for t, _ in rows] == [float(f"{kl_star * k:.2g}") for k in (0.5, 1, 2)] == [0.34, 0.69, 1.4]
+    assert [b for _, b in rows] == pytest.approx([0.04 / t for t, _ in rows], rel=0.01)
+    _, none = gt.targets(_window_points(350, lambda d: 0.1 * d, noise=0.0), front, 350)
+    assert none == []
