@@ -246,7 +246,11 @@ def controllability_plot(table: pd.DataFrame, targets: Sequence[float]) -> plt.F
         t = table.sort_values("init_kl_coef")
         mean, lo, hi = (t[c].to_numpy(float) for c in ("kl_mean", "kl_lo", "kl_hi"))
         floor = np.nanmin(mean[mean > 0]) / 10 if (mean > 0).any() else 1e-6
-        lo = np.where(np.isnan(lo), mean, np.maximum(lo, floor))
+        # a log axis cannot show KL ≤ 0 (a run that never moved can read −1e-8 in fp32): draw such a mean at the
+        # floor, and keep each bar's ends on either side of the drawn mean
+        mean = np.maximum(mean, floor)
+        lo = np.where(np.isnan(lo), mean, np.minimum(np.maximum(lo, floor), mean))
+        hi = np.maximum(hi, mean)
         n = t["n_seeds"] if "n_seeds" in t else pd.Series([0])
         seeds = f"{int(n.min())}" + (f"–{int(n.max())}" if n.min() != n.max() else "")
         ax.errorbar(

@@ -822,6 +822,11 @@ def test_figures_show_intervals_units_and_seeds(tmp_path):
     ax = fig.axes[0]
     assert ax.get_xscale() == ax.get_yscale() == "log"
     assert sorted(line.get_ydata()[0] for line in ax.lines if line.get_linestyle() == "--") == list(A.GRID_TARGETS)
+    # a frontier that never moved reads KL −6e-9 in fp32 on some CPUs (the tiny real sweep on an AMX Xeon): the
+    # log-axis plot draws it at its floor instead of raising on a negative error bar
+    flat = pd.DataFrame({"init_kl_coef": [0.5], "kl_mean": [-5.7e-9], "kl_lo": [-2e-8], "kl_hi": [1e-8], "n_seeds": 2})
+    line = P.controllability_plot(flat, [0.05]).axes[0].lines[-1]
+    assert line.get_ydata()[0] == pytest.approx(1e-6)
     for f in (P.curves_by_target(curves), P.ppl_vs_kl(curves)):  # the older figures still draw
         P.save(f, tmp_path / "x.png")
 
