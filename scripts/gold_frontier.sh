@@ -13,6 +13,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
+cache=$(python -c "from kl_research.runtime import resolve_cache_dir; print(resolve_cache_dir(None))")/reward_model
+
+rms_from_repo() {  # the committed RMs (results/gold/reward_models/) into the cache, where one is not there yet
+  mkdir -p "$cache"
+  for rm in results/gold/reward_models/learned-*/; do
+    [ -d "$rm" ] && [ ! -e "$cache/$(basename "$rm")/meta.json" ] && cp -r "$rm" "$cache/" && echo "RM from the repo: $rm"
+  done
+  return 0  # a cached RM ends the loop on a false test: under set -e that status must not end the script
+}
 if [ "${1:-}" = pilot ]; then
   # the pilot (issue 30: "size the grid from a pilot that shows the proxy can be over-optimised"): two low fixed β
   # under the two cheap proxies, one seed, 300 rollouts, a gold evaluation every 20; read by scripts/gold_pilot.py
@@ -31,11 +40,7 @@ if [ "${1:-}" = grid ]; then
   # results/gold/reward_models/ and copied into the cache before any stage runs, so that the controller stage (and a
   # reader's rerun) trains on the very proxies the grid measured.
   shift
-  cache=$(python -c "from kl_research.runtime import resolve_cache_dir; print(resolve_cache_dir(None))")/reward_model
-  mkdir -p "$cache"
-  for rm in results/gold/reward_models/learned-*/; do
-    [ -d "$rm" ] && [ ! -e "$cache/$(basename "$rm")/meta.json" ] && cp -r "$rm" "$cache/" && echo "RM from the repo: $rm"
-  done
+  rms_from_repo
   python sweep.py sweep=frontier sweep.name="${NAME:-gold_grid}" reward=learned reward.n_labels="${NS:-350,500,2000}" \
     "sweep.fixed_betas=[${BETAS:-0.01,0.03,0.1,0.3}]" "sweep.seeds=[1,2,3]" steps=300 eval_every=20 \
     checkpoint_every=50 precision=fp32 "$@"
@@ -56,11 +61,7 @@ if [ "${1:-}" = controllers ]; then
   # grid's pooled n = 350 Gao fit, β₀ from its frontier, seeds 1-3, the same evaluations; one sweep per target
   # (β₀ differs). Needs results/gold/points.csv and frontier.csv (make_gold.py on the grid) and the committed RMs.
   shift
-  cache=$(python -c "from kl_research.runtime import resolve_cache_dir; print(resolve_cache_dir(None))")/reward_model
-  mkdir -p "$cache"
-  for rm in results/gold/reward_models/learned-*/; do
-    [ -d "$rm" ] && [ ! -e "$cache/$(basename "$rm")/meta.json" ] && cp -r "$rm" "$cache/" && echo "RM from the repo: $rm"
-  done
+  rms_from_repo
   mapfile -t rows < <(python scripts/gold_targets.py results/gold --n 350)
   for row in "${rows[@]}"; do
     read -r tau b0 <<< "$row"

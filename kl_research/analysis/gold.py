@@ -276,17 +276,14 @@ def _one_sided(x: np.ndarray, against: float, greater: bool) -> dict[str, float]
     the matching 90 % two-sided interval of the mean (so the test rejects at 0.05 ⇔ the bound clears `against`)."""
     from scipy import stats
 
-    x = np.asarray(x, float)
-    x = x[np.isfinite(x)]
-    n = len(x)
-    out = {"seeds": n, "estimate": float(x.mean()) if n else math.nan, "lo": math.nan, "hi": math.nan, "p": math.nan}
+    from kl_research.analysis.stats import t_interval
+
+    mean, lo, hi, sd, n = t_interval(x, 0.90)
+    out = {"seeds": n, "estimate": mean, "lo": lo, "hi": hi, "p": math.nan}
     if n < 2:
         return out
-    se = max(float(x.std(ddof=1)) / math.sqrt(n), 1e-300)
-    half = float(stats.t.ppf(0.95, n - 1)) * se
-    t = (out["estimate"] - against) / se
-    out.update(lo=out["estimate"] - half, hi=out["estimate"] + half,
-               p=float(stats.t.sf(t, n - 1) if greater else stats.t.cdf(t, n - 1)))  # fmt: skip
+    t = (mean - against) / max(sd / math.sqrt(n), 1e-300)
+    out["p"] = float(stats.t.sf(t, n - 1) if greater else stats.t.cdf(t, n - 1))
     return out
 
 
