@@ -74,17 +74,22 @@ case "${1:-}" in
   collect)
     # every finished evaluation sweep → <repo>/results/protocol/runs/<sweep name>, then the analysis from all of them
     # (an unfinished sweep is left out, saying so: compact_runs refuses runs without summary.json)
-    evals=()
+    # blocks run from different clones (one per session), so the analysis reads every block already committed in
+    # <repo>, not only this clone's multirun/, and cpus.csv gains this clone's rows instead of being replaced
     for src in multirun/protocol_grid_s* multirun/protocol_fixed_s* multirun/protocol_misspec_*; do
       [ -d "$src" ] || continue
       dest="results/protocol/runs/$(basename "$src")"
-      if python scripts/compact_runs.py "$(ls -d "$src"/*/ | sort | tail -1)" "$2/$dest"; then
-        evals+=(--eval "$dest")
-      else
-        echo "left out: $src (unfinished)"
-      fi
+      python scripts/compact_runs.py "$(ls -d "$src"/*/ | sort | tail -1)" "$2/$dest" || echo "left out: $src (unfinished)"
     done
-    [ -f protocol_cpus.csv ] && { echo "seed,started,cpu,cores"; cat protocol_cpus.csv; } > "$2/results/protocol/cpus.csv"
+    evals=()
+    for dest in "$2"/results/protocol/runs/protocol_{grid,fixed,misspec}_*; do
+      [ -d "$dest" ] && evals+=(--eval "results/protocol/runs/$(basename "$dest")")
+    done
+    cpus="$2/results/protocol/cpus.csv"
+    if [ -f protocol_cpus.csv ]; then
+      { [ -f "$cpus" ] && tail -n +2 "$cpus"; cat protocol_cpus.csv; } | sort -u > cpus.tmp
+      { echo "seed,started,cpu,cores"; cat cpus.tmp; } > "$cpus" && rm cpus.tmp
+    fi
     (cd "$2" && python scripts/make_protocol.py --tuning results/protocol/tuning/runs "${evals[@]}" --out results/protocol)
     ;;
   *)
