@@ -62,7 +62,13 @@ if [ "${1:-}" = controllers ]; then
   # (β₀ differs). Needs results/gold/points.csv and frontier.csv (make_gold.py on the grid) and the committed RMs.
   shift
   rms_from_repo
-  mapfile -t rows < <(python scripts/gold_targets.py results/gold --n 350)
+  # a command substitution, not `< <(...)`: a process substitution's exit status is lost, so a fit without a peak
+  # (gold_targets.py exits 1) would end this stage silently with status 0
+  if ! targets=$(python scripts/gold_targets.py results/gold --n 350); then
+    echo "gold_frontier.sh controllers: no targets (gold_targets.py above says why); the stage does not run" >&2
+    exit 1
+  fi
+  mapfile -t rows <<< "$targets"
   for row in "${rows[@]}"; do
     read -r tau b0 <<< "$row"
     python sweep.py sweep.name="gold_controllers_tau${tau}" reward=learned reward.n_labels=350 \

@@ -265,3 +265,22 @@ def test_the_controller_stage_targets_follow_the_registered_rule():
     assert [b for _, b in rows] == pytest.approx([0.04 / t for t, _ in rows], rel=0.01)
     _, none = gt.targets(_window_points(350, lambda d: 0.1 * d, noise=0.0), front, 350)
     assert none == []
+
+
+def test_gold_frontier_controllers_stage_fails_loudly_without_a_peak(tmp_path):
+    """The committed grid has no interior gold peak at n = 350 (docs/gold.md), so the registered controller stage must
+    not run: `gold_frontier.sh controllers` exits non-zero and says so (it once exited 0, the targets script's failure
+    lost inside a process substitution), and launches no sweep."""
+    import os
+    import subprocess
+
+    repo = Path(G.__file__).resolve().parents[2]
+    env = {**os.environ, "KL_RESEARCH_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    res = subprocess.run(
+        ["bash", "scripts/gold_frontier.sh", "controllers", f"hydra.sweep.dir={tmp_path}/never"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "no interior gold peak at n = 350" in res.stdout + res.stderr
+    assert "the stage does not run" in res.stderr
+    assert not (tmp_path / "never").exists()
