@@ -4,6 +4,7 @@
     python benchmark/perf_micro.py head                           # vocabulary head: (B·R,H)×(H,V) layouts, fwd+bwd
     python benchmark/perf_micro.py gelu                           # tanh-GELU implementations, fwd and fwd+bwd
     python benchmark/perf_micro.py fusedhead --shape tiny         # chunked head + log-prob vs the trainer's, A/B
+    python benchmark/perf_micro.py decode --shape tiny --threads 1  # the fast sampler vs three faster-looking variants
 
 Timings on a shared VM drift by ±20 % over minutes: compare rows of one invocation only.
 """
@@ -266,16 +267,123 @@ def fusedhead(shape: str, rounds: int = 6) -> None:
     print(f"{shape:10s} trainer's / chunked fused, median of within-round ratios: {ratio:.3f}")
 
 
+def decode(shape: str, rounds: int = 2) -> None:
+    """Generation at the bench's rollout (64 prompts of 16 tokens, 24 new, no EOS): the fast sampler
+    (`kl_research.decode.sample`) against (a) the one-query attention as matmul + softmax instead of SDPA, (b) a
+    two-level inverse CDF (fp64 cumulative sums over 64 block sums, then within one block of 64, instead of over all V),
+    (c) a static-shape decode step (the cache's full length, masked; the position a tensor) through torch.compile, the
+    draw outside it. (a) and (c) must give the sampler's tokens exactly; (b) draws differently from the same law."""
+    from benchmark.bench import build_models
+    from kl_research import decode as dec
+
+    _, policy, dims = build_models(shape)
+    lm = policy.lm
+    cfg, tr = lm.config, lm.transformer
+    B, P, R = 64, 16, 24
+    S, C = P + R, cfg.n_embd
+    H, D = cfg.n_head, C // cfg.n_head
+    eps, scale = cfg.layer_norm_epsilon, 1.0 / math.sqrt(C // cfg.n_head)
+    prompts = torch.randint(1, dims["vocab_size"], (B, P), generator=torch.Generator().manual_seed(0))
+    sdpa, draw = F.scaled_dot_product_attention, dec.inverse_cdf_sample
+
+    def matmul_attention(q, k, v, is_causal=False, scale=None):
+        if q.shape[-2] != 1:
+            return sdpa(q, k, v, is_causal=is_causal, scale=scale)
+        return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)).mul_(scale), -1), v)
+
+    def two_level(probs, block=64):
+        n, V = probs.shape
+        nb = -(-V // block)
+        pb = F.pad(probs, (0, nb * block - V)).view(n, nb, block)
+        bcdf = pb.sum(-1, dtype=torch.float64).cumsum(-1)
+        u = torch.rand(n, 1, dtype=torch.float64) * bcdf[:, -1:]
+        bi = torch.searchsorted(bcdf, u, right=True).clamp_(max=nb - 1)
+        r = u - torch.where(bi > 0, bcdf.gather(1, (bi - 1).clamp(min=0)), torch.zeros_like(u))
+        inner = pb.gather(1, bi.unsqueeze(-1).expand(n, 1, block)).squeeze(1).cumsum(-1, dtype=torch.float64)
+        j = torch.searchsorted(inner, r, right=True).clamp_(max=block - 1)
+        return (bi * block + j).squeeze(1).clamp_(max=V - 1)
+
+    def layers(x, kcs, vcs, idx, mask):
+        b, t, c = x.shape
+        for blk, kc, vc in zip(tr.h, kcs, vcs, strict=True):
+            h = F.layer_norm(x, (c,), blk.ln_1.weight, blk.ln_1.bias, eps)
+            qkv = torch.addmm(blk.attn.c_attn.bias, h.view(b * t, c), blk.attn.c_attn.weight).view(b, t, 3, H, D)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            kc.index_copy_(2, idx, k)
+            vc.index_copy_(2, idx, v)
+            a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scale).transpose(1, 2).reshape(b * t, c)
+            x = x + torch.addmm(blk.attn.c_proj.bias, a, blk.attn.c_proj.weight).view(b, t, c)
+            h = F.layer_norm(x, (c,), blk.ln_2.weight, blk.ln_2.bias, eps)
+            m = blk.mlp.act(torch.addmm(blk.mlp.c_fc.bias, h.view(b * t, c), blk.mlp.c_fc.weight))
+            x = x + torch.addmm(blk.mlp.c_proj.bias, m, blk.mlp.c_proj.weight).view(b, t, c)
+        h = F.layer_norm(x[:, -1], (c,), tr.ln_f.weight, tr.ln_f.bias, eps)
+        return torch.softmax(F.linear(h, lm.get_output_embeddings().weight), -1)
+
+    def step(tok, pos, kcs, vcs):
+        x = tr.wte(tok).unsqueeze(1) + tr.wpe(pos).unsqueeze(0)
+        return layers(x, kcs, vcs, pos, (torch.arange(S) <= pos).view(1, S))
+
+    compiled_step = torch.compile(step, dynamic=False)
+
+    @torch.inference_mode()
+    def static_compiled():
+        kcs = [torch.zeros(B, H, S, D) for _ in tr.h]
+        vcs = [torch.zeros(B, H, S, D) for _ in tr.h]
+        out = torch.empty(B, S, dtype=torch.long)
+        out[:, :P] = prompts
+        x = tr.wte(prompts) + tr.wpe(torch.arange(P))
+        probs = layers(x, kcs, vcs, torch.arange(P), torch.ones(P, S, dtype=torch.bool).tril())
+        for t in range(R):
+            out[:, P + t] = tok = draw(probs)
+            if t + 1 < R:
+                probs = compiled_step(tok, torch.tensor([P + t]), kcs, vcs)
+        return out
+
+    def fast(attention=sdpa, sampler=draw):
+        def run():
+            dec.F.scaled_dot_product_attention, dec.inverse_cdf_sample = attention, sampler
+            try:
+                return dec.sample(lm, prompts, max_new_tokens=R, temperature=1.0, eos_token_id=None, pad_token_id=0)
+            finally:
+                dec.F.scaled_dot_product_attention, dec.inverse_cdf_sample = sdpa, draw
+
+        return run
+
+    arms = {
+        "fast sampler": fast(),
+        "(a) matmul attention": fast(attention=matmul_attention),
+        "(b) two-level CDF": fast(sampler=two_level),
+        "(c) static step, compiled": static_compiled,
+    }
+    t = time.perf_counter()
+    torch.manual_seed(1)
+    compiled_tokens = static_compiled()
+    print(f"{shape}: (c) compile + first call {time.perf_counter() - t:.1f} s ({torch.get_num_threads()} threads)")
+    for name in ("(a) matmul attention", "(c) static step, compiled"):
+        torch.manual_seed(1)
+        ref = arms["fast sampler"]()
+        torch.manual_seed(1)
+        got = arms[name]() if name.startswith("(a)") else compiled_tokens
+        print(f"{name}: the fast sampler's tokens exactly: {bool(torch.equal(ref, got))}")
+    for r in range(rounds):
+        for name, fn in arms.items():
+            print(f"round {r + 1} {name:28s} {timed(fn, n=5, warmup=1) * 1e3:7.1f} ms per rollout's generation")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("minibatch", "head", "gelu", "fusedhead"))
+    ap.add_argument("what", choices=("minibatch", "head", "gelu", "fusedhead", "decode"))
     ap.add_argument("--shape", default="gpt2-small")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    {"minibatch": lambda: minibatch(a.shape), "head": head, "gelu": gelu, "fusedhead": lambda: fusedhead(a.shape)}[
-        a.what
-    ]()
+    {
+        "minibatch": lambda: minibatch(a.shape),
+        "head": head,
+        "gelu": gelu,
+        "fusedhead": lambda: fusedhead(a.shape),
+        "decode": lambda: decode(a.shape),
+    }[a.what]()
 
 
 if __name__ == "__main__":

@@ -278,7 +278,11 @@ def test_gold_frontier_controllers_stage_fails_loudly_without_a_peak(tmp_path):
     env = {**os.environ, "KL_RESEARCH_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     res = subprocess.run(
         ["bash", "scripts/gold_frontier.sh", "controllers", f"hydra.sweep.dir={tmp_path}/never"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=120,
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 1, res.stdout + res.stderr
     assert "no interior gold peak at n = 350" in res.stdout + res.stderr
