@@ -288,3 +288,60 @@ def test_gold_frontier_controllers_stage_fails_loudly_without_a_peak(tmp_path):
     assert "no interior gold peak at n = 350" in res.stdout + res.stderr
     assert "the stage does not run" in res.stderr
     assert not (tmp_path / "never").exists()
+
+
+GOLD_DIR = Path(G.__file__).resolve().parents[2] / "results" / "gold"
+GOLD_NOTEBOOK = GOLD_DIR.parents[1] / "notebooks" / "gold.ipynb"
+
+
+def test_gold_is_any_other_metric_in_the_general_sweep_analysis():
+    """The committed gold grid through the path every sweep takes (load_sweep → score_runs → frontier, grouped by
+    proxy size) gives make_gold.py's frontier.csv: the same tail (the last quarter of the evaluations is the last 25 %
+    of the steps' evaluations), the same means and Student-t intervals, for the gold, the second gold and the proxy."""
+    import kl_research.analysis as A
+
+    sweep = A.load_sweep(GOLD_DIR / "runs" / "gold_grid")
+    scores = A.attach_config(A.score_runs(sweep.curves), sweep.configs, keys=[*A.POOL_KEYS, "reward.n_labels"])
+    committed = pd.read_csv(GOLD_DIR / "frontier.csv")
+    checked = 0
+    for n, runs in scores.groupby("reward.n_labels"):
+        front = A.frontier(runs)
+        for _, r in front.iterrows():
+            (c,) = committed[
+                (committed["reward.n_labels"] == n) & np.isclose(committed["init_kl_coef"], r["init_kl_coef"])
+            ].itertuples()
+            for k in ("gold", "gold2", "proxy"):
+                for stat in ("mean", "lo", "hi"):
+                    assert r[f"{k}_reward_{stat}"] == pytest.approx(getattr(c, f"{k}_{stat}"), abs=1e-9), (n, k, stat)
+            assert r["n"] == c.n == 3
+            checked += 1
+    assert checked == 8
+
+
+def test_gold_notebook_runs_on_the_committed_grid(monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("GOLD_DIR", str(GOLD_DIR))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(GOLD_NOTEBOOK, as_version=4)
+    NotebookClient(nb, kernel_name="python3", timeout=120,
+                   resources={"metadata": {"path": str(GOLD_NOTEBOOK.parent)}}).execute()  # fmt: skip
+    assert not any(o.output_type == "error" for c in nb.cells for o in c.get("outputs", []))
+
+    def shown(tag):
+        (cell,) = [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+        return "".join(str(o.get("data", "")) + o.get("text", "") for o in cell.outputs)
+
+    assert "G2" in shown("tests") and "rejected H0" in shown("tests")
+    assert "gold_reward_mean" in shown("general") and "gold_grid" in shown("general")
+    assert "answers to held-out prompts" in shown("samples")
+
+
+def test_committed_gold_notebook_has_no_outputs_and_a_parameters_cell():
+    import nbformat
+
+    nb = nbformat.read(GOLD_NOTEBOOK, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    assert "parameters" in code[0].metadata.get("tags", [])
