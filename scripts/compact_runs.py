@@ -9,6 +9,7 @@ command lines). Checkpoints, policies and W&B files stay behind. An unfinished r
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +26,13 @@ def compact_sweep(sweep_dir: Path, dest: Path, samples_per_step: int = COMPACT_S
     compact run under ``dest``, which is emptied first. Returns the compact runs."""
     runs = sorted(d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir())
     unfinished = [d.name for d in runs if not (d / "summary.json").is_file()]
+    # a job the sweep launched whose run dir does not exist yet (a sweep stopped right after its launch) is unfinished
+    # too: without this, a sweep with no run dirs would compact to an empty dir and enter the analysis as a sweep
+    if (sweep_dir / "sweep.json").is_file():
+        listed = [j["name"] for j in json.loads((sweep_dir / "sweep.json").read_text()).get("jobs", [])]
+        unfinished += [name for name in listed if name not in {d.name for d in runs}]
+    if not runs and not unfinished:
+        raise SystemExit(f"no runs in {sweep_dir}")
     if unfinished:
         raise SystemExit(f"unfinished runs in {sweep_dir} (no summary.json): {', '.join(unfinished)}")
     shutil.rmtree(dest, ignore_errors=True)

@@ -327,3 +327,31 @@ def test_committed_protocol_notebook_has_no_outputs_and_a_parameters_cell():
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(c.outputs == [] and c.execution_count is None for c in code)
     assert [t for c in code for t in c.metadata.get("tags", [])].count("parameters") == 1
+
+
+def test_compact_runs_refuses_a_sweep_stopped_before_its_jobs_made_run_dirs(tmp_path):
+    """A seed block stopped at the next block's launch leaves multirun/protocol_grid_s<next>/ with sweep.json and no
+    run dir; `protocol.sh collect` compacted it to an empty dir, which then entered the analysis as a sweep. A job that
+    sweep.json lists without a run dir is unfinished, and a sweep without runs is refused."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(P.PROTOCOL_FILE.parents[2] / "scripts"))
+    import compact_runs
+
+    sweep = tmp_path / "protocol_grid_s1002"
+    sweep.mkdir()
+    jobs = [{"name": "adaptive_kl0.01_s1002", "overrides": []}, {"name": "pid_ci_kl0.01_s1002", "overrides": []}]
+    (sweep / "sweep.json").write_text(json.dumps({"name": sweep.name, "jobs": jobs}))
+    with pytest.raises(SystemExit, match=r"unfinished runs .*adaptive_kl0\.01_s1002, pid_ci_kl0\.01_s1002"):
+        compact_runs.main([str(sweep), str(tmp_path / "out")])
+    (sweep / "adaptive_kl0.01_s1002" / ".hydra").mkdir(parents=True)
+    (sweep / "adaptive_kl0.01_s1002" / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"unfinished runs .*: pid_ci_kl0\.01_s1002$"):
+        compact_runs.main([str(sweep), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    (sweep / "sweep.json").unlink()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no runs in"):
+        compact_runs.main([str(empty), str(tmp_path / "out")])
