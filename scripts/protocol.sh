@@ -6,8 +6,10 @@
 #   eval     on the evaluation seeds, one seed block after another (deviation 3): adaptive and pid_ci at the five
 #            targets (β₀ 0.5); the fixed arms (β*(τ), and β*(τ)·{0.1, 10} at 0.02 and 0.1); the misspecification arm
 #            (adaptive and pid_ci from β₀ = β*(τ)·{0.1, 10} at 0.02 and 0.1). SEEDS="1000 1001" runs some blocks only
+#            then the seed's static β₀ 0.5 (deviation 6)
+#   seedstatic  the seed's static β₀ 0.5 alone, for blocks that ran before deviation 6 (SEEDS="1000 1001")
 #   collect  compact the finished evaluation runs into <repo>/results/protocol/runs/ and run the analysis
-#   (pid, the seed's β₀ 0.5 and the GRPO subset were registered and are not run: protocol.yaml, deviation 3)
+#   (pid and the GRPO subset were registered and are not run: protocol.yaml, deviation 3)
 # Usage:
 #   git clone <repo> /work/protocol && cd /work/protocol
 #   setsid nohup bash scripts/protocol.sh tuning > protocol.log 2>&1 &        # re-run the same to resume
@@ -36,6 +38,11 @@ for t in (0.02, 0.1):
     for f in (0.1, 10):
         print(f"{t:g}:{b[t] * f:.4g}")
 PY
+}
+
+seed_static() {  # deviation 6: fixed β₀ = 0.5, the seed's static β (H4), judged against every target
+  python sweep.py sweep=frontier sweep.name="protocol_seed_s$1" "sweep.fixed_betas=[0.5]" "sweep.seeds=[$1]" $EVERY \
+    || echo "!!! protocol_seed_s$1 failed"
 }
 
 case "${1:-}" in
@@ -69,20 +76,25 @@ case "${1:-}" in
           "sweep.targets=[$tau]" "controller.init_kl_coef=$b0" controller.kl_coef_max=100 "sweep.seeds=[$seed]" \
           $EVERY || echo "!!! protocol_misspec_${tau}_${b0}_s$seed failed"
       done
+      seed_static "$seed"
     done
+    ;;
+  seedstatic)
+    # deviation 6: the seed's static β₀ 0.5 (H4) for blocks that ran before it was restored (SEEDS="1000 1001")
+    for seed in ${SEEDS:?SEEDS=\"1000 1001\" names the blocks to catch up}; do seed_static "$seed"; done
     ;;
   collect)
     # every finished evaluation sweep → <repo>/results/protocol/runs/<sweep name>, then the analysis from all of them
     # (an unfinished sweep is left out, saying so: compact_runs refuses runs without summary.json)
     # blocks run from different clones (one per session), so the analysis reads every block already committed in
     # <repo>, not only this clone's multirun/, and cpus.csv gains this clone's rows instead of being replaced
-    for src in multirun/protocol_grid_s* multirun/protocol_fixed_s* multirun/protocol_misspec_*; do
+    for src in multirun/protocol_grid_s* multirun/protocol_fixed_s* multirun/protocol_misspec_* multirun/protocol_seed_s*; do
       [ -d "$src" ] || continue
       dest="results/protocol/runs/$(basename "$src")"
       python scripts/compact_runs.py "$(ls -d "$src"/*/ | sort | tail -1)" "$2/$dest" || echo "left out: $src (unfinished)"
     done
     evals=()
-    for dest in "$2"/results/protocol/runs/protocol_{grid,fixed,misspec}_*; do
+    for dest in "$2"/results/protocol/runs/protocol_{grid,fixed,misspec,seed}_*; do
       [ -d "$dest" ] && evals+=(--eval "results/protocol/runs/$(basename "$dest")")
     done
     cpus="$2/results/protocol/cpus.csv"
@@ -93,7 +105,7 @@ case "${1:-}" in
     (cd "$2" && python scripts/make_protocol.py --tuning results/protocol/tuning/runs "${evals[@]}" --out results/protocol)
     ;;
   *)
-    echo "usage: bash $0 tuning | tuned <repo> | eval <repo> | collect <repo>" >&2
+    echo "usage: bash $0 tuning | tuned <repo> | eval <repo> | seedstatic | collect <repo>" >&2
     exit 2
     ;;
 esac

@@ -355,3 +355,19 @@ def test_compact_runs_refuses_a_sweep_stopped_before_its_jobs_made_run_dirs(tmp_
     empty.mkdir()
     with pytest.raises(SystemExit, match="no runs in"):
         compact_runs.main([str(empty), str(tmp_path / "out")])
+
+
+def test_a_later_deviation_can_put_a_dropped_arm_back():
+    """Deviation 3 took pid and static_seed out; deviation 6 runs static_seed again. The registered file says so: H4's
+    comparisons are tested (not listed as not run), pid's stay listed, and a run_again without a not_run changes
+    nothing."""
+    protocol = P.load_protocol()
+    assert P.not_run_arms(protocol) == {"pid"}
+    gone = P.registered_not_run(protocol, protocol["targets"])
+    assert gone and all("pid" in {c["first"].split("@")[0], c["second"].split("@")[0]} for c in gone)
+    assert not any(c["hypothesis"] == "H4" for c in gone)
+    dropped = {"deviations": [{"not_run": {"arms": ["pid", "static_seed"]}}]}
+    assert P.not_run_arms(dropped) == {"pid", "static_seed"}
+    assert P.not_run_arms({"deviations": [*dropped["deviations"], {"run_again": {"arms": ["static_seed", "x"]}}]}) == {
+        "pid"
+    }

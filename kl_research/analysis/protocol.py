@@ -381,8 +381,11 @@ def _comparisons(protocol: Mapping[str, Any], targets: Sequence[float]) -> list[
 
 
 def not_run_arms(protocol: Mapping[str, Any]) -> set[str]:
-    """The registered arms that a deviation (its `not_run.arms`) took out of the runs."""
-    return {a for d in protocol.get("deviations", []) for a in (d.get("not_run") or {}).get("arms", [])}
+    """The registered arms that a deviation (its `not_run.arms`) took out of the runs, less those a later deviation
+    put back (its `run_again.arms`)."""
+    devs = protocol.get("deviations", [])
+    gone = {a for d in devs for a in (d.get("not_run") or {}).get("arms", [])}
+    return gone - {a for d in devs for a in (d.get("run_again") or {}).get("arms", [])}
 
 
 def _arm_base(arm: str) -> str:
