@@ -30,7 +30,8 @@ def compact_sweep(sweep_dir: Path, dest: Path, samples_per_step: int = COMPACT_S
     # too: without this, a sweep with no run dirs would compact to an empty dir and enter the analysis as a sweep
     if (sweep_dir / "sweep.json").is_file():
         listed = [j["name"] for j in json.loads((sweep_dir / "sweep.json").read_text()).get("jobs", [])]
-        unfinished += [name for name in listed if name not in {d.name for d in runs}]
+        have = {d.name for d in runs}
+        unfinished += [name for name in listed if name not in have]
     if not runs and not unfinished:
         raise SystemExit(f"no runs in {sweep_dir}")
     if unfinished:

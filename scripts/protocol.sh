@@ -88,7 +88,7 @@ case "${1:-}" in
     # (an unfinished sweep is left out, saying so: compact_runs refuses runs without summary.json)
     # blocks run from different clones (one per session), so the analysis reads every block already committed in
     # <repo>, not only this clone's multirun/, and cpus.csv gains this clone's rows instead of being replaced
-    for src in multirun/protocol_grid_s* multirun/protocol_fixed_s* multirun/protocol_misspec_* multirun/protocol_seed_s*; do
+    for src in multirun/protocol_{grid,fixed,misspec,seed}_*; do
       [ -d "$src" ] || continue
       dest="results/protocol/runs/$(basename "$src")"
       python scripts/compact_runs.py "$(ls -d "$src"/*/ | sort | tail -1)" "$2/$dest" || echo "left out: $src (unfinished)"

@@ -319,15 +319,11 @@ def test_gold_is_any_other_metric_in_the_general_sweep_analysis():
 
 
 def test_gold_notebook_runs_on_the_committed_grid(monkeypatch):
-    import nbformat
-    from nbclient import NotebookClient
+    import nbtools
 
     monkeypatch.setenv("GOLD_DIR", str(GOLD_DIR))
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = nbformat.read(GOLD_NOTEBOOK, as_version=4)
-    NotebookClient(nb, kernel_name="python3", timeout=120,
-                   resources={"metadata": {"path": str(GOLD_NOTEBOOK.parent)}}).execute()  # fmt: skip
-    assert not any(o.output_type == "error" for c in nb.cells for o in c.get("outputs", []))
+    nb = nbtools.execute(GOLD_NOTEBOOK)
 
     def shown(tag):
         (cell,) = [c for c in nb.cells if tag in c.metadata.get("tags", [])]
@@ -339,9 +335,7 @@ def test_gold_notebook_runs_on_the_committed_grid(monkeypatch):
 
 
 def test_committed_gold_notebook_has_no_outputs_and_a_parameters_cell():
-    import nbformat
+    import nbtools
 
-    nb = nbformat.read(GOLD_NOTEBOOK, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    code = nbtools.committed_code_cells(GOLD_NOTEBOOK)
     assert "parameters" in code[0].metadata.get("tags", [])
