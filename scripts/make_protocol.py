@@ -9,7 +9,8 @@ per target → arms → cells → paired tests → Holm/BH → tables, figures, 
   tuning/tuned_betas.json, tuning/frontier.png
 - with --eval: cells.csv (one row per arm × target × β₀, `n`, `stationary`, `holds`), tests.csv (one row per test:
   comparison, metric, target_kl, n, estimate, lo, hi, p, p_adj, method), misspecification.csv (`init_kl_coef`),
-  equal_kl.csv (each arm's reward against the frontier's at its KL), cells.png, tests.png (every paired comparison,
+  equal_kl.csv (each arm's reward against the frontier's at its KL), equal_kl.png (reward against KL: the frontier
+  and every arm, and each arm's reward minus the frontier's at its KL), cells.png, tests.png (every paired comparison,
   estimate and interval, marked by its corrected verdict), misspecification.png (KL / τ over training from a
   misspecified β₀, controllers against fixed β₀), samples/<arm>_tau<τ>.md (each seed's answers to the same held-out
   prompts), results.md
@@ -109,11 +110,61 @@ def equal_kl(arms: pd.DataFrame, fits: dict) -> pd.DataFrame:
         kl = float(g["kl"].mean())
         front = P.reward_at_kl(fits, kl)
         w = welch(g["reward"].to_numpy(float), front[~np.isnan(front)])
-        rows.append({"arm": arm, "target_kl": t, "init_kl_coef": b0, "kl": kl, "n": g["seed"].nunique(),
+        rows.append({"arm": arm, "target_kl": t, "init_kl_coef": b0, "kl": kl, "reward": float(g["reward"].mean()),
+                     "n": g["seed"].nunique(),
                      "n_frontier": int((~np.isnan(front)).sum()), "reward_minus_frontier": w["diff"],
                      "lo": w["lo"], "hi": w["hi"], "p": w["p"],
                      "method": "Welch t, eval seeds vs tuning seeds"})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+ARM_COLORS = {"adaptive": "C0", "pid_ci": "C2", "pid": "C1", "fixed_beta0": "C3", "static_tuned": "k",
+              "static_seed": "C4"}  # fmt: skip
+
+
+def plot_equal_kl(eq: pd.DataFrame, fits: dict, path: Path) -> None:
+    """The figure a reviewer reads first: reward against KL. Left, the tuning frontier (mean of the tuning seeds'
+    PCHIP fits, 95 % t band over seeds) with every evaluation arm at its mean tail KL and reward; right, what the
+    left hides at this scale, each arm's reward minus the frontier's at the arm's own KL (equal_kl.csv: Welch,
+    evaluation seeds against tuning seeds, 95 %). Misspecified-β₀ controller arms are hollow; fixed β₀ runs that
+    leave the frontier's KL range have no equal-KL value and appear on the left only."""
+    if eq.empty or not fits:
+        return
+    from scipy import stats
+
+    lo_k = max(f["log_kl_range"][0] for f in fits.values())
+    hi_k = min(f["log_kl_range"][1] for f in fits.values())
+    xk = np.linspace(lo_k, hi_k, 200)
+    ys = np.array([f["reward_of_log_kl"](xk) for f in fits.values()])
+    m, se = ys.mean(0), ys.std(0, ddof=1) / math.sqrt(len(ys))
+    h = stats.t.ppf(0.975, len(ys) - 1) * se
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.fill_between(np.exp(xk), m - h, m + h, color="0.85", lw=0, label=f"frontier, 95 % band ({len(ys)} tuning seeds)")
+    a.plot(np.exp(xk), m, color="0.4", lw=0.8)
+    b.axhline(0, color="0.4", lw=0.8)
+    arms = sorted(eq["arm"].unique(), key=lambda s: ("@" in s, s))
+    for arm in arms:
+        g = eq[eq["arm"] == arm].sort_values("kl")
+        name, mis = arm.split("@")[0], "@" in arm
+        c = ARM_COLORS.get(name, "0.4")
+        face = "white" if mis else c
+        mk = {"@x0.1": "v", "@x10": "^"}.get(arm[arm.find("@") :] if mis else "", "o")
+        a.scatter(g["kl"], g["reward"], marker=mk, s=26, edgecolors=c, facecolors=face, zorder=3, label=arm)
+        ok = g["reward_minus_frontier"].notna()
+        d = g[ok]
+        x = d["kl"] * (1 + 0.03 * (arms.index(arm) - (len(arms) - 1) / 2))
+        err = [d["reward_minus_frontier"] - d["lo"], d["hi"] - d["reward_minus_frontier"]]
+        b.errorbar(x, d["reward_minus_frontier"], yerr=err, fmt="none", ecolor=c, lw=1, capsize=2)
+        b.scatter(x, d["reward_minus_frontier"], marker=mk, s=26, edgecolors=c, facecolors=face, zorder=3)
+    a.set(xscale="log", xlabel="tail KL, nats/token (evaluation arms: mean of seeds)", ylabel="tail reward",
+          title="reward against KL: the tuning frontier and every evaluation arm")  # fmt: skip
+    b.set(xscale="log", xlabel="tail KL, nats/token", ylabel="reward − frontier at the arm's KL",
+          title="at equal KL (Welch 95 %: evaluation vs tuning seeds)")  # fmt: skip
+    for ax in (a, b):
+        ax.title.set_fontsize(9)
+    a.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    save(fig, path, dpi=110)
 
 
 def plot_cells(cells: pd.DataFrame, path: Path, limit: float) -> None:
@@ -147,8 +198,12 @@ def plot_tests(tests: pd.DataFrame, protocol: dict, path: Path) -> None:
         return
     n_design = len(protocol["seeds"]["evaluation"])
     panels = [(h, m) for h in hyps for m in sorted(set(ran.loc[ran["hypothesis"] == h, "metric"]))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
-    for ax, (h, m) in zip(axes[0], panels, strict=True):
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.5 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (h, m) in zip(axes.flat, panels, strict=False):
         g = ran[(ran["hypothesis"] == h) & (ran["metric"] == m)]
         comps = sorted(g["comparison"].unique())
         for i, comp in enumerate(comps):
@@ -170,13 +225,11 @@ def plot_tests(tests: pd.DataFrame, protocol: dict, path: Path) -> None:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
-    axes[0][0].set_ylabel("paired difference (first − second)")
-    fig.suptitle("filled: rejected after correction; hollow: not; grey: no verdict (transient, interim)", fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("paired difference (first − second)")
+    fig.suptitle("filled: rejected after correction; hollow: not; grey: no verdict (transient, interim)", fontsize=9)
     fig.tight_layout()
     save(fig, path, dpi=110)
-
-
-ARM_COLORS = {"adaptive": "C0", "pid_ci": "C2", "pid": "C1", "fixed_beta0": "C3", "static_tuned": "k"}
 
 
 def plot_misspecification(curves: pd.DataFrame, arms: pd.DataFrame, path: Path) -> None:
@@ -274,7 +327,9 @@ def eval_stage(dirs: list[str], protocol: dict, fits: dict, tuned: dict[float, f
     cells.to_csv(out / "cells.csv", index=False)
     tests.to_csv(out / "tests.csv", index=False)
     cells[cells["arm"].str.contains("@")].to_csv(out / "misspecification.csv", index=False)
-    equal_kl(arms, fits).to_csv(out / "equal_kl.csv", index=False)
+    eq = equal_kl(arms, fits)
+    eq.to_csv(out / "equal_kl.csv", index=False)
+    plot_equal_kl(eq, fits, out / "equal_kl.png")
     plot_cells(cells, out / "cells.png", protocol["metrics"]["hold"]["log_ratio_max"])
     write_samples(dirs, arms, out)
     plot_tests(tests, protocol, out / "tests.png")

@@ -251,7 +251,8 @@ def test_make_protocol_runs_the_pipeline_from_run_dirs(tmp_path, protocol, monke
                               t, 0.1 + 0.05 * math.log(t / 0.001))  # fmt: skip
     evals = [str(tmp_path / "eval"), *(str(tmp_path / f"misspec_{t}_{f:g}") for t in (0.02, 0.1) for f in (0.1, 10.0))]
     mp.eval_stage(evals, protocol, fits, tuned, tmp_path / "out")
-    assert all((tmp_path / "out" / f).stat().st_size > 0 for f in ("cells.png", "tests.png", "misspecification.png"))
+    figures = ("cells.png", "tests.png", "misspecification.png", "equal_kl.png")
+    assert all((tmp_path / "out" / f).stat().st_size > 0 for f in figures)
     # samples: per cell, each seed's answer to the same held-out prompts; the misspecified arm's file has its own runs
     text = (tmp_path / "out" / "samples" / "adaptive@x10_tau0.02.md").read_text()
     assert text.count("| 100") == 4 * 5 and "s1004 #3" in text and "adaptive β10" in text and "β0.5" not in text
