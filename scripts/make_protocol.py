@@ -289,6 +289,40 @@ def write_samples(dirs: list[str], arms: pd.DataFrame, out: Path, prompts: int =
     return written
 
 
+def headline(cells: pd.DataFrame, eq: pd.DataFrame) -> list[str]:
+    """The numbers a summary quotes, computed here so that a README sentence has a command behind it: per arm kind
+    the range over cells of the seeds' mean tail KL / τ, the stationarity count, the seed's static β₀ and the range of
+    reward minus the frontier at equal KL."""
+
+    def ratio_range(sel: pd.Series) -> str:
+        r = cells.loc[sel, "kl_mean"] / cells.loc[sel, "target_kl"]
+        f = lambda x: f"{x:.3f}" if x < 2 else f"{x:.1f}"  # noqa: E731
+        return f"{f(r.min())}-{f(r.max())}× ({int(sel.sum())} cells)" if sel.any() else "no cells"
+
+    arm = cells["arm"]
+    ctrl = arm.str.split("@").str[0].isin(["adaptive", "pid_ci", "pid"])
+    n = f"n = {cells['n'].min()}" + ("" if cells["n"].nunique() == 1 else f"-{cells['n'].max()}")
+    lines = [
+        f"- tail KL / τ (mean over seeds, {n}): controllers from β₀ 0.5 or misspecified {ratio_range(ctrl)}; "
+        f"the tuned static {ratio_range(arm == 'static_tuned')}; fixed β₀ = β*/10 "
+        f"{ratio_range(arm == 'fixed_beta0@x0.1')}; fixed β₀ = 10 β* {ratio_range(arm == 'fixed_beta0@x10')}",
+        f"- cells that pass the registered stationarity rule: {int(cells['stationary'].sum())} of {len(cells)} "
+        f"(every seed's own rule: {int(cells['stationary_every_seed'].sum())})",
+    ]
+    seed = cells[arm == "static_seed"]
+    if not seed.empty:
+        lines.append(f"- the seed's static β₀ {seed['init_kl_coef'].iloc[0]:g}: tail KL {seed['kl_mean'].iloc[0]:.3g}, "
+                     f"reward {seed['reward_mean'].iloc[0]:.3g}")  # fmt: skip
+    d = eq.dropna(subset=["reward_minus_frontier"]).drop_duplicates(["arm", "kl"])
+    if not d.empty:
+        out = d[(d["lo"] > 0) | (d["hi"] < 0)]
+        lines.append(f"- reward minus the tuning frontier's at the arm's own KL (equal_kl.csv, Welch 95 %, "
+                     f"descriptive): "
+                     f"{d['reward_minus_frontier'].min():+.3g} to {d['reward_minus_frontier'].max():+.3g} over "
+                     f"{len(d)} arm × KL points; {len(out)} of them with an interval that excludes 0")  # fmt: skip
+    return lines
+
+
 def claims(tests: pd.DataFrame, cells: pd.DataFrame, n_design: int) -> list[str]:
     """Sentences computed from the tables: each names its test, correction and n. Below the design's n (seed blocks
     still running) every test is marked interim and no verdict is drawn (deviation 3)."""
@@ -328,7 +362,7 @@ def eval_stage(dirs: list[str], protocol: dict, fits: dict, tuned: dict[float, f
     tests.to_csv(out / "tests.csv", index=False)
     cells[cells["arm"].str.contains("@")].to_csv(out / "misspecification.csv", index=False)
     eq = equal_kl(arms, fits)
-    eq.to_csv(out / "equal_kl.csv", index=False)
+    eq.to_csv(out / "equal_kl.csv", index=False)  # used again below by the headline numbers
     plot_equal_kl(eq, fits, out / "equal_kl.png")
     plot_cells(cells, out / "cells.png", protocol["metrics"]["hold"]["log_ratio_max"])
     write_samples(dirs, arms, out)
@@ -348,7 +382,8 @@ def eval_stage(dirs: list[str], protocol: dict, fits: dict, tuned: dict[float, f
     not_run = [f"- {k} at {', '.join(f'{t:g}' for t in sorted(v))}" for k, v in sorted(skipped.items())]
     grpo = any((d.get("not_run") or {}).get("grpo") for d in protocol.get("deviations", []))
     not_run += ["- the GRPO subset (protocol.yaml `grpo`)"] if grpo else []
-    text = ["# Protocol v2 results", "", intro, "", *claims(tests, cells, n_design), ""]
+    text = ["# Protocol v2 results", "", intro, "", "## Headline numbers", "", *headline(cells, eq), "",
+            "## Every test", "", *claims(tests, cells, n_design), ""]  # fmt: skip
     if not_run:
         text += ["## Registered and not run (conf/analysis/protocol.yaml, deviations)", "", *not_run, ""]
     (out / "results.md").write_text("\n".join(text))

@@ -5,6 +5,7 @@ stationarity and the job length, the censored settle step, the frontier's tuned 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -287,6 +288,12 @@ def test_make_protocol_runs_the_pipeline_from_run_dirs(tmp_path, protocol, monke
     assert np.allclose(ran["estimate"], math.log(10), atol=0.1) and (ran["p_adj"] < 0.05).all()
     text = (tmp_path / "out" / "results.md").read_text()
     assert text.count(": equivalent") == 10 and "Interim" not in text
+    # the headline numbers are the tables': the controllers sit on τ, fixed β₀ a decade off it either way
+    ranges = dict(re.findall(r"(misspecified|β\*/10|10 β\*) ([\d.]+-[\d.]+)×", text))
+    lo_hi = {k: [float(x) for x in v.split("-")] for k, v in ranges.items()}
+    assert set(lo_hi) == {"misspecified", "β*/10", "10 β*"}, text[:600]
+    assert 0.95 < lo_hi["misspecified"][0] <= lo_hi["misspecified"][1] < 1.05
+    assert lo_hi["β*/10"] == pytest.approx([10, 10], rel=0.05) and lo_hi["10 β*"] == pytest.approx([0.1, 0.1], rel=0.05)
     assert "H1 pid − static_tuned (reward) at 0.01, 0.02, 0.05, 0.1, 0.2" in text and "GRPO subset" in text
     # a seed block half run: every test on fewer than the design's seeds is interim, with no verdict
     for t in protocol["targets"]:
