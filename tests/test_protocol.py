@@ -373,3 +373,31 @@ def test_a_later_deviation_can_put_a_dropped_arm_back():
     assert P.not_run_arms({"deviations": [*dropped["deviations"], {"run_again": {"arms": ["static_seed", "x"]}}]}) == {
         "pid"
     }
+
+
+def test_the_committed_protocol_results_reproduce_from_their_committed_runs(tmp_path):
+    """results/protocol/ is what `protocol.sh collect` wrote: make_protocol.py run again today on the committed tuning
+    runs and every committed evaluation block (in collect's order) gives the committed tables, number for number."""
+    import subprocess
+    import sys
+
+    repo = P.PROTOCOL_FILE.parents[2]
+    res = repo / "results" / "protocol"
+    evals = [d for kind in ("grid", "fixed", "misspec", "seed") for d in sorted(res.glob(f"runs/protocol_{kind}_*"))]
+    assert evals, "no committed evaluation block"
+    args = [
+        "--tuning",
+        "results/protocol/tuning/runs",
+        *(a for d in evals for a in ("--eval", str(d.relative_to(repo)))),
+    ]
+    subprocess.run([sys.executable, "scripts/make_protocol.py", *args, "--out", str(tmp_path)], cwd=repo, check=True,
+                   capture_output=True)  # fmt: skip
+    tables = ["cells.csv", "tests.csv", "misspecification.csv", "equal_kl.csv", "tuning/frontier.csv"]
+    for table in tables:
+        committed, again = pd.read_csv(res / table), pd.read_csv(tmp_path / table)
+        pd.testing.assert_frame_equal(again, committed, check_exact=False, rtol=1e-9, obj=table)
+    assert (tmp_path / "tuning" / "tuned_betas.json").read_text() == (res / "tuning" / "tuned_betas.json").read_text()
+    assert (tmp_path / "results.md").read_text() == (res / "results.md").read_text()
+    # and the committed tables are the design's: every evaluation block has the same arms
+    cells = pd.read_csv(res / "cells.csv")
+    assert cells["n"].nunique() == 1 and cells["n"].iloc[0] == len({d.name.rsplit("_s", 1)[1] for d in evals})
