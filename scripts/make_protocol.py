@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:  # the repo this script is in, whatever kl_researc
 
 from kl_research.analysis import protocol as P  # noqa: E402
 from kl_research.analysis.runs import last_eval_samples, load_curves  # noqa: E402
-from kl_research.analysis.stats import welch  # noqa: E402
+from kl_research.analysis.stats import t_interval, welch  # noqa: E402
 from kl_research.plots import save  # noqa: E402
 
 
@@ -130,28 +130,24 @@ def plot_equal_kl(eq: pd.DataFrame, fits: dict, path: Path) -> None:
     leave the frontier's KL range have no equal-KL value and appear on the left only."""
     if eq.empty or not fits:
         return
-    from scipy import stats
-
-    lo_k = max(f["log_kl_range"][0] for f in fits.values())
-    hi_k = min(f["log_kl_range"][1] for f in fits.values())
-    xk = np.linspace(lo_k, hi_k, 200)
-    ys = np.array([f["reward_of_log_kl"](xk) for f in fits.values()])
-    m, se = ys.mean(0), ys.std(0, ddof=1) / math.sqrt(len(ys))
-    h = stats.t.ppf(0.975, len(ys) - 1) * se
+    # the frontier's reward at each KL where every tuning seed's fit reaches: mean and 95 % t-interval over seeds,
+    # as frontier_table gives it at the targets
+    kl = np.exp(np.linspace(max(f["log_kl_range"][0] for f in fits.values()),
+                            min(f["log_kl_range"][1] for f in fits.values()), 200))  # fmt: skip
+    m, lo, hi, _, _ = np.array([t_interval(P.reward_at_kl(fits, k)) for k in kl]).T
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.fill_between(np.exp(xk), m - h, m + h, color="0.85", lw=0, label=f"frontier, 95 % band ({len(ys)} tuning seeds)")
-    a.plot(np.exp(xk), m, color="0.4", lw=0.8)
+    a.fill_between(kl, lo, hi, color="0.85", lw=0, label=f"frontier, 95 % band ({len(fits)} tuning seeds)")
+    a.plot(kl, m, color="0.4", lw=0.8)
     b.axhline(0, color="0.4", lw=0.8)
     arms = sorted(eq["arm"].unique(), key=lambda s: ("@" in s, s))
     for arm in arms:
         g = eq[eq["arm"] == arm].sort_values("kl")
-        name, mis = arm.split("@")[0], "@" in arm
+        name, mis, factor = arm.partition("@")
         c = ARM_COLORS.get(name, "0.4")
         face = "white" if mis else c
-        mk = {"@x0.1": "v", "@x10": "^"}.get(arm[arm.find("@") :] if mis else "", "o")
+        mk = {"x0.1": "v", "x10": "^"}.get(factor, "o")
         a.scatter(g["kl"], g["reward"], marker=mk, s=26, edgecolors=c, facecolors=face, zorder=3, label=arm)
-        ok = g["reward_minus_frontier"].notna()
-        d = g[ok]
+        d = g.dropna(subset=["reward_minus_frontier"])
         x = d["kl"] * (1 + 0.03 * (arms.index(arm) - (len(arms) - 1) / 2))
         err = [d["reward_minus_frontier"] - d["lo"], d["hi"] - d["reward_minus_frontier"]]
         b.errorbar(x, d["reward_minus_frontier"], yerr=err, fmt="none", ecolor=c, lw=1, capsize=2)
@@ -300,7 +296,7 @@ def headline(cells: pd.DataFrame, eq: pd.DataFrame) -> list[str]:
         return f"{f(r.min())}-{f(r.max())}× ({int(sel.sum())} cells)" if sel.any() else "no cells"
 
     arm = cells["arm"]
-    ctrl = arm.str.split("@").str[0].isin(["adaptive", "pid_ci", "pid"])
+    ctrl = arm.map(P._arm_base).isin(["adaptive", "pid_ci", "pid"])
     n = f"n = {cells['n'].min()}" + ("" if cells["n"].nunique() == 1 else f"-{cells['n'].max()}")
     lines = [
         f"- tail KL / τ (mean over seeds, {n}): controllers from β₀ 0.5 or misspecified {ratio_range(ctrl)}; "
@@ -362,7 +358,7 @@ def eval_stage(dirs: list[str], protocol: dict, fits: dict, tuned: dict[float, f
     tests.to_csv(out / "tests.csv", index=False)
     cells[cells["arm"].str.contains("@")].to_csv(out / "misspecification.csv", index=False)
     eq = equal_kl(arms, fits)
-    eq.to_csv(out / "equal_kl.csv", index=False)  # used again below by the headline numbers
+    eq.to_csv(out / "equal_kl.csv", index=False)
     plot_equal_kl(eq, fits, out / "equal_kl.png")
     plot_cells(cells, out / "cells.png", protocol["metrics"]["hold"]["log_ratio_max"])
     write_samples(dirs, arms, out)
