@@ -344,6 +344,40 @@ def claims(tests: pd.DataFrame, cells: pd.DataFrame, n_design: int) -> list[str]
     return lines
 
 
+def _verdict(r: pd.Series, p_col: str, alpha: float) -> str:
+    """A tested row's verdict from one p-value column: TOST rows are equivalent or not shown, the rest significant
+    or not; no p there (a transient row under the registered rule) is no verdict."""
+    if pd.isna(r[p_col]):
+        return "no verdict (transient)"
+    if r["method"].startswith("TOST"):
+        return "equivalent" if r[p_col] < alpha else "equivalence not shown"
+    return "significant" if r[p_col] < alpha else "not significant"
+
+
+def sensitivity(tests: pd.DataFrame, alpha: float, n_design: int) -> list[str]:
+    """Post hoc, not registered: each family corrected with its transient rows kept (`p_adj_all_cells`), beside the
+    registered reading, and every row whose verdict the stationarity rule changes."""
+    ran = tests[tests["n"] > 0]
+    if ran.empty:
+        return []
+    lines = []
+    for fam, g in ran.groupby("family", sort=False):
+        reg = g.apply(_verdict, axis=1, args=("p_adj", alpha))
+        allc = g.apply(_verdict, axis=1, args=("p_adj_all_cells", alpha))
+        pos = ("significant", "equivalent")
+        interim = f"interim (n = {g['n'].min()} of {n_design}), no verdict: " if g["n"].min() < n_design else ""
+        kept = int((~g["transient"]).sum())
+        lines.append(f"- {interim}{fam} family: registered, {kept} of {len(g)} tests in the family, "
+                     f"{int(reg.isin(pos).sum())} significant or equivalent; with every cell kept, {len(g)} tests, "
+                     f"{int(allc.isin(pos).sum())}")  # fmt: skip
+        for i in g.index[reg != allc]:
+            r = g.loc[i]
+            lines.append(f"  - {r['hypothesis']} {r['comparison']}, {r['metric']} at {r['target_kl']:g}: "
+                         f"{reg[i]} → {allc[i]} (p = {r['p']:.3g}, "
+                         f"p_adj with every cell {r['p_adj_all_cells']:.3g})")  # fmt: skip
+    return lines
+
+
 def eval_stage(dirs: list[str], protocol: dict, fits: dict, tuned: dict[float, float], out: Path) -> None:
     curves = load(dirs)
     bad = sorted(set(curves["seed"]) - set(protocol["seeds"]["evaluation"]))
@@ -380,6 +414,13 @@ def eval_stage(dirs: list[str], protocol: dict, fits: dict, tuned: dict[float, f
     not_run += ["- the GRPO subset (protocol.yaml `grpo`)"] if grpo else []
     text = ["# Protocol v2 results", "", intro, "", "## Headline numbers", "", *headline(cells, eq), "",
             "## Every test", "", *claims(tests, cells, n_design), ""]  # fmt: skip
+    sens = sensitivity(tests, protocol["multiplicity"]["alpha"], n_design)
+    if sens:
+        text += ["## Sensitivity (post hoc, not registered): the transient cells kept in their families", "",
+                 "The registered analysis leaves a transient cell's tests out of the correction and draws no verdict "
+                 "from them. Here the same corrections run with them kept, so that a reader sees which verdicts "
+                 "hinge on the stationarity rule; a verdict that appears only here is not a finding of the protocol.",
+                 "", *sens, ""]  # fmt: skip
     if not_run:
         text += ["## Registered and not run (conf/analysis/protocol.yaml, deviations)", "", *not_run, ""]
     (out / "results.md").write_text("\n".join(text))

@@ -190,6 +190,14 @@ def test_a_transient_cell_is_reported_but_left_out_of_the_family(protocol):
     assert len(tr) and tr["p"].notna().all() and tr["p_adj"].isna().all()
     assert (tr["target_kl"] == 0.2).all() and tr["comparison"].str.contains("adaptive").all()
     assert tests.loc[~tests["transient"] & (tests["family"] == "primary") & (tests["n"] > 0), "p_adj"].notna().all()
+    # the post hoc sensitivity column: the same Holm with the transient rows kept, so a larger family and p_adj ≥
+    prim = tests[(tests["family"] == "primary") & (tests["n"] > 0)]
+    p = np.sort(prim["p"].to_numpy())
+    holm = np.minimum(1, np.maximum.accumulate(p * (len(p) - np.arange(len(p)))))
+    assert np.allclose(np.sort(prim["p_adj_all_cells"]), holm)
+    kept = prim[~prim["transient"]]
+    assert (kept["p_adj_all_cells"] >= kept["p_adj"] - 1e-12).all() and (kept["p_adj_all_cells"] > kept["p_adj"]).any()
+    assert prim.loc[prim["transient"], "p_adj_all_cells"].notna().all()
 
 
 def write_run(root, name: str, controller: str, target: float, beta: float, seed: int, kl_level: float, reward: float):

@@ -439,27 +439,36 @@ def hypothesis_tests(arms: pd.DataFrame, protocol: Mapping[str, Any], targets: S
 def adjust(tests: pd.DataFrame, protocol: Mapping[str, Any]) -> pd.DataFrame:
     """Stage: p_adj by the protocol's corrections: Holm over the primary family (stationary rows only; a transient
     row keeps its raw p and no p_adj), Benjamini-Hochberg within each secondary hypothesis × metric. The method
-    column gains the correction's name and the family size."""
+    column gains the correction's name and the family size. `p_adj_all_cells`, a post hoc sensitivity reading and
+    not the registered one: the same corrections with the transient rows kept in their families."""
     from statsmodels.stats.multitest import multipletests
 
     out = tests.copy()
-    out["p_adj"] = math.nan
     mult = protocol["multiplicity"]
-    usable = ~out["transient"] & out["p"].notna()
-    todo = [(out["family"] == "primary") & usable, mult["primary"]["method"]]
-    todo = [todo] + [
-        (out.index.isin(g.index), mult["secondary"]["method"])
-        for _, g in out[(out["family"] != "primary") & usable].groupby(["hypothesis", "metric"])
-    ]
     names = {"holm": "Holm", "bh": "Benjamini-Hochberg", "fdr_bh": "Benjamini-Hochberg"}
-    for mask, method in todo:
-        mask = np.asarray(mask, bool)
-        if not mask.any():
-            continue
-        p_adj = multipletests(out.loc[mask, "p"].to_numpy(float), method="fdr_bh" if method == "bh" else method)[1]
-        out.loc[mask, "p_adj"] = p_adj
+
+    def corrected(usable: pd.Series) -> tuple[pd.Series, list[tuple[np.ndarray, str]]]:
+        todo = [((out["family"] == "primary") & usable, mult["primary"]["method"])] + [
+            (out.index.isin(g.index), mult["secondary"]["method"])
+            for _, g in out[(out["family"] != "primary") & usable].groupby(["hypothesis", "metric"])
+        ]
+        p_adj = pd.Series(math.nan, index=out.index)
+        done = []
+        for mask, method in todo:
+            mask = np.asarray(mask, bool)
+            if mask.any():
+                p = out.loc[mask, "p"].to_numpy(float)
+                p_adj[mask] = multipletests(p, method="fdr_bh" if method == "bh" else method)[1]
+                done.append((mask, method))
+        return p_adj, done
+
+    out["p_adj"], done = corrected(~out["transient"] & out["p"].notna())
+    for mask, method in done:
         out.loc[mask, "method"] = out.loc[mask, "method"] + f"; {names[method]} over {int(mask.sum())} tests"
+    # Post hoc, not registered (added 2026-12-07 before seed block 1004 existed): the same corrections with the
+    # transient cells kept in their families, so that a reader sees which verdicts hinge on the stationarity rule.
+    out["p_adj_all_cells"], _ = corrected(out["p"].notna())
     out.loc[out["transient"], "method"] = out.loc[out["transient"], "method"] + "; transient cell: not in the family"
     cols = ["comparison", "metric", "target_kl", "n", "estimate", "lo", "hi", "p", "p_adj", "method", "hypothesis",
-            "family", "transient"]  # fmt: skip
+            "family", "transient", "p_adj_all_cells"]  # fmt: skip
     return out[cols + [c for c in out.columns if c not in cols]]
