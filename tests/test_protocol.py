@@ -327,7 +327,7 @@ def run_protocol_notebook(out, monkeypatch):
     nb = nbtools.execute(PROTOCOL_NOTEBOOK)
     (cell,) = [c for c in nb.cells if "tests" in c.metadata.get("tags", [])]
     shown = "".join(o["data"].get("text/plain", "") for o in cell.outputs if o.output_type == "display_data")
-    assert "adaptive − static_tuned" in shown and "Holm" in shown
+    assert "adaptive − static_tuned" in shown and "Holm" in shown and "p_adj_all_cells" in shown
     (cell,) = [c for c in nb.cells if "samples" in c.metadata.get("tags", [])]
     assert any("answers to the same held-out prompts" in str(o.get("data", "")) for o in cell.outputs)
 
