@@ -177,12 +177,14 @@ def bench(
     sampler: str = "auto",
     compile_vocab: bool = False,
     workload: str = "trl",
+    fused_vocab: bool = True,
 ) -> dict[str, Any]:
     """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record.
     sampler: the trainer's `sampler` key (auto: the fast decode loop for GPT-2 shapes, generate otherwise).
     compile_vocab: the trainer's key (the update's vocabulary work through torch.compile; its compilation falls in the
     warm-up step, reported as warmup_seconds). workload: "trl" (TRL's classic step: −β·k1 in the reward, 4 epochs) or
-    "train" (the trainer's defaults: sequence + exact KL, conf/ppo/default.yaml's epochs)."""
+    "train" (the trainer's defaults: sequence + exact KL, conf/ppo/default.yaml's epochs). fused_vocab: the trainer's
+    key (the exact-KL loss's hand-fused backward; "trl" has no exact-KL loss, so it changes nothing there)."""
     from kl_research.runtime import autocast, peak_memory_mb, resolve_device, setup_allocator, setup_threads
     from kl_research.train import make_optimizer
 
@@ -204,8 +206,9 @@ def bench(
     roll = _trainer_rollout(policy, ref, prompts, pcfg, amp, response_len, sampler)
     with _timed_samplers(policy) as timers:
         step = functools.partial(
-            _ppo_step, roll, prompts, policy, optimizer, pcfg, amp, gen, shuffle_gen, timers, compile_vocab, dev
-        )
+            _ppo_step, roll, prompts, policy, optimizer, pcfg, amp, gen, shuffle_gen, timers, compile_vocab, dev,
+            fused_vocab,
+        )  # fmt: skip
         warmup_s, runs = _run_steps(step, warmup, steps)
         med = _medians(runs)
         cpu = med.pop("cpu")  # process CPU seconds (all threads) per step: ≈ threads × total when the cores are ours
@@ -214,6 +217,7 @@ def bench(
             **_record_head(shape, dims, policy, pcfg, batch_size, prompt_len, response_len, warmup, steps),
             **choice.record(),
             **_record_body(compile, timers, compile_vocab, workload, pcfg, warmup_s, med, cpu, runs),
+            "fused_vocab": fused_vocab,
             **_record_rates(med, pcfg, batch_size, prompt_len, response_len, rss, dev, n_threads, malloc_tuned),
         }
     if floors:
@@ -306,7 +310,18 @@ def _timed_samplers(policy):
 
 
 def _ppo_step(
-    roll, prompts, policy, optimizer, pcfg, amp, gen, shuffle_gen, timers, compile_vocab: bool, dev: torch.device
+    roll,
+    prompts,
+    policy,
+    optimizer,
+    pcfg,
+    amp,
+    gen,
+    shuffle_gen,
+    timers,
+    compile_vocab: bool,
+    dev: torch.device,
+    fused_vocab: bool = True,
 ) -> dict[str, float]:
     """One PPO step's seconds per phase (and its process CPU seconds): rollout of prompts, advantages, update."""
     from kl_research.algos import PPO, policy_update
@@ -323,7 +338,8 @@ def _ppo_step(
     sync_device(dev)
     t2 = time.perf_counter()
     policy.train()
-    policy_update(PPO(pcfg), policy, optimizer, batch, advantages, returns, P, amp, shuffle_gen, 0.1, compile_vocab)
+    policy_update(PPO(pcfg), policy, optimizer, batch, advantages, returns, P, amp, shuffle_gen, 0.1, compile_vocab,
+                  fused_vocab)  # fmt: skip
     policy.eval()
     sync_device(dev)
     t3 = time.perf_counter()
@@ -618,6 +634,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sampler", default="auto", choices=("auto", "fast", "hf"), help="the trainer's `sampler` key")
     ap.add_argument("--compile-vocab", action="store_true", help="the trainer's compile_vocab=true")
     ap.add_argument("--workload", default="trl", choices=("trl", "train"), help="TRL's classic step or our defaults")
+    ap.add_argument("--no-fused-vocab", action="store_true", help="the trainer's fused_vocab=false")
     a = ap.parse_args(argv)
     if a.kl_noise:
         ref = None
@@ -647,6 +664,7 @@ def main(argv: list[str] | None = None) -> None:
             a.sampler,
             a.compile_vocab,
             a.workload,
+            not a.no_fused_vocab,
         )
     print(json.dumps(rec), flush=True)
 

@@ -7,6 +7,7 @@ EOS, False after it (padding). Nothing after EOS counts anywhere.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from kl_research.kl import masked_mean, tempered
 
@@ -154,6 +155,43 @@ def exact_kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torc
 def exact_token_kl_of_logprobs(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Σ_v π(v)·(log π(v) − log π_ref(v)) at every position, (B, T), from (B, T, V) log-probs; differentiable in π."""
     return (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
+
+
+class _LogpExactKL(torch.autograd.Function):
+    """log π(y) and the exact KL(π‖π_ref) per position from tempered logits z (b, R, V), with a hand-written backward:
+    4 passes over (b, R, V) instead of autograd's ~12 (`logp_and_exact_kl`)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, response: torch.Tensor, ref_logprobs: torch.Tensor):
+        lp = torch.log_softmax(z, dim=-1)
+        logp_y = lp.gather(-1, response.unsqueeze(-1)).squeeze(-1)
+        p = lp.exp()
+        d = lp.sub_(ref_logprobs)  # log π − log π_ref; lp is spent
+        kl = torch.linalg.vecdot(p, d)  # Σ_v π(v)·d(v), (b, R)
+        ctx.save_for_backward(p, d, kl, response)
+        return logp_y, kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_y: torch.Tensor | None, g_kl: torch.Tensor | None):
+        # ∂KL/∂z_j = π_j·(d_j − KL) (the ∂log π terms sum to Σ_i π_i(δ_ij − π_j) = 0); ∂log π(y)/∂z_j = δ_jy − π_j.
+        # So ∂L/∂z = π ⊙ (g_kl·(d − KL) − g_y) + g_y·onehot(y): one addcmul, one mul, one scatter of (b, R) values.
+        p, d, kl, response = ctx.saved_tensors
+        g_y = torch.zeros_like(kl) if g_y is None else g_y
+        g_kl = torch.zeros_like(kl) if g_kl is None else g_kl
+        grad = torch.addcmul((-(kl * g_kl) - g_y).unsqueeze(-1), d, g_kl.unsqueeze(-1))
+        grad.mul_(p)
+        grad.scatter_add_(-1, response.unsqueeze(-1), g_y.unsqueeze(-1))
+        return grad, None, None
+
+
+def logp_and_exact_kl(
+    z: torch.Tensor, response: torch.Tensor, ref_logprobs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(y), KL(π‖π_ref)) per position, each (b, R), from tempered logits z (b, R, V) and the reference's
+    log-probs (b, R, V): the numbers of `exact_token_kl_of_logprobs` and a gather of log_softmax(z), differentiable in
+    z through a fused backward (`_LogpExactKL`; gradients equal autograd's, tests/test_ppo_math.py)."""
+    return _LogpExactKL.apply(z, response, ref_logprobs)
 
 
 def k2_kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -274,6 +274,10 @@ class Job:
         return resolve_compile_vocab(self.cfg.get("compile_vocab", "auto"), self.device)[0]
 
     @property
+    def fused_vocab(self) -> bool:
+        return bool(self.cfg.get("fused_vocab", True))  # configs written before the key have none: the default
+
+    @property
     def sampler(self) -> str:
         return self.cfg.get("sampler", "auto")  # configs written before the key have none: auto
 
@@ -423,7 +427,7 @@ class Job:
         self.policy.train()
         upd = policy_update(
             self.algo, self.policy, self.optimizer, batch, advantages, returns, prompts.shape[1], self.amp,
-            self.shuffle_gen, beta, self.compile_vocab,
+            self.shuffle_gen, beta, self.compile_vocab, self.fused_vocab,
         )  # fmt: skip
         self.policy.eval()
         # e. exactly one controller update per rollout: per-token batch KL, n_steps = sequences. Not after rollout 1:
