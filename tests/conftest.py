@@ -68,3 +68,37 @@ def tiny_reference(tmp_path_factory):
     cfg = compose_config([*TINY_OVERRIDES, f"cache_dir={cache}"])
     model, tokenizer = load_reference(cfg)
     return cfg, model, tokenizer, load_corpus(cfg.data)
+
+
+def policy_update_weights(tiny_reference, runs: dict) -> tuple[list, dict]:
+    """One PPO update (sequence + exact, the default; 16 rollouts of 8 tokens, minibatch 8) from the same policy,
+    rollout, advantages and shuffle seed, once per entry of `runs` (name → extra `policy_update` keywords, e.g.
+    {"compile_vocab": True}). Returns the starting parameters and each run's parameters after its update."""
+    import contextlib
+    import copy
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from kl_research.algos import PPO, policy_update
+    from kl_research.policy import PolicyWithValue
+    from kl_research.rollout import rollout
+    from kl_research.train import make_optimizer
+
+    cfg, model, _, _ = tiny_reference
+    pcfg = OmegaConf.merge(cfg.ppo, {"batch_size": 16, "minibatch_size": 8})
+    policy = PolicyWithValue.from_reference(model, detach_value_head=True).eval()
+    prompts = torch.randint(1, 500, (16, 4), generator=torch.Generator().manual_seed(0))
+    amp = contextlib.nullcontext()
+    torch.manual_seed(0)
+    batch = rollout(policy, model, prompts, response_length=8, temperature=1.0, eos_token_id=None, pad_token_id=0,
+                    amp=amp, keep_ref_logprobs=True)  # fmt: skip
+    adv = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    weights = {}
+    for name, kwargs in runs.items():
+        p = copy.deepcopy(policy).train()
+        opt = make_optimizer(p, pcfg, torch.device("cpu"))
+        policy_update(PPO(pcfg), p, opt, batch, adv, batch["values"] + 0.5, 4, amp,
+                      torch.Generator().manual_seed(2), 0.3, **kwargs)  # fmt: skip
+        weights[name] = [t.detach().clone() for t in p.parameters()]
+    return list(policy.parameters()), weights

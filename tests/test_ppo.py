@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import policy_update_weights
 
 from kl_research import ppo
 
@@ -386,33 +387,8 @@ def test_fused_logp_and_exact_kl_equal_autograd_values_and_gradients(upstream):
 def test_policy_update_with_the_fused_vocab_backward_leaves_autograds_weights(tiny_reference):
     """One PPO update (sequence + exact, the default) from the same state, fused_vocab true and false: the same
     weights within 1e-5, and the update moved them."""
-    import contextlib
-    import copy
-
-    from omegaconf import OmegaConf
-
-    from kl_research.algos import PPO, policy_update
-    from kl_research.policy import PolicyWithValue
-    from kl_research.rollout import rollout
-    from kl_research.train import make_optimizer
-
-    cfg, model, _, _ = tiny_reference
-    pcfg = OmegaConf.merge(cfg.ppo, {"batch_size": 16, "minibatch_size": 8})
-    policy = PolicyWithValue.from_reference(model, detach_value_head=True).eval()
-    prompts = torch.randint(1, 500, (16, 4), generator=torch.Generator().manual_seed(0))
-    amp = contextlib.nullcontext()
-    torch.manual_seed(0)
-    batch = rollout(policy, model, prompts, response_length=8, temperature=1.0, eos_token_id=None, pad_token_id=0,
-                    amp=amp, keep_ref_logprobs=True)  # fmt: skip
-    adv = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
-    weights = {}
-    for fused in (False, True):
-        p = copy.deepcopy(policy).train()
-        opt = make_optimizer(p, pcfg, torch.device("cpu"))
-        policy_update(PPO(pcfg), p, opt, batch, adv, batch["values"] + 0.5, 4, amp,
-                      torch.Generator().manual_seed(2), 0.3, fused_vocab=fused)  # fmt: skip
-        weights[fused] = [t.detach().clone() for t in p.parameters()]
-    moved = max(float((a - b).abs().max()) for a, b in zip(weights[False], policy.parameters(), strict=True))
+    start, weights = policy_update_weights(tiny_reference, {False: {"fused_vocab": False}, True: {"fused_vocab": True}})
+    moved = max(float((a - b).abs().max()) for a, b in zip(weights[False], start, strict=True))
     assert moved > 1e-4
     for a, c in zip(weights[False], weights[True], strict=True):
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
