@@ -319,7 +319,17 @@ def headline(cells: pd.DataFrame, eq: pd.DataFrame) -> list[str]:
     return lines
 
 
-def claims(tests: pd.DataFrame, cells: pd.DataFrame, n_design: int) -> list[str]:
+def _verdict(r: pd.Series, p_col: str, alpha: float) -> str:
+    """A tested row's verdict from one p-value column: TOST rows are equivalent or not shown, the rest significant
+    or not; no p there (a transient row under the registered rule) is no verdict."""
+    if pd.isna(r[p_col]):
+        return "transient: no verdict"
+    if r["method"].startswith("TOST"):
+        return "equivalent" if r[p_col] < alpha else "equivalence not shown"
+    return "significant" if r[p_col] < alpha else "not significant"
+
+
+def claims(tests: pd.DataFrame, cells: pd.DataFrame, n_design: int, alpha: float) -> list[str]:
     """Sentences computed from the tables: each names its test, correction and n. Below the design's n (seed blocks
     still running) every test is marked interim and no verdict is drawn (deviation 3)."""
     lines = []
@@ -327,10 +337,8 @@ def claims(tests: pd.DataFrame, cells: pd.DataFrame, n_design: int) -> list[str]
         if r["n"] == 0:
             lines.append(f"- {r['hypothesis']} {r['comparison']}, {r['metric']} at {r['target_kl']:g}: no runs")
             continue
-        status = "transient: no verdict" if r["transient"] else (
-            "significant" if r["p_adj"] < 0.05 else "not significant") if r["family"] == "primary" else ""  # fmt: skip
-        if r["method"].startswith("TOST") and not r["transient"]:
-            status = "equivalent" if r["p_adj"] < 0.05 else "equivalence not shown"
+        verdict = r["transient"] or r["family"] == "primary" or r["method"].startswith("TOST")
+        status = _verdict(r, "p_adj", alpha) if verdict else ""
         if r["n"] < n_design:
             status = f"interim (n = {r['n']} of {n_design}): no verdict"
         lines.append(f"- {r['hypothesis']} {r['comparison']}, {r['metric']} at {r['target_kl']:g}: "
@@ -342,16 +350,6 @@ def claims(tests: pd.DataFrame, cells: pd.DataFrame, n_design: int) -> list[str]
         lines.append(f"- {r['arm']} {verb} {r['target_kl']:g}: mean |log(KL/τ)| {r['log_ratio_error_mean']:.3g}, "
                      f"one-sided 95 % bound {r['log_ratio_error_upper']:.3g} (n = {r['n']})")  # fmt: skip
     return lines
-
-
-def _verdict(r: pd.Series, p_col: str, alpha: float) -> str:
-    """A tested row's verdict from one p-value column: TOST rows are equivalent or not shown, the rest significant
-    or not; no p there (a transient row under the registered rule) is no verdict."""
-    if pd.isna(r[p_col]):
-        return "no verdict (transient)"
-    if r["method"].startswith("TOST"):
-        return "equivalent" if r[p_col] < alpha else "equivalence not shown"
-    return "significant" if r[p_col] < alpha else "not significant"
 
 
 def sensitivity(tests: pd.DataFrame, alpha: float, n_design: int) -> list[str]:
@@ -413,7 +411,7 @@ def eval_stage(dirs: list[str], protocol: dict, fits: dict, tuned: dict[float, f
     grpo = any((d.get("not_run") or {}).get("grpo") for d in protocol.get("deviations", []))
     not_run += ["- the GRPO subset (protocol.yaml `grpo`)"] if grpo else []
     text = ["# Protocol v2 results", "", intro, "", "## Headline numbers", "", *headline(cells, eq), "",
-            "## Every test", "", *claims(tests, cells, n_design), ""]  # fmt: skip
+            "## Every test", "", *claims(tests, cells, n_design, protocol["multiplicity"]["alpha"]), ""]  # fmt: skip
     sens = sensitivity(tests, protocol["multiplicity"]["alpha"], n_design)
     if sens:
         text += ["## Sensitivity (post hoc, not registered): the transient cells kept in their families", "",
