@@ -98,7 +98,7 @@ def random_lm(dims: dict[str, Any], **extra):
 
 def build_models(shape: str, seed: int = 0):
     """(reference, policy) — a random-init LM of the shape and PolicyWithValue.from_reference(it), as train()."""
-    from kl_research.policy import PolicyWithValue, disable_dropout, fuse_activations
+    from kl_research.policy import PolicyWithValue, disable_dropout, fp32_attention_on_cpu, fuse_activations
 
     torch.manual_seed(seed)
     dims = model_shape(shape)
@@ -107,6 +107,7 @@ def build_models(shape: str, seed: int = 0):
     ref.generation_config.bos_token_id = None
     disable_dropout(ref)
     fuse_activations(ref)  # as the trainer's loader does (reference._finish): GPT-2's gelu_new as one kernel
+    fp32_attention_on_cpu(ref)  # and its attention (fp32 q/k/v under a bf16 trunk on a CPU)
     ref.eval().requires_grad_(False)
     policy = PolicyWithValue.from_reference(ref)
     policy.eval()

@@ -19,6 +19,7 @@ Models this does not implement (e.g. Llama/SmolLM2) use HF `generate`: `fast_sam
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -83,13 +84,15 @@ def sample(
     eps = cfg.layer_norm_epsilon
     device = prompts.device
     blocks = list(tr.h)
-    # torch.autocast (bf16 trunk) decides the GEMMs' dtype as it does for HF's modules; the cache takes whatever
-    # dtype the keys come in, set at the first write.
+    # torch.autocast (bf16 trunk) decides the GEMMs' dtype as it does for HF's modules. The attention runs as the
+    # scoring pass's (policy._kl_sdpa): on a CPU in fp32, so the cache is fp32 there; elsewhere it takes the keys'
+    # dtype, set at the first write.
     kcache: list[torch.Tensor | None] = [None] * len(blocks)
     vcache: list[torch.Tensor | None] = [None] * len(blocks)
     head_w = lm.get_output_embeddings().weight
     head_b = lm.get_output_embeddings().bias
     inv_t = 1.0 / temperature
+    cpu_fp32 = torch.autocast("cpu", enabled=False) if device.type == "cpu" else contextlib.nullcontext()
 
     def layers(x: torch.Tensor, start: int) -> torch.Tensor:
         """x (B, T, C) at positions start … start+T−1 through every block, the K/V written into the cache."""
@@ -99,15 +102,17 @@ def sample(
             qkv = _conv1d(h.view(b * t, c), blk.attn.c_attn).view(b, t, 3, H, D)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
             if kcache[i] is None:
-                kcache[i] = torch.empty(b, H, S, D, dtype=k.dtype, device=device)
-                vcache[i] = torch.empty(b, H, S, D, dtype=v.dtype, device=device)
+                dtype = torch.float32 if device.type == "cpu" else k.dtype
+                kcache[i] = torch.empty(b, H, S, D, dtype=dtype, device=device)
+                vcache[i] = torch.empty(b, H, S, D, dtype=dtype, device=device)
             kc, vc = kcache[i], vcache[i]
             kc[:, :, start : start + t] = k
             vc[:, :, start : start + t] = v
             # one query row (decode) sees every cached position; the prompt (prefill) is causal within itself
-            a = F.scaled_dot_product_attention(
-                q, kc[:, :, : start + t], vc[:, :, : start + t], is_causal=t > 1, scale=scale
-            )  # (B, H, T, D)
+            with cpu_fp32:  # CPU autocast would cast SDPA's inputs to bf16 (policy._kl_sdpa)
+                a = F.scaled_dot_product_attention(
+                    q.to(kc.dtype), kc[:, :, : start + t], vc[:, :, : start + t], is_causal=t > 1, scale=scale
+                )  # (B, H, T, D)
             a = a.transpose(1, 2).reshape(b * t, c)
             x = x + _conv1d(a, blk.attn.c_proj).view(b, t, c)
             h = F.layer_norm(x, (c,), blk.ln_2.weight, blk.ln_2.bias, eps)

@@ -423,9 +423,10 @@ def _finish(model, tokenizer):
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model = model.float().eval().to("cpu")
-    from kl_research.policy import fuse_activations
+    from kl_research.policy import fp32_attention_on_cpu, fuse_activations
 
     fuse_activations(model)  # the policy is a copy of this model, so it inherits the fused kernel
+    fp32_attention_on_cpu(model)  # and the attention: SDPA, its q/k/v in fp32 under a bf16 trunk on a CPU
     return model, tokenizer
 
 
