@@ -84,8 +84,9 @@ def test_in_fp32_the_attention_is_transformers_sdpa_bit_for_bit():
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))  # fmt: skip
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    llama = LlamaForCausalLM(cfg)
     assert fp32_attention_on_cpu(llama) and llama.config._attn_implementation == ATTENTION
 
 
