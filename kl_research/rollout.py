@@ -27,23 +27,23 @@ def token_stats(
 
     The same numbers as ppo.gather_logprobs, kl.exact_token_kl and ppo.entropy_from_logits (the same ops in
     the same order, row by row), but one log-softmax per model shared by all four instead of five, computed a
-    few sequences at a time so that the (b, R, V) temporaries stay cache-sized (~8 MB) instead of full-batch.
+    few sequences at a time (`ppo.vocab_row_chunks`: one sequence of 24 × 4096) so that the (b, R, V) temporaries
+    stay in L2 between passes instead of full-batch.
     ref_logprobs_out: an optional (B, R, V) fp32 buffer that receives log π_ref (the KL-loss mode needs it).
     """
     B, R, V = logits.shape
-    rows = max(1, (1 << 21) // (R * V))  # sequences per chunk
     out = torch.empty(4, B, R, dtype=torch.float32, device=logits.device)
-    for s in range(0, B, rows):
-        lp = torch.log_softmax(tempered(logits[s : s + rows], temperature), dim=-1)  # (b, R, V) log π
-        ref_lp = torch.log_softmax(tempered(ref_logits[s : s + rows], temperature), dim=-1)  # (b, R, V) log π_ref
+    for c in ppo.vocab_row_chunks(B, R * V):  # whole sequences, ~0.5 MB per temporary
+        lp = torch.log_softmax(tempered(logits[c], temperature), dim=-1)  # (b, R, V) log π
+        ref_lp = torch.log_softmax(tempered(ref_logits[c], temperature), dim=-1)  # (b, R, V) log π_ref
         if ref_logprobs_out is not None:
-            ref_logprobs_out[s : s + rows] = ref_lp
-        idx = response[s : s + rows].unsqueeze(-1)  # (b, R, 1)
-        out[0, s : s + rows] = lp.gather(-1, idx).squeeze(-1)
-        out[1, s : s + rows] = ref_lp.gather(-1, idx).squeeze(-1)
+            ref_logprobs_out[c] = ref_lp
+        idx = response[c].unsqueeze(-1)  # (b, R, 1)
+        out[0, c] = lp.gather(-1, idx).squeeze(-1)
+        out[1, c] = ref_lp.gather(-1, idx).squeeze(-1)
         p = lp.exp()
-        out[3, s : s + rows] = -(p * lp).sum(-1)  # entropy
-        out[2, s : s + rows] = (p * lp.sub_(ref_lp)).sum(-1)  # Σ_v π(v)·(log π(v) − log π_ref(v)); lp spent
+        out[3, c] = -(p * lp).sum(-1)  # entropy
+        out[2, c] = (p * lp.sub_(ref_lp)).sum(-1)  # Σ_v π(v)·(log π(v) − log π_ref(v)); lp spent
     return out[0], out[1], out[2], out[3]
 
 
