@@ -179,13 +179,15 @@ def bench(
     compile_vocab: bool = False,
     workload: str = "trl",
     fused_vocab: bool = True,
+    score_from_sampler: bool = True,
 ) -> dict[str, Any]:
     """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record.
     sampler: the trainer's `sampler` key (auto: the fast decode loop for GPT-2 shapes, generate otherwise).
     compile_vocab: the trainer's key (the update's vocabulary work through torch.compile; its compilation falls in the
     warm-up step, reported as warmup_seconds). workload: "trl" (TRL's classic step: −β·k1 in the reward, 4 epochs) or
     "train" (the trainer's defaults: sequence + exact KL, conf/ppo/default.yaml's epochs). fused_vocab: the trainer's
-    key (the exact-KL loss's hand-fused backward; "trl" has no exact-KL loss, so it changes nothing there)."""
+    key (the exact-KL loss's hand-fused backward; "trl" has no exact-KL loss, so it changes nothing there).
+    score_from_sampler: the trainer's key (the policy's rollout logits and values from the fast sampler's steps)."""
     from kl_research.runtime import autocast, peak_memory_mb, resolve_device, setup_allocator, setup_threads
     from kl_research.train import make_optimizer
 
@@ -204,7 +206,7 @@ def bench(
     gen = torch.Generator().manual_seed(seed)
     shuffle_gen = torch.Generator().manual_seed(seed + 1)
     prompts = torch.randint(1, dims["vocab_size"], (batch_size, prompt_len), generator=gen).to(dev)
-    roll = _trainer_rollout(policy, ref, prompts, pcfg, amp, response_len, sampler)
+    roll = _trainer_rollout(policy, ref, prompts, pcfg, amp, response_len, sampler, score_from_sampler)
     with _timed_samplers(policy) as timers:
         step = functools.partial(
             _ppo_step, roll, prompts, policy, optimizer, pcfg, amp, gen, shuffle_gen, timers, compile_vocab, dev,
@@ -219,6 +221,7 @@ def bench(
             **choice.record(),
             **_record_body(compile, timers, compile_vocab, workload, pcfg, warmup_s, med, cpu, runs),
             "fused_vocab": fused_vocab,
+            "score_from_sampler": score_from_sampler,
             **_record_rates(med, pcfg, batch_size, prompt_len, response_len, rss, dev, n_threads, malloc_tuned),
         }
     if floors:
@@ -274,7 +277,9 @@ def _compile_and_check(compile: bool | str, policy, ref, dims: dict[str, Any], s
         raise ValueError(f"prompt_len + response_len = {seq_len} > context {context_len(dims)}")
 
 
-def _trainer_rollout(policy, ref, prompts: torch.Tensor, pcfg, amp, response_len: int, sampler: str):
+def _trainer_rollout(
+    policy, ref, prompts: torch.Tensor, pcfg, amp, response_len: int, sampler: str, score_from_sampler: bool = True
+):
     """The trainer's rollout on these prompts as a no-argument callable (EOS off: every response has R tokens)."""
     from kl_research.algos import uses_exact_kl_loss
     from kl_research.rollout import rollout
@@ -291,6 +296,7 @@ def _trainer_rollout(policy, ref, prompts: torch.Tensor, pcfg, amp, response_len
         amp=amp,
         keep_ref_logprobs=uses_exact_kl_loss(pcfg),
         sampler=sampler,
+        score_from_sampler=score_from_sampler,
     )
 
 
@@ -636,13 +642,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile-vocab", action="store_true", help="the trainer's compile_vocab=true")
     ap.add_argument("--workload", default="trl", choices=("trl", "train"), help="TRL's classic step or our defaults")
     ap.add_argument("--no-fused-vocab", action="store_true", help="the trainer's fused_vocab=false")
+    ap.add_argument("--no-score-from-sampler", action="store_true", help="the trainer's score_from_sampler=false")
     a = ap.parse_args(argv)
     if a.kl_noise:
         ref = None
-        if a.ref_path:
-            from transformers import AutoModelForCausalLM
+        if a.ref_path:  # through the trainer's loader: its fused GELU and CPU attention (reference._finish)
+            from kl_research.reference import load_pretrained
 
-            ref = AutoModelForCausalLM.from_pretrained(a.ref_path).eval().requires_grad_(False)
+            ref = load_pretrained(a.ref_path)[0].eval().requires_grad_(False)
         rec = kl_noise_floor(a.shape, a.batch, a.prompt_len, a.response_len, a.move, a.threads, a.seed, ref, a.device)
         if a.ref_path:
             rec["shape"] = a.ref_path
@@ -666,6 +673,7 @@ def main(argv: list[str] | None = None) -> None:
             a.compile_vocab,
             a.workload,
             not a.no_fused_vocab,
+            not a.no_score_from_sampler,
         )
     print(json.dumps(rec), flush=True)
 

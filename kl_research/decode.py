@@ -66,10 +66,14 @@ def sample(
     eos_token_id: int | None,
     pad_token_id: int,
     logits_out: list[torch.Tensor] | None = None,
+    scores_out: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample up to max_new_tokens after equal-length prompts (B, P) from softmax(logits/T). Returns (B, P + R'),
     R' ≤ max_new_tokens (shorter when every sequence has ended), like `generate`'s output. logits_out: a list that
-    receives each step's (B, V) fp32 logits before the temperature (for tests: they must equal the scoring pass's)."""
+    receives each step's (B, V) fp32 logits before the temperature (for tests: they must equal the scoring pass's).
+    scores_out: a dict that receives "logits" (B, R', V), those logits stacked, and "hidden" (B, R', C), the final
+    hidden state (after ln_f) each was projected from: the numbers the scoring pass (policy.score_lm) computes for
+    the sampled sequence, ended sequences' pads included, so that a rollout can take them instead of running it."""
     reason = fast_sampler_reason(lm)
     if reason is not None:
         raise ValueError(f"the fast sampler cannot run this model: {reason}")
@@ -120,13 +124,20 @@ def sample(
             x = x + _conv1d(m, blk.mlp.c_proj).view(b, t, c)
         return x
 
-    def next_token(x_last: torch.Tensor) -> torch.Tensor:
-        """The sampled token ids (B,) from the last position's hidden state (B, C)."""
+    def next_token(x_last: torch.Tensor, t: int) -> torch.Tensor:
+        """The sampled token ids (B,) from the last position's hidden state (B, C), the t-th response token's."""
         h = F.layer_norm(x_last, (x_last.shape[-1],), tr.ln_f.weight, tr.ln_f.bias, eps)
         with torch.autocast(device.type, enabled=False):  # the head and the softmax in fp32, as score_lm
-            logits = F.linear(h.float(), head_w.float(), None if head_b is None else head_b.float())
+            h = h.float()
+            logits = F.linear(h, head_w.float(), None if head_b is None else head_b.float())
             if logits_out is not None:
                 logits_out.append(logits.clone())
+            if scores_out is not None:
+                if t == 0:
+                    scores_out["logits"] = logits.new_empty(B, max_new_tokens, logits.shape[-1])
+                    scores_out["hidden"] = h.new_empty(B, max_new_tokens, h.shape[-1])
+                scores_out["logits"][:, t] = logits
+                scores_out["hidden"][:, t] = h
             return inverse_cdf_sample(torch.softmax(logits.mul_(inv_t), dim=-1))
 
     out = torch.full((B, S), pad_token_id, dtype=prompts.dtype, device=device)
@@ -137,7 +148,7 @@ def sample(
     alive = torch.ones(B, dtype=torch.bool, device=device)
     n = 0
     for t in range(max_new_tokens):
-        tok = next_token(x[:, -1])
+        tok = next_token(x[:, -1], t)
         if eos_token_id is not None:  # an ended sequence continues with pad, as generate does
             tok = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
             alive &= tok != eos_token_id
@@ -146,4 +157,6 @@ def sample(
         if t + 1 == max_new_tokens or (eos_token_id is not None and not bool(alive.any())):
             break
         x = layers(tr.wte(tok).unsqueeze(1) + tr.wpe(pos[P + t : P + t + 1]), P + t)
+    if scores_out is not None:
+        scores_out["logits"], scores_out["hidden"] = scores_out["logits"][:, :n], scores_out["hidden"][:, :n]
     return out[:, : P + n]

@@ -75,15 +75,17 @@ def sample_responses(
     eos_token_id: int | None,
     pad_token_id: int,
     sampler: str = "auto",
+    scores_out: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(B, P + R') sampled from softmax(logits/T) after equal-length prompts (B, P), R' ≤ response_length.
     sampler: "fast" (kl_research.decode: static KV cache, plain tensor ops; GPT-2 architectures), "hf" (`generate`),
     "auto" (fast where the model allows it, else hf). Both draw exactly from softmax(logits/T), token for token the
-    same under one seed (tests/test_decode.py). Call under torch.inference_mode (and the trunk's autocast)."""
+    same under one seed (tests/test_decode.py). Call under torch.inference_mode (and the trunk's autocast).
+    scores_out: filled by the fast sampler only (decode.sample), left empty by `generate`."""
     if sampler == "fast" or (sampler == "auto" and fast_sampler_reason(lm) is None):
         return sample(
             lm, prompts, max_new_tokens=response_length, temperature=temperature,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, scores_out=scores_out,
         )  # fmt: skip
     return lm.generate(
         input_ids=prompts, **sampling_kwargs(prompts, temperature, response_length, eos_token_id, pad_token_id)
@@ -103,15 +105,20 @@ def rollout(
     amp,
     keep_ref_logprobs: bool = False,
     sampler: str = "auto",
+    score_from_sampler: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Sample responses with the KV cache, then score policy (+values) and reference once each.
 
     prompts: (B, P) token ids, all of length P. Returns response ids (B, R), mask (B, R), and fp32 logp, ref_logp,
     values (B, R; absent without a value head), exact KL, entropy (B, R); with keep_ref_logprobs also the
     reference's full-vocabulary log-probs (B, R, V), which the exact-KL loss reuses in every minibatch.
-    sampler: see `sample_responses`.
+    sampler: see `sample_responses`. score_from_sampler: take the policy's logits and values from the fast sampler's
+    decoding steps (decode.sample's scores_out: the same numbers as the policy's scoring pass, to fp32 rounding,
+    tests/test_decode.py) instead of running that pass; only the reference is then scored. It applies where the fast
+    sampler ran and decoded all R positions (not every sequence ended early); otherwise the scoring pass runs.
     """
     B, P = prompts.shape
+    scores: dict[str, torch.Tensor] | None = {} if score_from_sampler else None
     with amp:
         seqs = sample_responses(
             policy.lm,
@@ -121,14 +128,22 @@ def rollout(
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             sampler=sampler,
+            scores_out=scores,
         )  # (B, P + R'), R' <= R when every sequence stopped early; fmt: skip
+    from_sampler = bool(scores) and seqs.shape[1] == P + response_length
     if seqs.shape[1] < P + response_length:  # pad to a fixed R so every rollout has one shape
         pad = torch.full((B, P + response_length - seqs.shape[1]), pad_token_id, dtype=seqs.dtype, device=seqs.device)
         seqs = torch.cat([seqs, pad], 1)
     response = seqs[:, P:]  # (B, R)
     mask = ppo.response_mask(response, eos_token_id)  # (B, R)
     with amp:
-        logits, values = policy.score(seqs, P)  # (B, R, V), (B, R)
+        if from_sampler:
+            logits, values = scores["logits"], None  # (B, R, V) fp32
+            if policy.v_head is not None:  # the value head in fp32 on the final hidden states, as score_lm
+                with torch.autocast(logits.device.type, enabled=False):
+                    values = policy.v_head(scores["hidden"]).view(B, response_length)  # (B, R)
+        else:
+            logits, values = policy.score(seqs, P)  # (B, R, V), (B, R)
         ref_logits, _ = score_lm(ref_model, seqs, P)  # (B, R, V)
     ref_logprobs = torch.empty_like(ref_logits) if keep_ref_logprobs else None
     logp, ref_logp, exact_kl, entropy = token_stats(logits, ref_logits, response, temperature, ref_logprobs)

@@ -278,6 +278,11 @@ class Job:
         return bool(self.cfg.get("fused_vocab", True))  # configs written before the key have none: the default
 
     @property
+    def score_from_sampler(self) -> bool:
+        # configs written before the key have none: false, so a resumed old run keeps its trajectory
+        return bool(self.cfg.get("score_from_sampler", False))
+
+    @property
     def sampler(self) -> str:
         return self.cfg.get("sampler", "auto")  # configs written before the key have none: auto
 
@@ -416,6 +421,7 @@ class Job:
             amp=self.amp,
             keep_ref_logprobs=uses_exact_kl_loss(pcfg),
             sampler=self.sampler,
+            score_from_sampler=self.score_from_sampler,
         )
         t_rollout = time.perf_counter()
         # b. task score on the decoded response (up to and including EOS; special tokens dropped)

@@ -38,8 +38,9 @@ def test_fast_sampler_samples_from_the_logits_the_scoring_pass_computes(temperat
     prompts = torch.randint(3, 64, (32, 6), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)
     steps: list[torch.Tensor] = []
+    scores: dict[str, torch.Tensor] = {}
     seqs = sample(policy.lm, prompts, max_new_tokens=30, temperature=temperature, eos_token_id=2, pad_token_id=0,
-                  logits_out=steps)  # fmt: skip
+                  logits_out=steps, scores_out=scores)  # fmt: skip
     R = seqs.shape[1] - 6
     response = seqs[:, 6:]
     ended = (response == 2).any(1)
@@ -50,6 +51,61 @@ def test_fast_sampler_samples_from_the_logits_the_scoring_pass_computes(temperat
     with torch.no_grad():
         scored, _ = policy.score(seqs, 6)  # (B, R, V) fp32
     torch.testing.assert_close(torch.stack(steps, 1), scored, rtol=1e-5, atol=1e-5)
+    # scores_out (what a rollout takes with score_from_sampler): the same logits, and the final hidden states the
+    # scoring pass projects (checked through the scoring pass's own output projection)
+    assert torch.equal(scores["logits"], torch.stack(steps, 1))
+    with torch.no_grad():
+        hidden = policy.lm.transformer(seqs[:, :-1].clone()).last_hidden_state[:, 5:]
+    torch.testing.assert_close(scores["hidden"], hidden, rtol=1e-5, atol=1e-5)
+
+
+def _rollout(policy, ref, prompts, seed=0, **kw):
+    torch.manual_seed(seed)
+    return rollout(policy, ref, prompts, temperature=1.0, eos_token_id=2, pad_token_id=0,
+                   amp=torch.autocast("cpu", enabled=False), keep_ref_logprobs=True, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("response_length", [12, 40])
+def test_score_from_sampler_gives_the_scoring_pass_numbers_without_running_it(response_length, monkeypatch):
+    """rollout(score_from_sampler=True) with the fast sampler: the same tokens, and log π, values, exact KL, entropy
+    equal to the policy's scoring pass's within fp32 rounding, with that pass never called. At 40 tokens every
+    sequence ends before the cap (a 6-token vocabulary): the sampler stops early, and the scoring pass runs."""
+    vocab = 64 if response_length == 12 else 6  # a vocabulary of 6: EOS is drawn soon in every sequence
+    ref = random_gpt2(vocab=vocab, seed=5)
+    policy = PolicyWithValue.from_reference(ref).eval()
+    with torch.no_grad():
+        for p in policy.lm.transformer.h.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        policy.v_head.weight.normal_()  # a value head that reads the hidden state (it starts at zero)
+    prompts = torch.randint(3, vocab, (16, 5), generator=torch.Generator().manual_seed(3))
+    calls = {"n": 0}
+    real_score = PolicyWithValue.score
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return real_score(self, *args, **kwargs)
+
+    monkeypatch.setattr(PolicyWithValue, "score", counted)
+    a = _rollout(policy, ref, prompts, response_length=response_length, sampler="fast")
+    assert calls["n"] == 1
+    b = _rollout(policy, ref, prompts, response_length=response_length, sampler="fast", score_from_sampler=True)
+    ended_early = bool(((a["response"] == 2).cumsum(1) > 0)[:, -1].all())
+    assert ended_early == (response_length == 40)
+    assert calls["n"] == (2 if ended_early else 1)
+    assert torch.equal(a["seqs"], b["seqs"]) and torch.equal(a["mask"], b["mask"])
+    for k in ("logp", "ref_logp", "values", "exact_kl", "entropy", "ref_logprobs"):
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert float(a["values"].abs().max()) > 0.1  # values that could differ
+    # with `generate` there is nothing to take: the scoring pass runs, the rollout is the same
+    c = _rollout(policy, ref, prompts, response_length=12, sampler="hf", score_from_sampler=True)
+    assert calls["n"] == (3 if ended_early else 2)
+    assert set(c) == set(a)
+
+
+def test_score_from_sampler_key_is_validated(compose):
+    with pytest.raises(ValueError, match="score_from_sampler='yes' is invalid; allowed: true, false"):
+        compose("score_from_sampler=yes")
+    assert compose().score_from_sampler is True
 
 
 def test_inverse_cdf_draws_each_token_with_its_probability():
