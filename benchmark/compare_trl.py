@@ -58,7 +58,10 @@ def main() -> None:
     ours_all, trl_all = [], []
     for r in range(a.rounds):
         floors = [] if r == 0 else ["--no-floors"]
-        ours = run_json([sys.executable, "-m", "benchmark.bench", *common, *floors, *a.ours_arg])
+        # TRL's step scores the policy itself: ours does the same (no logits taken from our sampler's steps), so the
+        # ratio compares the same work
+        like_trl = ["--no-score-from-sampler"]
+        ours = run_json([sys.executable, "-m", "benchmark.bench", *common, *floors, *like_trl, *a.ours_arg])
         trl = run_json(["bash", "benchmark/bench_trl.sh", *common, *([] if r == 0 else ["--no-gemm-floor"])])
         ours_all.append(ours)
         trl_all.append(trl)
