@@ -100,7 +100,8 @@ def done(rounds: int, ratio: float, elapsed_s: float) -> bool:
 @dataclass(frozen=True)
 class Workload:
     """The model work of one PPO step: `updates` forward+backward passes of (minibatch, prompt_len + response_len)
-    tokens, two inference forwards of (batch, prompt_len + response_len) tokens (policy, reference), and generating
+    tokens, `scoring_passes` inference forwards of (batch, prompt_len + response_len) tokens (policy and reference;
+    the reference alone where the policy's numbers come from the fast sampler, `score_from_sampler`), and generating
     response_len tokens for (batch, prompt_len) prompts."""
 
     batch: int
@@ -109,19 +110,22 @@ class Workload:
     prompt_len: int
     response_len: int
     sampler: str = "auto"  # the `sampler` key: the probe times the generation the run will do
+    scoring_passes: int = 2
 
     @classmethod
-    def of(cls, pcfg: Any, prompt_len: int, sampler: str = "auto") -> Workload:
+    def of(cls, pcfg: Any, prompt_len: int, sampler: str = "auto", scoring_passes: int = 2) -> Workload:
         """The workload of a `ppo` config group with prompts of prompt_len tokens."""
         minibatches = pcfg.batch_size // pcfg.minibatch_size
         updates = pcfg.epochs * minibatches
-        return cls(pcfg.batch_size, pcfg.minibatch_size, updates, prompt_len, pcfg.response_length, sampler)
+        return cls(
+            pcfg.batch_size, pcfg.minibatch_size, updates, prompt_len, pcfg.response_length, sampler, scoring_passes
+        )
 
     def __str__(self) -> str:
         T = self.prompt_len + self.response_len
         return (
-            f"{self.updates} fwd+bwd of {self.minibatch}×{T} tokens + 2 scoring fwd of {self.batch}×{T} + generating "
-            f"{self.batch}×{self.response_len}"
+            f"{self.updates} fwd+bwd of {self.minibatch}×{T} tokens + {self.scoring_passes} scoring fwd of "
+            f"{self.batch}×{T} + generating {self.batch}×{self.response_len}"
         )
 
 
@@ -192,7 +196,8 @@ def measure(policy: torch.nn.Module, work: Workload, device: torch.device) -> di
 
     def step_s() -> dict[str, float]:
         med = {k: statistics.median(v) for k, v in times.items()}
-        return {p: work.updates * med[p, "update"] + 2 * med[p, "score"] + med[p, "generate"] for p in amps}
+        n_up, n_score = work.updates, work.scoring_passes
+        return {p: n_up * med[p, "update"] + n_score * med[p, "score"] + med[p, "generate"] for p in amps}
 
     rng = rng_state()
     t0 = time.perf_counter()

@@ -320,8 +320,11 @@ class Job:
         corpus = load_corpus(cfg.data)
         prompts_all = build_prompts(corpus.train, tokenizer, cfg.data.prompt_tokens, cfg.data.num_prompts, cfg.seed)
         # the trunk's precision, on the eager policy (the probe restores the global RNG and leaves the weights alone)
+        sampler = cfg.get("sampler", "auto")
+        fast = sampler == "fast" or (sampler == "auto" and fast_sampler_reason(policy.lm) is None)
+        passes = 1 if fast and cfg.get("score_from_sampler", False) else 2  # the policy's numbers from the sampler
         choice, started = run_precision(
-            cfg, device, policy, Workload.of(pcfg, prompts_all.shape[1], cfg.get("sampler", "auto")), ckpt
+            cfg, device, policy, Workload.of(pcfg, prompts_all.shape[1], sampler, passes), ckpt
         )
         log.info("precision=%s → %s: %s", cfg.precision, choice.precision, choice.reason)
         reason = fast_sampler_reason(policy.lm)

@@ -86,6 +86,7 @@ def test_cache_key_changes_with_the_model_and_batch_shapes_and_the_threads(tmp_p
         Workload(8, 2, 4, 4, 4),
         Workload(8, 4, 8, 4, 4),
         Workload(8, 4, 4, 4, 8),
+        Workload(8, 4, 4, 4, 4, scoring_passes=1),  # the policy's numbers from the sampler: one pass fewer
     ]
     keys = {cache_file(tmp_path, probe_key(policy.lm, w)) for w in other_work}
     keys.add(cache_file(tmp_path, probe_key(micro_policy(n_layer=2).lm, WORK)))
@@ -166,21 +167,23 @@ def test_explicit_precision_and_cuda_never_probe():
         runtime.autocast(CPU, "auto")  # "auto" must be resolved first
 
 
-def test_the_real_probe_times_both_precisions_and_leaves_the_policy_and_rng_alone():
+@pytest.mark.parametrize("passes", [2, 1])
+def test_the_real_probe_times_both_precisions_and_leaves_the_policy_and_rng_alone(passes):
     policy = micro_policy()
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     torch.manual_seed(123)
     expected_draw = torch.rand(3)
     torch.manual_seed(123)
-    m = precision_probe.measure(policy, WORK, CPU)
+    work = WORK if passes == 2 else Workload(8, 4, 4, 4, 4, scoring_passes=passes)
+    m = precision_probe.measure(policy, work, CPU)
     assert torch.equal(torch.rand(3), expected_draw)  # the global RNG is where it was
     assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
     assert all(p.grad is None for p in policy.parameters())
     assert m["fp32_s"] > 0 and m["bf16_s"] > 0 and m["rounds"] >= 1
     ratio = m["fp32_s"] / m["bf16_s"]
     assert precision_probe.done(m["rounds"], ratio, m["probe_s"])  # it stopped by its own rule
-    for p in ("fp32", "bf16"):  # step = updates × update + 2 × score + generate
-        step = WORK.updates * m["update_s"][p] + 2 * m["score_s"][p] + m["generate_s"][p]
+    for p in ("fp32", "bf16"):  # step = updates × update + scoring passes × score + generate
+        step = work.updates * m["update_s"][p] + passes * m["score_s"][p] + m["generate_s"][p]
         assert m[f"{p}_s"] == pytest.approx(step) and m["generate_s"][p] > 0
 
 
