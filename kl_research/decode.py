@@ -96,7 +96,8 @@ def sample(
     head_w = lm.get_output_embeddings().weight
     head_b = lm.get_output_embeddings().bias
     inv_t = 1.0 / temperature
-    cpu_fp32 = torch.autocast("cpu", enabled=False) if device.type == "cpu" else contextlib.nullcontext()
+    cpu_amp = device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    cpu_fp32 = torch.autocast("cpu", enabled=False) if cpu_amp else contextlib.nullcontext()
 
     def layers(x: torch.Tensor, start: int) -> torch.Tensor:
         """x (B, T, C) at positions start … start+T−1 through every block, the K/V written into the cache."""

@@ -46,14 +46,18 @@ def _kl_sdpa(module, query, key, value, attention_mask, **kwargs):
     GEMMs around it stay bf16 under autocast). On CUDA, or in fp32, this is transformers' SDPA unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.device.type != "cpu" or not (torch.is_autocast_enabled("cpu") or query.dtype != torch.float32):
+    amp = torch.is_autocast_enabled("cpu")
+    if query.device.type != "cpu" or (query.dtype == torch.float32 and not amp):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    dtype = query.dtype
     # CPU autocast lists SDPA among its bf16 ops: it would cast the fp32 q/k/v straight back, so it is off here
     with torch.autocast("cpu", enabled=False):
         query, key, value = query.float(), key.float(), value.float()
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.float()
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    # under autocast the next projection casts for itself; a model held in bf16 without autocast gets its dtype back
+    return (out, weights) if amp else (out.to(dtype), weights)
 
 
 def fp32_attention_on_cpu(model: PreTrainedModel) -> bool:

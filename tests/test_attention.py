@@ -95,3 +95,14 @@ def test_an_explicit_eager_attention_is_left_alone():
     lm.set_attn_implementation("eager")
     assert not fp32_attention_on_cpu(lm)
     assert lm.config._attn_implementation == "eager"
+
+
+def test_a_model_held_in_bf16_without_autocast_keeps_its_dtype():
+    """The upcast is undone where no autocast would cast for the next projection: a bf16 model runs, in bf16 out."""
+    lm = gpt2(4)
+    fp32_attention_on_cpu(lm)
+    lm.to(torch.bfloat16)
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = lm(ids).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
