@@ -38,6 +38,12 @@ def fast_sampler_reason(lm: torch.nn.Module) -> str | None:
     return None
 
 
+def uses_fast_sampler(lm: torch.nn.Module, sampler: str) -> bool:
+    """Whether the `sampler` key ("auto" | "fast" | "hf") samples this LM with `sample` (else HF `generate`): "fast"
+    always (`sample` refuses a model it cannot run, saying why), "auto" where `fast_sampler_reason` finds nothing."""
+    return sampler == "fast" or (sampler == "auto" and fast_sampler_reason(lm) is None)
+
+
 def inverse_cdf_sample(probs: torch.Tensor) -> torch.Tensor:
     """One draw per row of probs (B, V) by inversion: the token v with cdf[v−1] ≤ u·cdf[V−1] < cdf[v], u ~ U[0, 1)
     from torch's global generator. Exactly P(v) = probs[v]/Σ probs (a zero-probability token has an empty interval);

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from kl_research import ppo
-from kl_research.decode import fast_sampler_reason, sample
+from kl_research.decode import sample, uses_fast_sampler
 from kl_research.rewards import AfinnReward, Reward, SentimentReward
 from kl_research.rollout import sampling_kwargs
 
@@ -80,7 +80,7 @@ def sample_responses(
     amp = amp if amp is not None else contextlib.nullcontext()
     device = next(lm.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    fast = sampler == "fast" or (sampler == "auto" and fast_sampler_reason(lm) is None)
+    fast = uses_fast_sampler(lm, sampler)
     texts_p: list[str] = []
     responses: list[str] = []
     for chunk in prompts.split(batch_size):

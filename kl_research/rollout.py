@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from kl_research import ppo
-from kl_research.decode import fast_sampler_reason, sample
+from kl_research.decode import sample, uses_fast_sampler
 from kl_research.kl import tempered
 from kl_research.policy import PolicyWithValue, score_lm
 
@@ -82,7 +82,7 @@ def sample_responses(
     "auto" (fast where the model allows it, else hf). Both draw exactly from softmax(logits/T), token for token the
     same under one seed (tests/test_decode.py). Call under torch.inference_mode (and the trunk's autocast).
     scores_out: filled by the fast sampler only (decode.sample), left empty by `generate`."""
-    if sampler == "fast" or (sampler == "auto" and fast_sampler_reason(lm) is None):
+    if uses_fast_sampler(lm, sampler):
         return sample(
             lm, prompts, max_new_tokens=response_length, temperature=temperature,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, scores_out=scores_out,

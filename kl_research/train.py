@@ -38,7 +38,7 @@ from kl_research.checkpoint import (
 )
 from kl_research.config import validate
 from kl_research.controllers import KLController, build_controller
-from kl_research.decode import fast_sampler_reason
+from kl_research.decode import fast_sampler_reason, uses_fast_sampler
 from kl_research.kl import ESTIMATORS, masked_mean, masked_sum, token_kl
 from kl_research.policy import PolicyWithValue, compile_trunks, disable_dropout
 from kl_research.precision_probe import Workload, auto_precision
@@ -321,19 +321,16 @@ class Job:
         prompts_all = build_prompts(corpus.train, tokenizer, cfg.data.prompt_tokens, cfg.data.num_prompts, cfg.seed)
         # the trunk's precision, on the eager policy (the probe restores the global RNG and leaves the weights alone)
         sampler = cfg.get("sampler", "auto")
-        fast = sampler == "fast" or (sampler == "auto" and fast_sampler_reason(policy.lm) is None)
+        fast = uses_fast_sampler(policy.lm, sampler)
         passes = 1 if fast and cfg.get("score_from_sampler", False) else 2  # the policy's numbers from the sampler
         choice, started = run_precision(
             cfg, device, policy, Workload.of(pcfg, prompts_all.shape[1], sampler, passes), ckpt
         )
         log.info("precision=%s → %s: %s", cfg.precision, choice.precision, choice.reason)
         reason = fast_sampler_reason(policy.lm)
-        if cfg.get("sampler") == "fast" and reason is not None:
+        if sampler == "fast" and reason is not None:
             raise ValueError(f"sampler='fast' is invalid for this model: {reason}; allowed: sampler=auto or hf")
-        log.info(
-            "sampler=%s → %s", cfg.get("sampler", "auto"),
-            "hf generate" if cfg.get("sampler") == "hf" or reason else "fast (static KV cache, kl_research/decode.py)",
-        )  # fmt: skip
+        log.info("sampler=%s → %s", sampler, "fast (static KV cache, kl_research/decode.py)" if fast else "hf generate")
         log.info("compile_vocab=%s → %s", cfg.get("compile_vocab", "auto"), resolve_compile_vocab(
             cfg.get("compile_vocab", "auto"), device)[1])  # fmt: skip
         if cfg.compile:  # scoring and the update run through the compiled trunk; generation stays eager (KV cache)
