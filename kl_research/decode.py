@@ -71,15 +71,14 @@ def sample(
     temperature: float,
     eos_token_id: int | None,
     pad_token_id: int,
-    logits_out: list[torch.Tensor] | None = None,
     scores_out: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample up to max_new_tokens after equal-length prompts (B, P) from softmax(logits/T). Returns (B, P + R'),
-    R' ≤ max_new_tokens (shorter when every sequence has ended), like `generate`'s output. logits_out: a list that
-    receives each step's (B, V) fp32 logits before the temperature (for tests: they must equal the scoring pass's).
-    scores_out: a dict that receives "logits" (B, R', V), those logits stacked, and "hidden" (B, R', C), the final
+    R' ≤ max_new_tokens (shorter when every sequence has ended), like `generate`'s output. scores_out: a dict that
+    receives "logits" (B, R', V), each step's fp32 logits before the temperature, and "hidden" (B, R', C), the final
     hidden state (after ln_f) each was projected from: the numbers the scoring pass (policy.score_lm) computes for
-    the sampled sequence, ended sequences' pads included, so that a rollout can take them instead of running it."""
+    the sampled sequence, ended sequences' pads included (tests/test_decode.py), so that a rollout can take them
+    instead of running it."""
     reason = fast_sampler_reason(lm)
     if reason is not None:
         raise ValueError(f"the fast sampler cannot run this model: {reason}")
@@ -137,8 +136,6 @@ def sample(
         with torch.autocast(device.type, enabled=False):  # the head and the softmax in fp32, as score_lm
             h = h.float()
             logits = F.linear(h, head_w.float(), None if head_b is None else head_b.float())
-            if logits_out is not None:
-                logits_out.append(logits.clone())
             if scores_out is not None:
                 if t == 0:
                     scores_out["logits"] = logits.new_empty(B, max_new_tokens, logits.shape[-1])
