@@ -157,19 +157,6 @@ def exact_token_kl_of_logprobs(logprobs: torch.Tensor, ref_logprobs: torch.Tenso
     return (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
 
 
-VOCAB_CHUNK = 1 << 17  # elements of (rows, V) per chunk of rollout.token_stats: ~0.5 MB, inside one core's L2
-
-
-def vocab_row_chunks(n: int, vocab: int) -> list[slice]:
-    """Slices of n rows, each ≤ VOCAB_CHUNK elements of a (rows, vocab) tensor (at least one row): the scoring pass's
-    per-token work over the vocabulary (rollout.token_stats) runs chunk by chunk so that a chunk's temporaries stay
-    in L2 between its passes (2-core Intel Xeon with AMX, 1 thread: 28.9 → 21.8 ms per rollout with ~8 MB chunks →
-    one sequence of 24 × 4096; docs/performance.md). The update's fused function (`_LogpExactKL`) is not chunked:
-    there it measured slower (its saved π and d are full-size writes either way)."""
-    rows = max(1, VOCAB_CHUNK // vocab)
-    return [slice(s, min(s + rows, n)) for s in range(0, n, rows)]
-
-
 class _LogpExactKL(torch.autograd.Function):
     """log π(y) and the exact KL(π‖π_ref) per position from tempered logits z (b, R, V), with a hand-written backward:
     4 passes over (b, R, V) instead of autograd's ~12 (`logp_and_exact_kl`)."""

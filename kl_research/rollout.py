@@ -15,6 +15,18 @@ from kl_research.decode import sample, uses_fast_sampler
 from kl_research.kl import tempered
 from kl_research.policy import PolicyWithValue, score_lm
 
+VOCAB_CHUNK = 1 << 17  # elements of (rows, V) per chunk of token_stats: ~0.5 MB, inside one core's L2
+
+
+def vocab_row_chunks(n: int, vocab: int) -> list[slice]:
+    """Slices of n rows, each ≤ VOCAB_CHUNK elements of a (rows, vocab) tensor (at least one row): the scoring pass's
+    per-token work over the vocabulary (`token_stats`) runs chunk by chunk so that a chunk's temporaries stay
+    in L2 between its passes (2-core Intel Xeon with AMX, 1 thread: 28.9 → 21.8 ms per rollout with ~8 MB chunks →
+    one sequence of 24 × 4096; docs/performance.md). The update's fused function (`ppo._LogpExactKL`) is not chunked:
+    there it measured slower (its saved π and d are full-size writes either way)."""
+    rows = max(1, VOCAB_CHUNK // vocab)
+    return [slice(s, min(s + rows, n)) for s in range(0, n, rows)]
+
 
 def token_stats(
     logits: torch.Tensor,
@@ -27,13 +39,13 @@ def token_stats(
 
     The same numbers as ppo.gather_logprobs, kl.exact_token_kl and ppo.entropy_from_logits (the same ops in
     the same order, row by row), but one log-softmax per model shared by all four instead of five, computed a
-    few sequences at a time (`ppo.vocab_row_chunks`: one sequence of 24 × 4096) so that the (b, R, V) temporaries
+    few sequences at a time (`vocab_row_chunks`: one sequence of 24 × 4096) so that the (b, R, V) temporaries
     stay in L2 between passes instead of full-batch.
     ref_logprobs_out: an optional (B, R, V) fp32 buffer that receives log π_ref (the KL-loss mode needs it).
     """
     B, R, V = logits.shape
     out = torch.empty(4, B, R, dtype=torch.float32, device=logits.device)
-    for c in ppo.vocab_row_chunks(B, R * V):  # whole sequences, ~0.5 MB per temporary
+    for c in vocab_row_chunks(B, R * V):  # whole sequences, ~0.5 MB per temporary
         lp = torch.log_softmax(tempered(logits[c], temperature), dim=-1)  # (b, R, V) log π
         ref_lp = torch.log_softmax(tempered(ref_logits[c], temperature), dim=-1)  # (b, R, V) log π_ref
         if ref_logprobs_out is not None:

@@ -101,13 +101,14 @@ def test_logprobs_and_entropy_use_the_temperature():
 
 def test_rollout_token_stats_equal_the_reference_functions(monkeypatch):
     """rollout.token_stats (one log-softmax per model, chunked) gives the numbers of the plain functions."""
+    from kl_research import rollout
     from kl_research.kl import exact_token_kl
     from kl_research.rollout import token_stats
 
     torch.manual_seed(0)
     B, R, V = 7, 5, 3001
-    monkeypatch.setattr(ppo, "VOCAB_CHUNK", 2 * R * V + 7)  # two sequences per chunk: 4 chunks, a ragged last one
-    assert [c.stop - c.start for c in ppo.vocab_row_chunks(B, R * V)] == [2, 2, 2, 1]
+    monkeypatch.setattr(rollout, "VOCAB_CHUNK", 2 * R * V + 7)  # two sequences per chunk: 4 chunks, a ragged last one
+    assert [c.stop - c.start for c in rollout.vocab_row_chunks(B, R * V)] == [2, 2, 2, 1]
     logits, ref = 3 * torch.randn(B, R, V), 3 * torch.randn(B, R, V)
     tokens = torch.randint(V, (B, R))
     for t in (1.0, 0.7):
