@@ -161,6 +161,41 @@ def compile_trunk(lm: PreTrainedModel, **compile_kwargs) -> None:
     lm._compiled_trunk = torch.compile(trunk, **{"dynamic": False, **compile_kwargs})
 
 
+class _HeadLinear(torch.autograd.Function):
+    """x Wᵀ + b in fp32 (the logits, exactly F.linear's), its backward's two GEMMs in a reduced dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, grad_dtype):
+        ctx.save_for_backward(x, weight)
+        ctx.grad_dtype, ctx.has_bias = grad_dtype, bias is not None
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        low = grad.to(ctx.grad_dtype)  # (N, V)
+        grad_x = (low @ weight.to(ctx.grad_dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None  # (N, C)
+        grad_w = (low.t() @ x.to(ctx.grad_dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (V, C)
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None  # fp32: a sum over N
+        return grad_x, grad_w, grad_b, None
+
+
+def head_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grad_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """The vocabulary projection x Wᵀ + b (x (N, C), W (V, C), all fp32): F.linear's numbers in the forward, always.
+
+    grad_dtype (the autocast dtype under a bf16 trunk, else None): the backward's two GEMMs, ∂L/∂x = G W and
+    ∂L/∂W = Gᵀ x over the (N, V) logit gradient G, run in that dtype, as autocast runs every trunk layer's backward;
+    the gradients come back in fp32. The logits, the log-probs and the KL the controller sees stay the fp32
+    projection's (the rule of score_lm); only the gradient is rounded, as the trunk's already is. On a CPU with AMX
+    these two GEMMs are ~4× faster in bf16 than in fp32 (docs/performance.md). None, or no gradient wanted: F.linear.
+    """
+    if grad_dtype is None or grad_dtype == torch.float32 or not torch.is_grad_enabled():
+        return nn.functional.linear(x, weight, bias)
+    return _HeadLinear.apply(x, weight, bias, grad_dtype)
+
+
 def score_lm(
     lm: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -181,13 +216,15 @@ def score_lm(
     # the (H, V) weight expanded B times when the weight requires grad (seen in a profile at 64×24×50257; in an
     # A/B timing the gain was small, 0.80 → 0.74 s, within this VM's noise).
     hidden = hidden[:, prompt_len - 1 :].reshape(B * R, -1).float()  # (B·R, H)
+    device_type = hidden.device.type
+    # under a bf16 trunk the head's backward GEMMs take the trunk's dtype, as every autocast layer's do (head_linear)
+    grad_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     # The vocabulary projection and the value head run in fp32 even under bf16 autocast: KL targets of
     # 0.01 nats/token need log-probs far more precise than bf16 logits (8 bits of mantissa).
-    with torch.autocast(hidden.device.type, enabled=False):
+    with torch.autocast(device_type, enabled=False):
         head = lm.get_output_embeddings()
-        logits = torch.nn.functional.linear(
-            hidden, head.weight.float(), None if head.bias is None else head.bias.float()
-        ).view(B, R, -1)
+        bias = None if head.bias is None else head.bias.float()
+        logits = head_linear(hidden, head.weight.float(), bias, grad_dtype).view(B, R, -1)
         if v_head is not None:
             values = v_head(hidden.detach() if detach_values else hidden).view(B, R)  # (B, R)
         else:
