@@ -39,6 +39,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,9 @@ log = logging.getLogger(__name__)
 # 1.10-1.14x probe was a whole-step 0.96-1.09x (noise). The bench's gpt2-mid shape probed 1.32x there (once, ad hoc);
 # on an AMX Xeon its score + update measured 1.28x faster in bf16 (issue 13), a gain worth taking.
 MARGIN = 1.20
-FORMAT = 4  # bump when the probe's procedure or what it times changes: older cache files are then ignored (4: the
-# CPU attention runs in fp32 under a bf16 trunk, policy._kl_sdpa, which changed bf16's speed)
+FORMAT = 5  # bump when the probe's procedure or what it times changes: older cache files are then ignored (4: the
+# CPU attention runs in fp32 under a bf16 trunk, policy._kl_sdpa, which changed bf16's speed; 5: the head's backward
+# GEMMs run in bf16 under a bf16 trunk, policy.head_linear)
 WARMUP = 1  # rounds before timing (the first bf16 call builds oneDNN primitives; the second is warm)
 REPS = (3, 15)  # timed rounds when the answer is close to MARGIN: at least 3, at most 15, fewer once BUDGET_S is spent
 BUDGET_S = 3.0
@@ -257,6 +259,26 @@ def _write(path: Path, rec: dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never a partial write
 
 
+@contextlib.contextmanager
+def _probe_lock(path: Path) -> Iterator[None]:
+    """A file lock beside the cache file (filelock, as runtime.cached_build); where none can be made (a read-only
+    cache) the probe runs unlocked."""
+    from filelock import FileLock
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        lock.acquire()
+    except OSError as e:
+        log.warning("precision probe: no lock beside %s (%s); probing without one", path, e)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def auto_precision(
     policy: torch.nn.Module, work: Workload, device: torch.device, cache_dir: str | Path
 ) -> PrecisionChoice:
@@ -268,23 +290,30 @@ def auto_precision(
     path = cache_file(Path(cache_dir), key)
     rec = _read(path, key)
     source = "cache" if rec is not None else "probe"
+    where = f"read from the cache {path} (measured {rec['measured_at']})" if rec is not None else ""
     if rec is None:
-        m = measure(policy, work, device)
-        rec = {
-            "key": key,
-            "precision": decide(m["fp32_s"], m["bf16_s"]),
-            **m,
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "pid": os.getpid(),
-        }
-        try:
-            _write(path, rec)
-            where = f"cached in {path}"
-        except OSError as e:  # a read-only cache: the run goes on, the next one probes again
-            log.warning("precision probe: could not cache the result in %s (%s)", path, e)
-            where = f"not cached ({type(e).__name__} writing {path})"
-    else:
-        where = f"read from the cache {path} (measured {rec['measured_at']})"
+        # One probe per key across processes: the jobs of a local sweep start together, and each probing on its own
+        # would time its trunk beside the others' probes and could decide differently near the margin, so that the
+        # sweep's arms would differ in precision too. The others wait for the lock and read the first one's answer.
+        with _probe_lock(path):
+            rec = _read(path, key)
+            if rec is not None:
+                source, where = "cache", f"measured by another job at {path} ({rec['measured_at']})"
+            else:
+                m = measure(policy, work, device)
+                rec = {
+                    "key": key,
+                    "precision": decide(m["fp32_s"], m["bf16_s"]),
+                    **m,
+                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "pid": os.getpid(),
+                }
+                try:
+                    _write(path, rec)
+                    where = f"cached in {path}"
+                except OSError as e:  # a read-only cache: the run goes on, the next one probes again
+                    log.warning("precision probe: could not cache the result in %s (%s)", path, e)
+                    where = f"not cached ({type(e).__name__} writing {path})"
     fp32_s, bf16_s = rec["fp32_s"], rec["bf16_s"]
     ratio = fp32_s / bf16_s
     if rec["precision"] == "bf16":

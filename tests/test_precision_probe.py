@@ -69,12 +69,46 @@ def test_decision_is_cached_and_reused_without_probing_again(tmp_path, fake_meas
     assert (first.source, again.source) == ("probe", "cache")
     assert first.precision == again.precision == "bf16" and (again.fp32_s, again.bf16_s) == (0.3, 0.2)
     path = cache_file(tmp_path, probe_key(policy.lm, WORK))
-    assert path.parent == tmp_path / "precision" and [p.name for p in path.parent.iterdir()] == [path.name]
+    files = [p.name for p in path.parent.iterdir() if p.suffix != ".lock"]  # the probe's lock may stay beside it
+    assert path.parent == tmp_path / "precision" and files == [path.name]
     rec = json.loads(path.read_text())  # the decision with its measurements and what they were measured on
     assert rec["precision"] == "bf16" and rec["fp32_s"] == 0.3 and rec["bf16_s"] == 0.2
     assert rec["key"]["work"]["minibatch"] == 4 and rec["key"]["threads"] == torch.get_num_threads()
     assert {"model", "flags"} <= set(rec["key"]["cpu"]) and rec["key"]["torch"] == torch.__version__
     assert f"cached in {path}" in first.reason and f"read from the cache {path}" in again.reason
+
+
+def test_jobs_starting_together_share_one_probe(tmp_path, monkeypatch):
+    """A local sweep's jobs start at once: one probes, the others wait for its answer (a lock beside the cache
+    file) instead of timing their trunks beside each other's probes and perhaps deciding differently."""
+    import threading
+    import time
+
+    monkeypatch.setattr(precision_probe, "without_bf16_hardware", lambda cpu: None)
+    calls, answers = [], iter([(0.30, 0.20), (0.20, 0.30)])  # a second probe would decide the other way
+
+    def slow_measure(policy, work, device):
+        fp32_s, bf16_s = next(answers)
+        calls.append(work)
+        time.sleep(0.3)  # the others arrive while it measures
+        return {"fp32_s": fp32_s, "bf16_s": bf16_s, "probe_s": 0.3, "rounds": 3}
+
+    monkeypatch.setattr(precision_probe, "measure", slow_measure)
+    policies = [micro_policy() for _ in range(3)]
+    choices = [None] * 3
+
+    def job(i):
+        choices[i] = auto_precision(policies[i], WORK, CPU, tmp_path)
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert {c.precision for c in choices} == {"bf16"}
+    assert sorted(c.source for c in choices) == ["cache", "cache", "probe"]
+    assert sum("measured by another job" in c.reason for c in choices) == 2
 
 
 def test_cache_key_changes_with_the_model_and_batch_shapes_and_the_threads(tmp_path, fake_measure):
