@@ -47,9 +47,11 @@ def token_stats(
     out = torch.empty(4, B, R, dtype=torch.float32, device=logits.device)
     for c in vocab_row_chunks(B, R * V):  # whole sequences, ~0.5 MB per temporary
         lp = torch.log_softmax(tempered(logits[c], temperature), dim=-1)  # (b, R, V) log π
-        ref_lp = torch.log_softmax(tempered(ref_logits[c], temperature), dim=-1)  # (b, R, V) log π_ref
-        if ref_logprobs_out is not None:
-            ref_logprobs_out[c] = ref_lp
+        ref_z = tempered(ref_logits[c], temperature)
+        if ref_logprobs_out is not None:  # log π_ref written in place into the buffer (a copy less per chunk)
+            ref_lp = torch.ops.aten._log_softmax.out(ref_z, -1, False, out=ref_logprobs_out[c])
+        else:
+            ref_lp = torch.log_softmax(ref_z, dim=-1)  # (b, R, V) log π_ref
         idx = response[c].unsqueeze(-1)  # (b, R, 1)
         out[0, c] = lp.gather(-1, idx).squeeze(-1)
         out[1, c] = ref_lp.gather(-1, idx).squeeze(-1)

@@ -118,8 +118,10 @@ def test_rollout_token_stats_equal_the_reference_functions(monkeypatch):
         torch.testing.assert_close(kl, exact_token_kl(logits, ref, t))
         torch.testing.assert_close(ent, ppo.entropy_from_logits(logits, t))
         buf = torch.empty(B, R, V)
-        token_stats(logits, ref, tokens, t, buf)  # the KL-loss mode keeps the reference's log-probs
+        with_buf = token_stats(logits, ref, tokens, t, buf)  # the KL-loss mode keeps the reference's log-probs
         torch.testing.assert_close(buf, torch.log_softmax(ref / t, -1))
+        for got, want in zip(with_buf, (logp, ref_logp, kl, ent), strict=True):  # the same stats, from the buffer
+            assert torch.equal(got, want)
 
 
 def test_exact_kl_loss_is_the_masked_mean_of_exact_kl_and_k2_loss_of_half_d_squared():
