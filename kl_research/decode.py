@@ -13,7 +13,8 @@ After a sequence's EOS its later tokens are `pad_token_id`, as `generate` does, 
 sequence has ended. It draws from torch's global generator, so a checkpoint's RNG state resumes the same trajectory;
 the draws differ from `generate`'s (inversion, not multinomial's exponential race), the distribution does not.
 
-The weights are read from the live modules at each call (never copied), so the optimizer's in-place updates are seen.
+The weights are read from the live modules at each call (under autocast, cast once per call), so the optimizer's
+in-place updates are seen.
 Models this does not implement (e.g. Llama/SmolLM2) use HF `generate`: `fast_sampler_reason` says why.
 """
 
@@ -57,9 +58,18 @@ def inverse_cdf_sample(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
-def _conv1d(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
-    """transformers' Conv1D: x @ W + b with W (in, out)."""
-    return torch.addmm(conv.bias, x, conv.weight)
+def _conv1d(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """transformers' Conv1D: x @ W + b with W (in, out); wb = (W, b)."""
+    return torch.addmm(wb[1], x, wb[0])
+
+
+def _conv1d_weights(conv: torch.nn.Module, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Conv1D's (W, b), cast once to the autocast dtype when there is one: autocast would cast them again at every
+    decoding step (it keeps no cast weights under inference mode; a profile counted 41 casts of each per PPO step).
+    The same rounding as autocast's own cast, and an input already in that dtype is not cast again: the same numbers."""
+    if dtype is None:
+        return conv.weight, conv.bias
+    return conv.weight.to(dtype), conv.bias.to(dtype)
 
 
 @torch.inference_mode()
@@ -96,6 +106,11 @@ def sample(
     # torch.autocast (bf16 trunk) decides the GEMMs' dtype as it does for HF's modules. The attention runs as the
     # scoring pass's (policy._kl_sdpa): on a CPU in fp32, so the cache is fp32 there; elsewhere it takes the keys'
     # dtype, set at the first write.
+    amp_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    layer_weights = [  # per block: the attention's qkv and output projections, the MLP's two
+        [_conv1d_weights(conv, amp_dtype) for conv in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj)]
+        for blk in blocks
+    ]
     kcache: list[torch.Tensor | None] = [None] * len(blocks)
     vcache: list[torch.Tensor | None] = [None] * len(blocks)
     head_w = lm.get_output_embeddings().weight
@@ -108,8 +123,9 @@ def sample(
         """x (B, T, C) at positions start … start+T−1 through every block, the K/V written into the cache."""
         b, t, c = x.shape
         for i, blk in enumerate(blocks):
+            w_qkv, w_proj, w_fc, w_out = layer_weights[i]
             h = F.layer_norm(x, (c,), blk.ln_1.weight, blk.ln_1.bias, eps)
-            qkv = _conv1d(h.view(b * t, c), blk.attn.c_attn).view(b, t, 3, H, D)
+            qkv = _conv1d(h.view(b * t, c), w_qkv).view(b, t, 3, H, D)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
             if kcache[i] is None:
                 dtype = torch.float32 if device.type == "cpu" else k.dtype
@@ -124,10 +140,10 @@ def sample(
                     q.to(kc.dtype), kc[:, :, : start + t], vc[:, :, : start + t], is_causal=t > 1, scale=scale
                 )  # (B, H, T, D)
             a = a.transpose(1, 2).reshape(b * t, c)
-            x = x + _conv1d(a, blk.attn.c_proj).view(b, t, c)
+            x = x + _conv1d(a, w_proj).view(b, t, c)
             h = F.layer_norm(x, (c,), blk.ln_2.weight, blk.ln_2.bias, eps)
-            m = blk.mlp.act(_conv1d(h.view(b * t, c), blk.mlp.c_fc))  # the model's own activation module
-            x = x + _conv1d(m, blk.mlp.c_proj).view(b, t, c)
+            m = blk.mlp.act(_conv1d(h.view(b * t, c), w_fc))  # the model's own activation module
+            x = x + _conv1d(m, w_out).view(b, t, c)
         return x
 
     def next_token(x_last: torch.Tensor, t: int) -> torch.Tensor:

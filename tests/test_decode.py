@@ -56,6 +56,41 @@ def test_fast_sampler_samples_from_the_logits_the_scoring_pass_computes(temperat
     torch.testing.assert_close(scores["hidden"], hidden, rtol=1e-5, atol=1e-5)
 
 
+def test_under_autocast_the_sampler_casts_each_weight_once_per_call_with_autocasts_rounding():
+    """A bf16 trunk: autocast keeps no cast weights under inference mode, so the decode loop's GEMMs would cast every
+    weight again at every token; the sampler casts each once per call. The numbers are autocast's own: the loop's
+    bf16 logits equal those of the same loop with autocast casting the fp32 weights itself."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kl_research import decode
+
+    lm = random_gpt2()
+    prompts = torch.randint(3, 64, (8, 6), generator=torch.Generator().manual_seed(1))
+    shape = list(lm.transformer.h[0].attn.c_attn.weight.shape)  # (64, 192): no other tensor has it
+
+    def run():
+        torch.manual_seed(3)
+        scores: dict[str, torch.Tensor] = {}
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                seqs = sample(lm, prompts, max_new_tokens=12, temperature=1.0, eos_token_id=None, pad_token_id=0,
+                              scores_out=scores)  # fmt: skip
+        casts = sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                    if e.key == "aten::_to_copy" and e.input_shapes and e.input_shapes[0] == shape)  # fmt: skip
+        return seqs, scores["logits"], casts
+
+    seqs, logits, casts = run()
+    assert casts == 2  # the c_attn weights of the two blocks, once each
+    real = decode._conv1d_weights
+    try:  # autocast casting the fp32 weights at every GEMM, as before
+        decode._conv1d_weights = lambda conv, dtype: (conv.weight, conv.bias)
+        seqs_each, logits_each, casts_each = run()
+    finally:
+        decode._conv1d_weights = real
+    assert casts_each == 2 * 12  # every block at every decoding step (the prompt's pass included)
+    assert torch.equal(seqs, seqs_each) and torch.equal(logits, logits_each)
+
+
 def _rollout(policy, ref, prompts, seed=0, **kw):
     torch.manual_seed(seed)
     return rollout(policy, ref, prompts, temperature=1.0, eos_token_id=2, pad_token_id=0,
