@@ -148,7 +148,8 @@ def resolve_precision(
     cores); on a CPU, `probe()` decides (precision_probe.auto_precision: the faster trunk, measured on this machine
     and model shape, cached), because there bf16 is faster or slower depending on the CPU and the model's size.
 
-    bf16 covers the trunk only: the vocabulary projection, log-softmax and value head stay fp32 (score_lm), and the
+    bf16 covers the trunk only: the vocabulary projection's forward, log-softmax and value head stay fp32 (score_lm;
+    the projection's backward GEMMs take the trunk's dtype, policy.head_linear), and the
     batch KL then moves by ≤ 1.4e-4 nats/token (measured, results/perf.md and results/gpu.md), far below the
     smallest target 0.01. The resolved value is logged and kept in the summary: a sweep that spans machines shows
     which jobs ran which.
