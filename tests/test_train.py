@@ -411,9 +411,13 @@ def test_kill_and_resume_writes_each_steps_samples_once(cache_dir, tmp_path, mon
     assert any(r["reward/judge"] != r["reward/mean"] for r in recs)
 
 
-@pytest.mark.parametrize("paths", [["sampler=hf", "compile_vocab=false"], ["sampler=fast", "compile_vocab=true"]])
+@pytest.mark.parametrize(
+    "paths",
+    [["sampler=hf", "compile_vocab=false"], ["sampler=fast", "compile_vocab=true"], ["sampler=fast", "precision=bf16"]],
+)
 def test_kill_and_resume_is_exact_with_and_without_the_fast_paths(cache_dir, tmp_path, monkeypatch, paths):
-    """The fallbacks (HF generate, eager vocabulary work) and both fast paths forced on: the same guarantee."""
+    """The fallbacks (HF generate, eager vocabulary work), both fast paths forced on, and a bf16 trunk (its sampler's
+    weights cast once per rollout, the head's backward in bf16): the same guarantee."""
     from kl_research.runtime import resolve_compile_vocab
 
     if "compile_vocab=true" in paths and not resolve_compile_vocab("auto", torch.device("cpu"))[0]:
