@@ -319,17 +319,17 @@ class Job:
         optimizer = make_optimizer(policy, pcfg, device)
         corpus = load_corpus(cfg.data)
         prompts_all = build_prompts(corpus.train, tokenizer, cfg.data.prompt_tokens, cfg.data.num_prompts, cfg.seed)
-        # the trunk's precision, on the eager policy (the probe restores the global RNG and leaves the weights alone)
         sampler = cfg.get("sampler", "auto")
+        reason = fast_sampler_reason(policy.lm)
+        if sampler == "fast" and reason is not None:  # before the precision probe, which samples with it
+            raise ValueError(f"sampler='fast' is invalid for this model: {reason}; allowed: sampler=auto or hf")
+        # the trunk's precision, on the eager policy (the probe restores the global RNG and leaves the weights alone)
         fast = uses_fast_sampler(policy.lm, sampler)
         passes = 1 if fast and cfg.get("score_from_sampler", False) else 2  # the policy's numbers from the sampler
         choice, started = run_precision(
             cfg, device, policy, Workload.of(pcfg, prompts_all.shape[1], sampler, passes), ckpt
         )
         log.info("precision=%s → %s: %s", cfg.precision, choice.precision, choice.reason)
-        reason = fast_sampler_reason(policy.lm)
-        if sampler == "fast" and reason is not None:
-            raise ValueError(f"sampler='fast' is invalid for this model: {reason}; allowed: sampler=auto or hf")
         log.info("sampler=%s → %s", sampler, "fast (static KV cache, kl_research/decode.py)" if fast else "hf generate")
         log.info("compile_vocab=%s → %s", cfg.get("compile_vocab", "auto"), resolve_compile_vocab(
             cfg.get("compile_vocab", "auto"), device)[1])  # fmt: skip

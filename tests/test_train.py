@@ -584,6 +584,17 @@ def test_pretrained_context_is_read_from_a_local_config_before_loading(compose, 
         train(compose("model=gpt2", f"model.path={tmp_path / 'm'}", "ppo.response_length=24"), tmp_path / "out")
 
 
+def test_sampler_fast_on_a_model_it_cannot_run_fails_before_the_precision_probe(cache_dir, tmp_path, monkeypatch):
+    """sampler=fast on a model the fast sampler does not implement (a Llama, say): the trainer's error naming the key,
+    before the precision probe (which samples with the chosen sampler) spends any compute."""
+    probed = []
+    monkeypatch.setattr(train_mod, "fast_sampler_reason", lambda lm: "model_type 'llama' (gpt2 only)")
+    monkeypatch.setattr(train_mod, "run_precision", lambda *a, **k: probed.append(1))
+    with pytest.raises(ValueError, match=r"sampler='fast' is invalid for this model: model_type 'llama'.*allowed"):
+        train(make_cfg(cache_dir, "sampler=fast", "precision=auto"), tmp_path)
+    assert not probed
+
+
 def test_same_trajectory_whether_the_reference_was_built_now_or_cached(tmp_path):
     """Building the reference draws from the global RNG; the job is seeded after it, so the first run on a fresh
     cache (builds) and the next (loads) sample the same tokens and log the same numbers."""
