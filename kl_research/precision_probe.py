@@ -3,8 +3,9 @@
 Whether a bf16 trunk pays on a CPU depends on the CPU *and* on the model's shape, so it is measured, not assumed.
 On an Intel Xeon with AMX the tiny default's update was slower in bf16 (1.20-1.23 s vs 0.92-1.03 s fp32, batch 64,
 2 threads) while gpt2-mid was 1.28x faster; since the CPU attention runs in fp32 under a bf16 trunk (policy._kl_sdpa)
-the tiny default's whole step there is 1.11-1.23x faster in bf16 at 1 thread and this probe says 1.18x, under MARGIN
-(docs/performance.md). On AVX2-only CPUs bf16 is ~8-20x slower at every size.
+the tiny default's whole step there is 1.11-1.23x faster in bf16 at 1 thread and this probe said 1.18x, under MARGIN;
+with the head's backward GEMMs in bf16 too (policy.head_linear) it says 1.22x and picks bf16 (docs/performance.md).
+On AVX2-only CPUs bf16 is ~8-20x slower at every size.
 
 The probe times the real policy on random tokens of the run's shapes (its weights are not changed, its gradients are
 cleared and the global RNG state is restored afterwards, so the run's trajectory does not depend on it):
