@@ -116,7 +116,7 @@ def sample(
     head_w = lm.get_output_embeddings().weight
     head_b = lm.get_output_embeddings().bias
     inv_t = 1.0 / temperature
-    cpu_amp = device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    cpu_amp = device.type == "cpu" and amp_dtype is not None
     cpu_fp32 = torch.autocast("cpu", enabled=False) if cpu_amp else contextlib.nullcontext()
 
     def layers(x: torch.Tensor, start: int) -> torch.Tensor:
