@@ -7,7 +7,6 @@
 #   bash benchmark/sweep_ab.sh fa8ad5e HEAD                         # precision=auto on both sides
 #   PRECISION_A=fp32 PRECISION_B=bf16 bash benchmark/sweep_ab.sh HEAD HEAD
 set -euo pipefail
-# shellcheck disable=SC2086
 REF_A=$1 REF_B=$2
 PA=${PRECISION_A:-auto} PB=${PRECISION_B:-auto}
 EXTRA=${EXTRA:-}  # more overrides for every job, e.g. EXTRA="steps=3" for a smoke test
@@ -22,9 +21,10 @@ done
 run() {  # side round precision
   local dir=$WORK/$1 s e
   s=$(date +%s.%N)
+  # shellcheck disable=SC2086  # EXTRA is word-split on purpose
   (cd "$dir" && python sweep.py sweep.name="$1$2" sweep.fresh=true 'sweep.controllers=[adaptive,pid]' \
     'sweep.targets=[0.05]' 'sweep.seeds=[0,1,2,3,4]' wandb.mode=disabled sweep.report=false precision="$3" \
-    sweep.root="$dir/sw" $EXTRA > "$dir/$1$2.log" 2>&1)  # EXTRA: word-split on purpose
+    sweep.root="$dir/sw" $EXTRA > "$dir/$1$2.log" 2>&1)
   e=$(date +%s.%N)
   echo "sweep $1 round $2 ($(git -C "$dir" rev-parse --short HEAD), precision=$3): wall $(python -c "print(round($e - $s, 1))") s"
 }
