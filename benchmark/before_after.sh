@@ -7,8 +7,8 @@
 #   3. the issue's bench row (`python -m benchmark.bench --shape tiny --batch 64 --threads 2`, with floors), A then B;
 #   4. `benchmark/compare_trl.py --shape tiny --rounds 2` from each side (TRL 0.11.4 in .venv-trl; SKIP_TRL=1 skips).
 # Each side warms up first (the reference model and the precision probes are cached), so no timed run builds them.
-# Run from the repo root on an otherwise idle machine (~90 min at the tiny default when A is the code before issue 31);
-# record the CPU it prints. Everything lands in $WORK (printed); the summary lines go to stdout.
+# Run from the repo root on an otherwise idle machine (~50 min on the 2-core Intel Xeon when A is the code before
+# issue 31); record the CPU it prints. Everything lands in $WORK (printed); the summary lines go to stdout.
 #
 #   bash benchmark/before_after.sh f97eb0b HEAD                  # before issue 31's work against now
 #   EXTRA="steps=12" SKIP_TRL=1 bash benchmark/before_after.sh HEAD HEAD     # a smoke test of the script (~10 min)
