@@ -2,8 +2,9 @@
 # Issue 31's "where the researcher feels it", for any two commits in one block on one machine: each side from its own
 # clean clone, in the order A B B A (a VM's slow drift then falls on both sides):
 #   1. `python train.py` as the README writes it (2 threads here, precision=auto): wall and median s/step of steps 11+;
-#   2. the 10-job sweep (adaptive, pid x 5 seeds at target 0.05; 2 jobs x 1 thread, precision=auto): wall, then the
-#      job-by-job comparison (benchmark/sweep_pairs.py: per-job s/step, identical trajectories or paired TOSTs);
+#   2. the 10-job sweep (adaptive, pid x 5 seeds at target 0.05; 2 jobs x 1 thread, precision=auto) through
+#      benchmark/sweep_ab.sh (its own clones in $WORK/sweep): wall, then the job-by-job comparison
+#      (benchmark/sweep_pairs.py: per-job s/step, identical trajectories or paired TOSTs);
 #   3. the issue's bench row (`python -m benchmark.bench --shape tiny --batch 64 --threads 2`, with floors), A then B;
 #   4. `benchmark/compare_trl.py --shape tiny --rounds 2` from each side (TRL 0.11.4 in .venv-trl; SKIP_TRL=1 skips).
 # Each side warms up first (the reference model and the precision probes are cached), so no timed run builds them.
@@ -48,21 +49,8 @@ print(f"train.py {side} round {r}: wall {wall} s, {len(m)} steps, median s/step 
       f"{m['time/step_s'].iloc[10:].median():.4f}, precision {s.get('precision')} ({s.get('precision_source')})")
 PY
 }
-sweep_run() {  # side round
-  local s0
-  s0=$(now)
-  # shellcheck disable=SC2086
-  (cd "$WORK/$1" && python sweep.py sweep.name="$1$2" sweep.fresh=true 'sweep.controllers=[adaptive,pid]' \
-    'sweep.targets=[0.05]' 'sweep.seeds=[0,1,2,3,4]' wandb.mode=disabled sweep.report=false precision=auto \
-    sweep.root="$WORK/$1/sw" $EXTRA > "$WORK/sweep_$1$2.log" 2>&1)
-  echo "sweep $1 round $2: wall $(since "$s0") s"
-}
 train_run A 1; train_run B 1; train_run B 2; train_run A 2
-sweep_run A 1; sweep_run B 1; sweep_run B 2; sweep_run A 2
-for r in 1 2; do
-  python -m benchmark.sweep_pairs "$(ls -d "$WORK"/A/sw/A$r/*/)" "$(ls -d "$WORK"/B/sw/B$r/*/)" \
-    --out "$WORK/pairs_$r.jsonl"
-done
+PRECISION_A=auto PRECISION_B=auto WORK="$WORK/sweep" EXTRA="$EXTRA" bash "$repo/benchmark/sweep_ab.sh" "$REF_A" "$REF_B"
 for side in A B; do
   (cd "$WORK/$side" && python -m benchmark.bench --shape tiny --batch 64 --threads 2 > "$WORK/bench_$side.json" \
     2> "$WORK/bench_$side.err")

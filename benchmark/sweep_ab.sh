@@ -33,5 +33,6 @@ run B 1 "$PB"
 run B 2 "$PB"
 run A 2 "$PA"
 for r in 1 2; do
-  python -m benchmark.sweep_pairs "$(ls -d "$WORK"/A/sw/A$r/*/)" "$(ls -d "$WORK"/B/sw/B$r/*/)"
+  python -m benchmark.sweep_pairs "$(ls -d "$WORK"/A/sw/A$r/*/)" "$(ls -d "$WORK"/B/sw/B$r/*/)" \
+    --out "$WORK/pairs_$r.jsonl"
 done
