@@ -363,7 +363,7 @@ def test_report_numbers_equal_the_runs_summaries(tmp_path):
 
 # ---------------------------------------------------------------------- resume, through a real multirun
 FAKE_APP = """
-import json, os, time
+import json, os, sys, time
 from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -374,6 +374,8 @@ def main(cfg):
     t0 = time.time()
     with open(Path(cfg.log), "a") as f:
         f.write(out.name + "\\n")
+    proc = {"pid": os.getpid(), "ppid": os.getppid(), "prepare_loaded": "prepare" in sys.modules}
+    (out / "proc.json").write_text(json.dumps(proc))
     while cfg.hold and cfg.seed == 1 and Path(cfg.hold).exists():  # held until the test removes the file
         time.sleep(0.2)
     time.sleep(cfg.sleep)
@@ -561,9 +563,12 @@ def local_task_pid(sweep_dir: Path, subdir: str) -> int:
 
 
 @pytest.mark.slow  # ~10 s: a local sweep of a fake task with a job SIGKILLed
-def test_sigkilled_local_job_is_reported_and_fails_the_sweep(tmp_path):
+@pytest.mark.parametrize("victim", ["task", "job"])
+def test_sigkilled_local_job_is_reported_and_fails_the_sweep(tmp_path, victim):
     """A job killed from outside (OOM killer, kill -9): no exception inside the task for Hydra to catch. The other
-    jobs finish, the report lists it, the sweep exits non-zero; the same command then runs only it."""
+    jobs finish, the report lists it, the sweep exits non-zero; the same command then runs only it. With the fork
+    server (the default) the controller's task is the server's client and the job runs in the server's child: either
+    one killed fails the job (the OOM killer picks the job, which holds the memory)."""
     app = fake_app(tmp_path)
     hold = app / "hold"
     hold.touch()  # seed-1 jobs wait while it exists
@@ -577,7 +582,11 @@ def test_sigkilled_local_job_is_reported_and_fails_the_sweep(tmp_path):
         calls = app / "calls.log"
         wait_for(lambda: calls.exists() and len(calls.read_text().split()) == 4, 60, "all 4 jobs to start")
         sweep_dir = only_sweep_dir(app / "multirun")
-        os.kill(local_task_pid(sweep_dir, "pid_kl0.05_s1"), 9)
+        proc_json = sweep_dir / "pid_kl0.05_s1" / "proc.json"
+        wait_for(proc_json.is_file, 30, "the held job to record its pid")
+        task, job = local_task_pid(sweep_dir, "pid_kl0.05_s1"), json.loads(proc_json.read_text())["pid"]
+        assert task != job  # the job is the fork server's child, the task its client
+        os.kill(task if victim == "task" else job, 9)
         time.sleep(1.0)
         hold.unlink()  # fixed_s1 finishes
         out, err = proc.communicate(timeout=120)
@@ -669,6 +678,31 @@ def test_local_launcher_runs_at_most_max_parallel_jobs_with_threads_per_job(tmp_
     assert most_at_once(job_intervals(app)) == 2
     newest = max((app / "multirun" / "kl_grid").iterdir())
     assert {json.loads(p.read_text())["threads"] for p in newest.glob("*/summary.json")} == {2}
+
+
+@pytest.mark.slow  # ~15 s: two local sweeps of 2 fake jobs
+def test_local_jobs_fork_from_the_sweeps_fork_server_unless_it_is_off(tmp_path):
+    """fork_server (the default): every job is a child of one server that imported fork_preload before the jobs; it
+    ends with the sweep. fork_server=false: each job is submitit's own process, a child of its controller."""
+    app = fake_app(tmp_path)
+    grid = ["sweep.controllers=[fixed]", "sweep.seeds=[0,1]", "hydra/launcher=local", "hydra.launcher.max_parallel=2"]
+    r = run_fake(app, *grid, "hydra.launcher.fork_preload=[prepare]")  # the fake app's prepare.py, beside app.py
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep_dir = only_sweep_dir(app / "multirun")
+    log = (sweep_dir / ".submitit" / "forkserver.log").read_text()
+    server = int(re.search(r"fork server: pid (\d+), preloaded .*'prepare'", log).group(1))
+    procs = [json.loads((sweep_dir / f"fixed_s{s}" / "proc.json").read_text()) for s in (0, 1)]
+    assert {p["ppid"] for p in procs} == {server} and all(p["prepare_loaded"] for p in procs), (procs, log)
+    assert not Path(f"/proc/{server}").exists()  # stopped with the sweep
+
+    r = run_fake(app, *grid, "hydra.launcher.fork_server=false", "sweep.fresh=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    newest = max((app / "multirun" / "kl_grid").iterdir())
+    assert not (newest / ".submitit" / "forkserver.log").exists()
+    controllers = submitted_ids(newest)
+    for s in (0, 1):
+        proc = json.loads((newest / f"fixed_s{s}" / "proc.json").read_text())
+        assert proc["ppid"] == int(controllers[f"fixed_s{s}"]) and not proc["prepare_loaded"], proc
 
 
 # ------------------------------------------------------------------------------- real trainer, local
