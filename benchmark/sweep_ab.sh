@@ -6,10 +6,12 @@
 #
 #   bash benchmark/sweep_ab.sh fa8ad5e HEAD                         # precision=auto on both sides
 #   PRECISION_A=fp32 PRECISION_B=bf16 bash benchmark/sweep_ab.sh HEAD HEAD
+#   EXTRA_A="hydra.launcher.fork_server=false" bash benchmark/sweep_ab.sh HEAD HEAD    # one config switch, A off
 set -euo pipefail
 REF_A=$1 REF_B=$2
 PA=${PRECISION_A:-auto} PB=${PRECISION_B:-auto}
 EXTRA=${EXTRA:-}  # more overrides for every job, e.g. EXTRA="steps=3" for a smoke test
+EXTRA_A=${EXTRA_A:-} EXTRA_B=${EXTRA_B:-}  # and for one side's sweeps only
 WORK=${WORK:-$(mktemp -d /tmp/sweep_ab.XXXX)}
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 repo=$(pwd)
@@ -19,14 +21,15 @@ for side in A B; do
   git clone -q "$repo" "$WORK/$side" && git -C "$WORK/$side" checkout -q "$(git rev-parse "${!ref}")"
 done
 run() {  # side round precision
-  local dir=$WORK/$1 s e
+  local dir=$WORK/$1 s e side_extra
+  side_extra=EXTRA_$1
   s=$(date +%s.%N)
   # shellcheck disable=SC2086  # EXTRA is word-split on purpose
   (cd "$dir" && python sweep.py sweep.name="$1$2" sweep.fresh=true 'sweep.controllers=[adaptive,pid]' \
     'sweep.targets=[0.05]' 'sweep.seeds=[0,1,2,3,4]' wandb.mode=disabled sweep.report=false precision="$3" \
-    sweep.root="$dir/sw" $EXTRA > "$dir/$1$2.log" 2>&1)
+    sweep.root="$dir/sw" $EXTRA ${!side_extra} > "$dir/$1$2.log" 2>&1)
   e=$(date +%s.%N)
-  echo "sweep $1 round $2 ($(git -C "$dir" rev-parse --short HEAD), precision=$3): wall $(python -c "print(round($e - $s, 1))") s"
+  echo "sweep $1 round $2 ($(git -C "$dir" rev-parse --short HEAD), precision=$3 ${!side_extra}): wall $(python -c "print(round($e - $s, 1))") s"
 }
 run A 1 "$PA"
 run B 1 "$PB"
