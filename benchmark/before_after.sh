@@ -13,13 +13,15 @@
 #
 #   bash benchmark/before_after.sh f97eb0b HEAD                  # before issue 31's work against now
 #   EXTRA="steps=12" SKIP_TRL=1 bash benchmark/before_after.sh HEAD HEAD     # a smoke test of the script (~10 min)
+#   EXTRA_B="gold.prompts=0" bash benchmark/before_after.sh f97eb0b HEAD     # the same work on both sides (A has no gold)
 set -euo pipefail
 REF_A=$1 REF_B=$2
 EXTRA=${EXTRA:-}  # more overrides for every train.py run and sweep job
+EXTRA_A=${EXTRA_A:-} EXTRA_B=${EXTRA_B:-}  # and for one side's train.py runs and sweep jobs only
 WORK=${WORK:-$(mktemp -d /tmp/before_after.XXXX)}
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 repo=$(pwd)
-echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'); A=$(git rev-parse --short "$REF_A") B=$(git rev-parse --short "$REF_B"); in $WORK; $(date -u +%FT%TZ)"
+echo "cpu: $(lscpu | sed -n 's/^Model name: *//p'); A=$(git rev-parse --short "$REF_A") B=$(git rev-parse --short "$REF_B"); in $WORK; $(date -u +%FT%TZ); EXTRA=$EXTRA EXTRA_A=$EXTRA_A EXTRA_B=$EXTRA_B"
 for side in A B; do
   ref=REF_$side
   git clone -q "$repo" "$WORK/$side" && git -C "$WORK/$side" checkout -q "$(git rev-parse "${!ref}")"
@@ -32,10 +34,10 @@ for side in A B; do  # warm-up: the reference, the 1- and 2-thread precision pro
     > "$WORK/warm2_$side.log" 2>&1)
 done
 train_run() {  # side round
-  local s0 dir=$WORK/train_$1$2
+  local s0 dir=$WORK/train_$1$2 side_extra=EXTRA_$1
   s0=$(now)
   # shellcheck disable=SC2086  # EXTRA is word-split on purpose
-  (cd "$WORK/$1" && python train.py wandb.mode=disabled hydra.run.dir="$dir" $EXTRA > "$dir.log" 2>&1)
+  (cd "$WORK/$1" && python train.py wandb.mode=disabled hydra.run.dir="$dir" $EXTRA ${!side_extra} > "$dir.log" 2>&1)
   python - "$dir" "$1" "$2" "$(since "$s0")" <<'PY'
 import json
 import sys
@@ -50,7 +52,8 @@ print(f"train.py {side} round {r}: wall {wall} s, {len(m)} steps, median s/step 
 PY
 }
 train_run A 1; train_run B 1; train_run B 2; train_run A 2
-PRECISION_A=auto PRECISION_B=auto WORK="$WORK/sweep" EXTRA="$EXTRA" bash "$repo/benchmark/sweep_ab.sh" "$REF_A" "$REF_B"
+PRECISION_A=auto PRECISION_B=auto WORK="$WORK/sweep" EXTRA="$EXTRA" EXTRA_A="$EXTRA_A" EXTRA_B="$EXTRA_B" \
+  bash "$repo/benchmark/sweep_ab.sh" "$REF_A" "$REF_B"
 for side in A B; do
   (cd "$WORK/$side" && python -m benchmark.bench --shape tiny --batch 64 --threads 2 > "$WORK/bench_$side.json" \
     2> "$WORK/bench_$side.err")
