@@ -707,6 +707,25 @@ def test_local_jobs_fork_from_the_sweeps_fork_server_unless_it_is_off(tmp_path):
         assert proc["ppid"] == int(controllers[f"fixed_s{s}"]) and not proc["prepare_loaded"], proc
 
 
+@pytest.mark.slow  # ~5 s
+def test_a_fork_server_that_cannot_start_leaves_the_jobs_to_start_as_before(tmp_path):
+    """A Unix socket's path has a length limit (108 bytes on Linux): under a $TMPDIR too long for it the server cannot
+    bind, and the sweep runs its jobs the ordinary way instead of failing."""
+    app = fake_app(tmp_path)
+    long_tmp = tmp_path / ("t" * 60) / ("u" * 60)
+    long_tmp.mkdir(parents=True)
+    cmd = [sys.executable, "app.py", f"log={app / 'calls.log'}", f"sweep.root={app / 'multirun'}"]
+    grid = ["sweep.controllers=[fixed]", "sweep.seeds=[0]", "hydra/launcher=local"]
+    r = subprocess.run(
+        [*cmd, *grid], cwd=app, env={**env(), "TMPDIR": str(long_tmp)}, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no fork server" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+    sweep_dir = only_sweep_dir(app / "multirun")
+    proc = json.loads((sweep_dir / "fixed_s0" / "proc.json").read_text())
+    assert proc["ppid"] == int(submitted_ids(sweep_dir)["fixed_s0"])  # submitit's own task, its controller's child
+
+
 # ------------------------------------------------------------------------------- real trainer, local
 def run_sweep(tmp_path: Path, *args: str, timeout: int = 900, cache: Path = CACHE) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "sweep.py"), *TINY, f"cache_dir={cache}", f"sweep.root={tmp_path}", *args]

@@ -193,7 +193,11 @@ class _TolerantMixin:
         preload = [*_FORK_PRELOAD, *(self.params.get("fork_preload") or [])]
         log_file = sweep_dir / ".submitit" / "forkserver.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        server = forkserver.ForkServer(preload, path=path, log=log_file)
+        try:
+            server = forkserver.ForkServer(preload, path=path, log=log_file)
+        except (OSError, RuntimeError) as e:  # e.g. a socket path past the OS's limit ($TMPDIR too long)
+            log.warning(f"no fork server ({e}); each job starts its own python (see {log_file})")
+            return None
         log.info(f"Fork server {server.process.pid}: each job forks from it after {preload} (log: {log_file})")
         try:
             use_fork_server(executor, server)
