@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +104,17 @@ def policy_update_weights(tiny_reference, runs: dict) -> tuple[list, dict]:
                       torch.Generator().manual_seed(2), 0.3, **kwargs)  # fmt: skip
         weights[name] = [t.detach().clone() for t in p.parameters()]
     return list(policy.parameters()), weights
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "", poll: float = 0.5) -> None:
+    """Poll predicate() until it is true; fail the test after timeout seconds, naming what it waited for."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids of a live process's children (Linux /proc; [] once it is gone)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []

@@ -5,13 +5,16 @@ a dead client takes its job with it; without a server the client runs the job it
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
 import time
 from pathlib import Path
 
+import conftest
 import pytest
+from conftest import child_pids
 
 from hydra_plugins.kl_research_sweeper.launchers import use_fork_server
 from kl_research import forkserver
@@ -19,21 +22,12 @@ from kl_research import forkserver
 pytestmark = pytest.mark.skipif(not forkserver.supported(), reason="the fork server is Linux-only")
 
 
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(c) for c in path.read_text().split()] if path.exists() else []
-
-
 def gone(pid: int) -> bool:
     stat = Path(f"/proc/{pid}/stat")
     return not stat.exists() or stat.read_text().split(") ")[-1].startswith("Z")
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+wait_for = functools.partial(conftest.wait_for, poll=0.1)  # these jobs are quick: poll often
 
 
 @pytest.fixture
@@ -101,8 +95,8 @@ def test_signals_reach_the_job_and_a_killed_task_or_cancel_ends_it(tmp_path, ser
         j = ex.submit(sleeper, str(pid_file))
         wait_for(pid_file.exists, 30, "the job to start")
         job_pid = int(pid_file.read_text())
-        (task,) = children(int(j.job_id))  # the controller's task: the fork server's client
-        assert job_pid in children(server.process.pid) and task != job_pid
+        (task,) = child_pids(int(j.job_id))  # the controller's task: the fork server's client
+        assert job_pid in child_pids(server.process.pid) and task != job_pid
         if how == "signal, then cancel":
             os.kill(task, signal.SIGUSR1)
             wait_for(got.exists, 10, "SIGUSR1 to reach the job through its task")
@@ -110,7 +104,7 @@ def test_signals_reach_the_job_and_a_killed_task_or_cancel_ends_it(tmp_path, ser
         else:
             os.kill(task, signal.SIGKILL)
         wait_for(lambda pid=job_pid: gone(pid), 20, f"the job to end after: {how}")
-    wait_for(lambda: children(server.process.pid) == [], 5, "the server to reap its children")
+    wait_for(lambda: child_pids(server.process.pid) == [], 5, "the server to reap its children")
 
 
 def test_without_a_server_the_task_runs_the_job_itself(tmp_path, server):

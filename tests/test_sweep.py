@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import tiny_job
+from conftest import child_pids, tiny_job, wait_for
 from hydra import compose, initialize_config_dir
 
 import kl_research.config  # noqa: F401  (registers the schemas)
@@ -544,13 +544,6 @@ def test_hydra_sweep_syntax_and_the_shared_preparation(tmp_path):
     assert len(list((app / "multirun" / "kl_grid").iterdir())) == 1
 
 
-def wait_for(predicate, timeout: float = 120, what: str = "") -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 def submitted_ids(sweep_dir: Path) -> dict[str, str]:
     """Run-dir name -> submitit job id, from the launcher's record of what it submitted."""
     lines = (sweep_dir / ".submitit" / "submitted.jsonl").read_text().splitlines()
@@ -559,9 +552,8 @@ def submitted_ids(sweep_dir: Path) -> dict[str, str]:
 
 def local_task_pid(sweep_dir: Path, subdir: str) -> int:
     """The pid of a local job's task: submitit's local job id is its controller's pid; the task is its child."""
-    controller = submitted_ids(sweep_dir)[subdir]
-    (task,) = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
-    return int(task)
+    (task,) = child_pids(int(submitted_ids(sweep_dir)[subdir]))
+    return task
 
 
 @pytest.mark.slow  # ~10 s: a local sweep of a fake task with a job SIGKILLed
