@@ -184,7 +184,8 @@ def serve(address: str, preload: list[str], path: str | None = None) -> int:
 
 
 class ForkServer:
-    """A running server (``start``) and its socket's address; ``stop()`` ends it once its jobs have ended."""
+    """Starts the server (``python -m kl_research.forkserver serve``) and returns once its socket is bound;
+    ``address`` is the socket, ``client_command`` a job's task, ``stop()`` ends the server once its jobs have ended."""
 
     def __init__(self, preload: list[str], path: str | None = None, log: Path | None = None) -> None:
         self._dir = tempfile.mkdtemp(prefix="kl-fork-")  # 0700: only this user can connect

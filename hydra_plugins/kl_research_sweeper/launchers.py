@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 SUBMITTED = ".submitit/submitted.jsonl"
 # keys of our launcher configs that are not submitit parameters
 _OWN_KEYS = {"max_parallel", "fork_server", "fork_preload"}
-# what every job unpickles and runs, preloaded by the fork server besides the config's fork_preload
-_FORK_PRELOAD = ["submitit.core.submission", "hydra_plugins.hydra_submitit_launcher.submitit_launcher"]
+# the modules that run any job (submitit's runner, the launcher it unpickles): the fork server imports them whatever
+# the config's fork_preload (config.FORK_PRELOAD: what a training job imports) says
+_JOB_RUNNER_MODULES = ["submitit.core.submission", "hydra_plugins.hydra_submitit_launcher.submitit_launcher"]
 
 
 def failed_return(overrides: Sequence[str], error: BaseException) -> JobReturn:
@@ -190,7 +191,7 @@ class _TolerantMixin:
             return None
         main_file = getattr(sys.modules.get("__main__"), "__file__", None)
         path = str(Path(main_file).resolve().parent) if main_file else None
-        preload = [*_FORK_PRELOAD, *(self.params.get("fork_preload") or [])]
+        preload = [*_JOB_RUNNER_MODULES, *(self.params.get("fork_preload") or [])]
         log_file = sweep_dir / ".submitit" / "forkserver.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         try:
