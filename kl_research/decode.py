@@ -21,7 +21,6 @@ Models this does not implement (e.g. Llama/SmolLM2) use HF `generate`: `fast_sam
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch.nn import functional as F
@@ -56,6 +55,16 @@ def inverse_cdf_sample(probs: torch.Tensor) -> torch.Tensor:
     cdf = probs.cumsum(-1, dtype=torch.float64)
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
+def attention_scale(cfg, layer: int) -> float:
+    """GPT-2's attention scaling at block `layer` (0-based), as transformers' GPT2Attention computes it: 1/√head_dim
+    with scale_attn_weights, further divided by layer + 1 with scale_attn_by_inverse_layer_idx (Stanford CRFM's
+    GPT-2s set it). A sampler that left the second out would not sample from the model the scoring pass scores."""
+    scale = (cfg.n_embd // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
+    if cfg.scale_attn_by_inverse_layer_idx:
+        scale /= float(layer + 1)
+    return scale
 
 
 def _conv1d(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -99,10 +108,10 @@ def sample(
     if S > cfg.n_positions:
         raise ValueError(f"prompt {P} + {max_new_tokens} new tokens exceed the model's {cfg.n_positions} positions")
     H, D = cfg.n_head, cfg.n_embd // cfg.n_head
-    scale = 1.0 / math.sqrt(D) if cfg.scale_attn_weights else 1.0
     eps = cfg.layer_norm_epsilon
     device = prompts.device
     blocks = list(tr.h)
+    scales = [attention_scale(cfg, i) for i in range(len(blocks))]
     # torch.autocast (bf16 trunk) decides the GEMMs' dtype as it does for HF's modules. The attention runs as the
     # scoring pass's (policy._kl_sdpa): on a CPU in fp32, so the cache is fp32 there; elsewhere it takes the keys'
     # dtype, set at the first write.
@@ -137,7 +146,7 @@ def sample(
             # one query row (decode) sees every cached position; the prompt (prefill) is causal within itself
             with cpu_fp32:  # CPU autocast would cast SDPA's inputs to bf16 (policy._kl_sdpa)
                 a = F.scaled_dot_product_attention(
-                    q.to(kc.dtype), kc[:, :, : start + t], vc[:, :, : start + t], is_causal=t > 1, scale=scale
+                    q.to(kc.dtype), kc[:, :, : start + t], vc[:, :, : start + t], is_causal=t > 1, scale=scales[i]
                 )  # (B, H, T, D)
             a = a.transpose(1, 2).reshape(b * t, c)
             x = x + _conv1d(a, w_proj).view(b, t, c)

@@ -14,12 +14,12 @@ from kl_research.policy import PolicyWithValue
 from kl_research.rollout import rollout
 
 
-def random_gpt2(vocab: int = 64, seed: int = 0, activation: str = "gelu_new") -> GPT2LMHeadModel:
+def random_gpt2(vocab: int = 64, seed: int = 0, activation: str = "gelu_new", **config) -> GPT2LMHeadModel:
     """A small random GPT-2; a small vocabulary makes EOS frequent, so sequences end at different lengths."""
     torch.manual_seed(seed)
     cfg = GPT2Config(
         vocab_size=vocab, n_positions=48, n_embd=64, n_layer=2, n_head=4, activation_function=activation,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, **config,
     )  # fmt: skip
     lm = GPT2LMHeadModel(cfg).eval()
     for p in lm.parameters():  # sharper logits than the default init, so temperature matters
@@ -27,13 +27,16 @@ def random_gpt2(vocab: int = 64, seed: int = 0, activation: str = "gelu_new") ->
     return lm
 
 
-@pytest.mark.parametrize(("temperature", "activation"), [(1.0, "gelu"), (0.7, "gelu_new")])
-def test_fast_sampler_samples_from_the_logits_the_scoring_pass_computes(temperature, activation):
+@pytest.mark.parametrize(
+    ("temperature", "activation", "config"),
+    [(1.0, "gelu", {}), (0.7, "gelu_new", {}), (1.0, "gelu_new", {"scale_attn_by_inverse_layer_idx": True})],
+)
+def test_fast_sampler_samples_from_the_logits_the_scoring_pass_computes(temperature, activation, config):
     """Every decoding step's logits (static KV cache, own loop) equal the scoring pass's (policy.score_lm: one
     full-sequence forward of HF's model) at that position, for every sequence, EOS and the pad after it included; the
     loop stops where every sequence has ended, as `generate` does. Both GELUs: the tiny default's exact one, GPT-2's
-    tanh form."""
-    lm = random_gpt2(activation=activation)
+    tanh form; and GPT-2's per-layer attention scaling (1/(layer+1), as in e.g. Stanford CRFM's GPT-2s)."""
+    lm = random_gpt2(activation=activation, **config)
     policy = PolicyWithValue.from_reference(lm).eval()
     prompts = torch.randint(3, 64, (32, 6), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)
