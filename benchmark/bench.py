@@ -180,6 +180,7 @@ def bench(
     workload: str = "trl",
     fused_vocab: bool = True,
     score_from_sampler: bool = True,
+    fast_trunk: bool = True,
 ) -> dict[str, Any]:
     """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record.
     sampler: the trainer's `sampler` key (auto: the fast decode loop for GPT-2 shapes, generate otherwise).
@@ -187,7 +188,10 @@ def bench(
     warm-up step, reported as warmup_seconds). workload: "trl" (TRL's classic step: −β·k1 in the reward, 4 epochs) or
     "train" (the trainer's defaults: sequence + exact KL, conf/ppo/default.yaml's epochs). fused_vocab: the trainer's
     key (the exact-KL loss's hand-fused backward; "trl" has no exact-KL loss, so it changes nothing there).
-    score_from_sampler: the trainer's key (the policy's rollout logits and values from the fast sampler's steps)."""
+    score_from_sampler: the trainer's key (the policy's rollout logits and values from the fast sampler's steps).
+    fast_trunk: the trainer's key (scoring and the update's forward in kl_research/gpt2.py's plain ops; the floors stay
+    transformers' own calls)."""
+    from kl_research.gpt2 import use_plain_trunk
     from kl_research.runtime import autocast, peak_memory_mb, resolve_device, setup_allocator, setup_threads
     from kl_research.train import make_optimizer
 
@@ -199,6 +203,8 @@ def bench(
     ref, policy, dims = build_models(shape, seed)
     ref.to(dev)
     policy.to(dev)
+    for lm in (policy.lm, ref):
+        use_plain_trunk(lm, fast_trunk)
     choice = _precision_choice(cfg, policy, dev, precision, prompt_len)
     amp = autocast(dev, choice.precision)  # the record says what ran, and why (precision_source, precision_reason)
     _compile_and_check(compile, policy, ref, dims, prompt_len + response_len)
@@ -222,6 +228,7 @@ def bench(
             **_record_body(compile, timers, compile_vocab, workload, pcfg, warmup_s, med, cpu, runs),
             "fused_vocab": fused_vocab,
             "score_from_sampler": score_from_sampler,
+            "fast_trunk": fast_trunk,
             **_record_rates(med, pcfg, batch_size, prompt_len, response_len, rss, dev, n_threads, malloc_tuned),
         }
     if floors:
@@ -643,6 +650,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workload", default="trl", choices=("trl", "train"), help="TRL's classic step or our defaults")
     ap.add_argument("--no-fused-vocab", action="store_true", help="the trainer's fused_vocab=false")
     ap.add_argument("--no-score-from-sampler", action="store_true", help="the trainer's score_from_sampler=false")
+    ap.add_argument("--no-fast-trunk", action="store_true", help="the trainer's fast_trunk=false")
     a = ap.parse_args(argv)
     if a.kl_noise:
         ref = None
@@ -674,6 +682,7 @@ def main(argv: list[str] | None = None) -> None:
             a.workload,
             not a.no_fused_vocab,
             not a.no_score_from_sampler,
+            not a.no_fast_trunk,
         )
     print(json.dumps(rec), flush=True)
 

@@ -552,6 +552,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.get("compile_vocab", "auto") in ("auto", True, False), "compile_vocab", "auto, true, false")
     need(cfg.get("fused_vocab", True) in (True, False), "fused_vocab", "true, false")
     need(cfg.get("score_from_sampler", True) in (True, False), "score_from_sampler", "true, false")
+    need(cfg.get("fast_trunk", True) in (True, False), "fast_trunk", "true, false")
     need(cfg.get("compile") in COMPILE_MODES, "compile", ", ".join(map(str, COMPILE_MODES)).lower())
     if device.startswith("cuda"):
         import torch

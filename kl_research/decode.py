@@ -25,14 +25,15 @@ import contextlib
 import torch
 from torch.nn import functional as F
 
+from kl_research.gpt2 import attention_scale, block_weights, blocks, unsupported_reason
+
 
 def fast_sampler_reason(lm: torch.nn.Module) -> str | None:
     """None if `sample` can generate for this LM; otherwise why not (the caller then uses HF `generate`)."""
-    cfg = getattr(lm, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) != "gpt2":
-        return f"model_type {getattr(cfg, 'model_type', None)!r} (the fast sampler implements gpt2 only)"
-    if cfg.reorder_and_upcast_attn or getattr(cfg, "add_cross_attention", False):
-        return "reorder_and_upcast_attn / cross-attention (not implemented by the fast sampler)"
+    reason = unsupported_reason(lm)
+    if reason is not None:
+        return reason
+    cfg = lm.config
     if lm.training and (cfg.attn_pdrop > 0 or cfg.resid_pdrop > 0 or cfg.embd_pdrop > 0):
         return "dropout active in training mode"
     return None
@@ -55,30 +56,6 @@ def inverse_cdf_sample(probs: torch.Tensor) -> torch.Tensor:
     cdf = probs.cumsum(-1, dtype=torch.float64)
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
-
-
-def attention_scale(cfg, layer: int) -> float:
-    """GPT-2's attention scaling at block `layer` (0-based), as transformers' GPT2Attention computes it: 1/√head_dim
-    with scale_attn_weights, further divided by layer + 1 with scale_attn_by_inverse_layer_idx (Stanford CRFM's
-    GPT-2s set it). A sampler that left the second out would not sample from the model the scoring pass scores."""
-    scale = (cfg.n_embd // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
-    if cfg.scale_attn_by_inverse_layer_idx:
-        scale /= float(layer + 1)
-    return scale
-
-
-def _conv1d(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """transformers' Conv1D: x @ W + b with W (in, out); wb = (W, b)."""
-    return torch.addmm(wb[1], x, wb[0])
-
-
-def _conv1d_weights(conv: torch.nn.Module, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Conv1D's (W, b), cast once to the autocast dtype when there is one: autocast would cast them again at every
-    decoding step (it keeps no cast weights under inference mode; a profile counted 41 casts of each per PPO step).
-    The same rounding as autocast's own cast, and an input already in that dtype is not cast again: the same numbers."""
-    if dtype is None:
-        return conv.weight, conv.bias
-    return conv.weight.to(dtype), conv.bias.to(dtype)
 
 
 @torch.inference_mode()
@@ -110,18 +87,15 @@ def sample(
     H, D = cfg.n_head, cfg.n_embd // cfg.n_head
     eps = cfg.layer_norm_epsilon
     device = prompts.device
-    blocks = list(tr.h)
-    scales = [attention_scale(cfg, i) for i in range(len(blocks))]
-    # torch.autocast (bf16 trunk) decides the GEMMs' dtype as it does for HF's modules. The attention runs as the
-    # scoring pass's (policy._kl_sdpa): on a CPU in fp32, so the cache is fp32 there; elsewhere it takes the keys'
-    # dtype, set at the first write.
+    scales = [attention_scale(cfg, i) for i in range(cfg.n_layer)]
+    # torch.autocast (bf16 trunk) decides the GEMMs' dtype as it does for HF's modules; the weights are cast once per
+    # call (autocast keeps no cast weights under inference mode: a profile counted 41 casts of each per PPO step). The
+    # attention runs as the scoring pass's (policy._kl_sdpa): on a CPU in fp32, so the cache is fp32 there; elsewhere
+    # it takes the keys' dtype, set at the first write.
     amp_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    layer_weights = [  # per block: the attention's qkv and output projections, the MLP's two
-        [_conv1d_weights(conv, amp_dtype) for conv in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj)]
-        for blk in blocks
-    ]
-    kcache: list[torch.Tensor | None] = [None] * len(blocks)
-    vcache: list[torch.Tensor | None] = [None] * len(blocks)
+    weights = block_weights(lm, amp_dtype)
+    kcache: list[torch.Tensor | None] = [None] * cfg.n_layer
+    vcache: list[torch.Tensor | None] = [None] * cfg.n_layer
     head_w = lm.get_output_embeddings().weight
     head_b = lm.get_output_embeddings().bias
     inv_t = 1.0 / temperature
@@ -130,30 +104,23 @@ def sample(
 
     def layers(x: torch.Tensor, start: int) -> torch.Tensor:
         """x (B, T, C) at positions start … start+T−1 through every block, the K/V written into the cache."""
-        b, t, c = x.shape
-        for i, blk in enumerate(blocks):
-            w_qkv, w_proj, w_fc, w_out = layer_weights[i]
-            h = F.layer_norm(x, (c,), blk.ln_1.weight, blk.ln_1.bias, eps)
-            qkv = _conv1d(h.view(b * t, c), w_qkv).view(b, t, 3, H, D)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+        t = x.shape[1]
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             if kcache[i] is None:
                 dtype = torch.float32 if device.type == "cpu" else k.dtype
-                kcache[i] = torch.empty(b, H, S, D, dtype=dtype, device=device)
-                vcache[i] = torch.empty(b, H, S, D, dtype=dtype, device=device)
+                kcache[i] = k.new_empty(B, H, S, D, dtype=dtype)
+                vcache[i] = k.new_empty(B, H, S, D, dtype=dtype)
             kc, vc = kcache[i], vcache[i]
             kc[:, :, start : start + t] = k
             vc[:, :, start : start + t] = v
             # one query row (decode) sees every cached position; the prompt (prefill) is causal within itself
             with cpu_fp32:  # CPU autocast would cast SDPA's inputs to bf16 (policy._kl_sdpa)
-                a = F.scaled_dot_product_attention(
+                return F.scaled_dot_product_attention(
                     q.to(kc.dtype), kc[:, :, : start + t], vc[:, :, : start + t], is_causal=t > 1, scale=scales[i]
                 )  # (B, H, T, D)
-            a = a.transpose(1, 2).reshape(b * t, c)
-            x = x + _conv1d(a, w_proj).view(b, t, c)
-            h = F.layer_norm(x, (c,), blk.ln_2.weight, blk.ln_2.bias, eps)
-            m = blk.mlp.act(_conv1d(h.view(b * t, c), w_fc))  # the model's own activation module
-            x = x + _conv1d(m, w_out).view(b, t, c)
-        return x
+
+        return blocks(lm, x, weights, attend)
 
     def next_token(x_last: torch.Tensor, t: int) -> torch.Tensor:
         """The sampled token ids (B,) from the last position's hidden state (B, C), the t-th response token's."""

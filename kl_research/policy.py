@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from kl_research import gpt2
+
 
 def disable_dropout(model: nn.Module) -> None:
     """PPO ratios must be 1 at the first minibatch: no dropout anywhere (policy and reference)."""
@@ -210,7 +212,12 @@ def score_lm(
     """
     trunk = getattr(lm, "_compiled_trunk", None)  # set by compile_trunk
     ids = input_ids[:, :-1]
-    hidden = trunk(ids) if trunk is not None else lm.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    if trunk is not None:
+        hidden = trunk(ids)
+    elif getattr(lm, "_kl_plain_trunk", False):  # set by gpt2.use_plain_trunk (the fast_trunk key)
+        hidden = gpt2.hidden_states(lm, ids)
+    else:
+        hidden = lm.base_model(input_ids=ids, use_cache=False).last_hidden_state
     B, R = hidden.shape[0], hidden.shape[1] - prompt_len + 1
     # One contiguous (B·R, H) matrix: on the strided slice (B, R, H), F.linear may take a batched matmul with
     # the (H, V) weight expanded B times when the weight requires grad (seen in a profile at 64×24×50257; in an

@@ -39,6 +39,7 @@ from kl_research.checkpoint import (
 from kl_research.config import validate
 from kl_research.controllers import KLController, build_controller
 from kl_research.decode import fast_sampler_reason, uses_fast_sampler
+from kl_research.gpt2 import use_plain_trunk
 from kl_research.kl import ESTIMATORS, masked_mean, masked_sum, token_kl
 from kl_research.policy import PolicyWithValue, compile_trunks, disable_dropout
 from kl_research.precision_probe import Workload, auto_precision
@@ -319,6 +320,12 @@ class Job:
         optimizer = make_optimizer(policy, pcfg, device)
         corpus = load_corpus(cfg.data)
         prompts_all = build_prompts(corpus.train, tokenizer, cfg.data.prompt_tokens, cfg.data.num_prompts, cfg.seed)
+        # the scoring pass's and the update's forward (and the probe's, which times them): plain ops where they apply
+        fast_trunk = bool(cfg.get("fast_trunk", True))  # configs written before the key have none: the default
+        why_not = use_plain_trunk(policy.lm, fast_trunk)
+        use_plain_trunk(ref_model, fast_trunk)
+        log.info("fast_trunk=%s → %s", fast_trunk, "plain ops (kl_research/gpt2.py)" if fast_trunk and why_not is None
+                 else f"transformers' forward{f' ({why_not})' if why_not else ''}")  # fmt: skip
         sampler = cfg.get("sampler", "auto")
         reason = fast_sampler_reason(policy.lm)
         if sampler == "fast" and reason is not None:  # before the precision probe, which samples with it

@@ -84,12 +84,12 @@ def test_under_autocast_the_sampler_casts_each_weight_once_per_call_with_autocas
 
     seqs, logits, casts = run()
     assert casts == 2  # the c_attn weights of the two blocks, once each
-    real = decode._conv1d_weights
+    real = decode.block_weights
     try:  # autocast casting the fp32 weights at every GEMM, as before
-        decode._conv1d_weights = lambda conv, dtype: (conv.weight, conv.bias)
+        decode.block_weights = lambda lm, dtype: real(lm)
         seqs_each, logits_each, casts_each = run()
     finally:
-        decode._conv1d_weights = real
+        decode.block_weights = real
     assert casts_each == 2 * 12  # every block at every decoding step (the prompt's pass included)
     assert torch.equal(seqs, seqs_each) and torch.equal(logits, logits_each)
 

@@ -413,17 +413,33 @@ def test_kill_and_resume_writes_each_steps_samples_once(cache_dir, tmp_path, mon
 
 @pytest.mark.parametrize(
     "paths",
-    [["sampler=hf", "compile_vocab=false"], ["sampler=fast", "compile_vocab=true"], ["sampler=fast", "precision=bf16"]],
+    [
+        ["sampler=hf", "compile_vocab=false", "fast_trunk=false"],
+        ["sampler=fast", "compile_vocab=true"],
+        ["sampler=fast", "precision=bf16"],
+    ],
 )
 def test_kill_and_resume_is_exact_with_and_without_the_fast_paths(cache_dir, tmp_path, monkeypatch, paths):
-    """The fallbacks (HF generate, eager vocabulary work), both fast paths forced on, and a bf16 trunk (its sampler's
-    weights cast once per rollout, the head's backward in bf16): the same guarantee."""
+    """The fallbacks (HF generate, eager vocabulary work, transformers' forward), the fast paths forced on, and a bf16
+    trunk (its sampler's weights cast once per rollout, the head's backward in bf16): the same guarantee."""
     from kl_research.runtime import resolve_compile_vocab
 
     if "compile_vocab=true" in paths and not resolve_compile_vocab("auto", torch.device("cpu"))[0]:
         pytest.skip("no C++ compiler for torch.compile's CPU backend")
     cfg = make_cfg(cache_dir, "steps=5", "controller=adaptive", "controller.horizon=16", *paths)
     assert_kill_and_resume_continues_identical_trajectory(cfg, tmp_path, monkeypatch)
+
+
+def test_fast_trunk_leaves_the_trajectory_bit_identical(cache_dir, tmp_path, caplog):
+    """fast_trunk (the scoring pass's and the update's forward in kl_research/gpt2.py's plain ops) against
+    transformers' forward, under a bf16 trunk: every logged number of every step the same, to the bit."""
+    with caplog.at_level("INFO", logger="kl_research.train"):
+        train(make_cfg(cache_dir, "steps=3", "precision=bf16", "seed=2", "fast_trunk=false"), tmp_path / "hf")
+        assert "fast_trunk=False → transformers' forward" in caplog.text
+        train(make_cfg(cache_dir, "steps=3", "precision=bf16", "seed=2"), tmp_path / "plain")
+        assert "fast_trunk=True → plain ops" in caplog.text
+    hf, plain = read_metrics(tmp_path / "hf"), read_metrics(tmp_path / "plain")
+    assert hf[-1]["kl/exact"] > 0 and without_timing(hf) == without_timing(plain)
 
 
 def test_grpo_kill_and_resume_continues_identical_trajectory(cache_dir, tmp_path, monkeypatch):
