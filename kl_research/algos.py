@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from kl_research import ppo
+from kl_research import ppo, vocab_kernel
 from kl_research.kl import masked_mean, tempered, token_kl
 from kl_research.policy import PolicyWithValue
 
@@ -256,11 +256,12 @@ def policy_update(
     generator: torch.Generator,
     beta: float = 0.0,
     compile_vocab: bool = False,
-    fused_vocab: bool = False,
+    fused_vocab: bool | str = False,
 ) -> dict[str, float]:
     """epochs × minibatches of the algorithm's loss, with gradient clipping. Returns each loss part's mean over the
     steps. compile_vocab: the per-token work over the vocabulary (`vocab_stats`) through torch.compile (it compiles
-    the autograd version and takes precedence); fused_vocab: that work with its hand-fused backward.
+    the autograd version and takes precedence); fused_vocab: that work with its hand-fused backward, in torch ops
+    (True) or as the C kernel ("kernel", kl_research/vocab_kernel.py: `vocab_kernel.load` first).
 
     With ppo.target_approx_kl set, the epochs stop early once an epoch's mean approx-KL(π_old‖π) exceeds it.
     """
@@ -268,8 +269,11 @@ def policy_update(
     B = batch["seqs"].shape[0]
     stats: dict[str, list[float]] = {}
     per_seq = [k for k in ("mask", "response", "logp", "values", "ref_logp", "ref_logprobs") if k in batch]
-    stats_fn = compiled_vocab_stats() if compile_vocab else functools.partial(vocab_stats, fused=fused_vocab)
     exact = uses_exact_kl_loss(pcfg)
+    kernel = exact and fused_vocab == "kernel" and not compile_vocab  # reads the reference's rows in place
+    if kernel:
+        per_seq.remove("ref_logprobs")
+    stats_fn = compiled_vocab_stats() if compile_vocab else functools.partial(vocab_stats, fused=bool(fused_vocab))
     epoch_kl = 0.0
     epochs_run = 0
     for _ in range(pcfg.epochs):
@@ -280,7 +284,11 @@ def policy_update(
             with amp:
                 logits, values = policy.score(batch["seqs"][idx], prompt_len, with_values=algo.value_head)
             mb = {k: batch[k][idx] for k in per_seq}
-            logp, kl_pos = stats_fn(logits, mb["response"], pcfg.temperature, mb["ref_logprobs"] if exact else None)
+            if kernel:
+                z = tempered(logits, pcfg.temperature)
+                logp, kl_pos = vocab_kernel.logp_and_exact_kl(z, mb["response"], batch["ref_logprobs"], idx)
+            else:
+                logp, kl_pos = stats_fn(logits, mb["response"], pcfg.temperature, mb["ref_logprobs"] if exact else None)
             ret = returns[idx] if returns is not None else None
             loss, parts = algo.loss_from_stats(logp, kl_pos, values, mb, advantages[idx], ret, beta)
             if not torch.isfinite(loss):

@@ -25,7 +25,9 @@ PREVIOUS_CHECKPOINT = "checkpoints/previous.pt"  # the one before last.pt, kept 
 LOCK_FILE = ".lock"
 # Keys whose change does not change the trajectory: a restart may differ in these and still resume. `gold`: the gold
 # evaluation samples in a fork of the RNG (kl_research.gold; tests/test_gold.py checks the trajectory is the same).
-RESUMABLE_DIFFS = ("steps", "wandb", "threads", "checkpoint_every", "keep_checkpoints", "sweep", "drift_", "gold")
+# fast_trunk: the same numbers either way (tests/test_gpt2.py)
+RESUMABLE_DIFFS = ("steps", "wandb", "threads", "checkpoint_every", "keep_checkpoints", "sweep", "drift_", "gold",
+                   "fast_trunk")  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -443,6 +443,7 @@ def register_configs() -> None:
 
 
 SAMPLERS = ("auto", "fast", "hf")  # the `sampler` key: kl_research.decode, transformers' generate
+FUSED_VOCAB = ("auto", "kernel", True, False)  # the `fused_vocab` key: kl_research/vocab_kernel.py, ppo.py, autograd
 COMPILE_MODES = (False, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -550,7 +551,7 @@ def validate(cfg: DictConfig) -> None:
             "architectures only; allowed: sampler=auto or hf"
         )
     need(cfg.get("compile_vocab", "auto") in ("auto", True, False), "compile_vocab", "auto, true, false")
-    need(cfg.get("fused_vocab", True) in (True, False), "fused_vocab", "true, false")
+    need(cfg.get("fused_vocab", True) in FUSED_VOCAB, "fused_vocab", ", ".join(map(str, FUSED_VOCAB)).lower())
     need(cfg.get("score_from_sampler", True) in (True, False), "score_from_sampler", "true, false")
     need(cfg.get("fast_trunk", True) in (True, False), "fast_trunk", "true, false")
     need(cfg.get("compile") in COMPILE_MODES, "compile", ", ".join(map(str, COMPILE_MODES)).lower())

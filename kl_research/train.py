@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from kl_research import vocab_kernel
 from kl_research.algos import Algorithm, build_algorithm, policy_update, uses_exact_kl_loss
 from kl_research.analysis.control import BAND, UNTARGETED
 from kl_research.checkpoint import (
@@ -49,6 +50,7 @@ from kl_research.runtime import (
     PrecisionChoice,
     autocast,
     peak_memory_mb,
+    resolve_cache_dir,
     resolve_compile_vocab,
     resolve_device,
     resolve_precision,
@@ -58,6 +60,7 @@ from kl_research.runtime import (
     setup_allocator,
     setup_threads,
 )
+from kl_research.vocab_kernel import resolve_fused_vocab
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +263,7 @@ class Job:
     gold: Any = None  # kl_research.gold.GoldEval: the gold scorers on held-out prompts at eval steps (None: off)
     judge: Any = None  # AFINN on every rollout's responses (reward/judge; gold.rollout_judge): never trained on
     elapsed_before: float = 0.0
+    fused_vocab: bool | str = True  # the update's vocabulary work: "kernel" | True (torch ops) | False (autograd)
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -273,10 +277,6 @@ class Job:
     @property
     def compile_vocab(self) -> bool:
         return resolve_compile_vocab(self.cfg.get("compile_vocab", "auto"), self.device)[0]
-
-    @property
-    def fused_vocab(self) -> bool:
-        return bool(self.cfg.get("fused_vocab", True))  # configs written before the key have none: the default
 
     @property
     def score_from_sampler(self) -> bool:
@@ -340,6 +340,14 @@ class Job:
         log.info("sampler=%s → %s", sampler, "fast (static KV cache, kl_research/decode.py)" if fast else "hf generate")
         log.info("compile_vocab=%s → %s", cfg.get("compile_vocab", "auto"), resolve_compile_vocab(
             cfg.get("compile_vocab", "auto"), device)[1])  # fmt: skip
+        # configs written before the key have none, and `true` then: the torch-ops version, their trajectory
+        fused_vocab, why = resolve_fused_vocab(
+            cfg.get("fused_vocab", True), device, resolve_cache_dir(cfg.get("cache_dir"))
+        )
+        kept = ckpt.get("fused_vocab", fused_vocab) if ckpt is not None else fused_vocab
+        if kept != fused_vocab and cfg.get("fused_vocab") == "auto" and (kept != "kernel" or vocab_kernel.loaded()):
+            fused_vocab, why = kept, f"auto: kept from the checkpoint (steps 1-{ckpt['step']} ran with it)"
+        log.info("fused_vocab=%s → %s", cfg.get("fused_vocab", True), why)
         if cfg.compile:  # scoring and the update run through the compiled trunk; generation stays eager (KV cache)
             compile_trunks(cfg.compile, policy.lm, ref_model)
             log.info("torch.compile(%s) of the scoring/update trunk: the first rollout and update compile", cfg.compile)
@@ -362,6 +370,7 @@ class Job:
             prompt_gen=torch.Generator().manual_seed(cfg.seed),
             shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1),
         )
+        job.fused_vocab = fused_vocab
         job.gold = GoldEval.of(cfg, corpus.heldout, tokenizer)
         if cfg.get("gold") is not None and cfg.gold.get("rollout_judge", False):
             from kl_research.rewards import AfinnReward
@@ -392,6 +401,12 @@ class Job:
                 "resumed on %s with a %s trunk; steps 1-%d ran on %s with a %s trunk (device=auto and precision=auto "
                 "resolve per machine): from here the trajectory is not bit-identical to an uninterrupted run",
                 *(self.device.type, self.choice.precision, self.start_step, *ran),
+            )
+        if ckpt.get("fused_vocab", self.fused_vocab) != self.fused_vocab:  # auto: the kernel where it builds
+            log.warning(
+                "resumed with fused_vocab resolved to %s; steps 1-%d ran with %s (fused_vocab=auto resolves per "
+                "machine): from here the trajectory is not bit-identical to an uninterrupted run",
+                *(self.fused_vocab, self.start_step, ckpt["fused_vocab"]),
             )
 
     @property
@@ -540,6 +555,7 @@ class Job:
                 "elapsed_s": self.elapsed(),
                 "device_type": self.device.type,
                 "precision": self.choice.precision,
+                "fused_vocab": self.fused_vocab,  # as resolved: "kernel" | True | False
                 "precision_choice": self.started.record(),  # how it was chosen when the run started
                 "config": self.resolved,
             },

@@ -103,7 +103,7 @@ def policy_update_weights(tiny_reference, runs: dict) -> tuple[list, dict]:
         policy_update(PPO(pcfg), p, opt, batch, adv, batch["values"] + 0.5, 4, amp,
                       torch.Generator().manual_seed(2), 0.3, **kwargs)  # fmt: skip
         weights[name] = [t.detach().clone() for t in p.parameters()]
-    return list(policy.parameters()), weights
+    return [t.detach() for t in policy.parameters()], weights
 
 
 def wait_for(predicate, timeout: float = 120, what: str = "", poll: float = 0.5) -> None:

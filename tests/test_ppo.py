@@ -400,5 +400,5 @@ def test_policy_update_with_the_fused_vocab_backward_leaves_autograds_weights(ti
 
 
 def test_fused_vocab_key_is_validated(compose):
-    with pytest.raises(ValueError, match="fused_vocab='yes' is invalid; allowed: true, false"):
+    with pytest.raises(ValueError, match="fused_vocab='yes' is invalid; allowed: auto, kernel, true, false"):
         compose("fused_vocab=yes")

@@ -317,6 +317,35 @@ def test_resume_keeps_the_precision_the_checkpoint_ran_with(cache_dir, tmp_path,
     assert ckpt["precision"] == "fp32" and ckpt["precision_choice"]["precision_source"] == "probe"
 
 
+def test_resume_keeps_the_vocabulary_path_the_checkpoint_ran_with(cache_dir, tmp_path, monkeypatch, caplog):
+    """fused_vocab=auto resolves per machine (the C kernel where it builds): a run that started without it resumes
+    on the torch-ops version even where the kernel now builds (its trajectory continues bit for bit); a run that ran
+    the kernel and resumes where it cannot build falls back and warns that its trajectory is no longer bit-identical."""
+    from kl_research import vocab_kernel
+
+    real_load = vocab_kernel.load
+    monkeypatch.setattr(vocab_kernel, "load", lambda cache: (False, "no C compiler (simulated)"))
+    train(make_cfg(cache_dir, "steps=2", "checkpoint_every=1"), tmp_path / "a")
+    assert torch.load(tmp_path / "a" / train_mod.CHECKPOINT, weights_only=False)["fused_vocab"] is True
+    (tmp_path / "a" / "summary.json").unlink()
+    monkeypatch.setattr(vocab_kernel, "load", real_load)
+    with caplog.at_level(logging.INFO, logger="kl_research.train"):
+        train(make_cfg(cache_dir, "steps=3", "checkpoint_every=1"), tmp_path / "a")
+    assert "fused_vocab=auto → auto: kept from the checkpoint (steps 1-2 ran with it)" in caplog.text
+    assert "resumed with fused_vocab" not in caplog.text
+    assert torch.load(tmp_path / "a" / train_mod.CHECKPOINT, weights_only=False)["fused_vocab"] is True
+
+    caplog.clear()
+    train(make_cfg(cache_dir, "steps=2", "checkpoint_every=1"), tmp_path / "b")
+    assert torch.load(tmp_path / "b" / train_mod.CHECKPOINT, weights_only=False)["fused_vocab"] == "kernel"
+    (tmp_path / "b" / "summary.json").unlink()
+    monkeypatch.setattr(vocab_kernel, "_LIB", None)
+    monkeypatch.setattr(vocab_kernel, "load", lambda cache: (False, "no C compiler (simulated)"))
+    with caplog.at_level(logging.INFO, logger="kl_research.train"):
+        train(make_cfg(cache_dir, "steps=3", "checkpoint_every=1"), tmp_path / "b")
+    assert "resumed with fused_vocab resolved to True; steps 1-2 ran with kernel" in caplog.text
+
+
 def test_resume_on_another_kind_of_device_resolves_again_and_warns(cache_dir, tmp_path, probe_says, caplog):
     """A checkpoint from a GPU (bf16 trunk) resumed on a CPU: precision=auto is resolved for the CPU (probed), and
     the log says the trajectory is no longer the uninterrupted one."""
@@ -414,14 +443,15 @@ def test_kill_and_resume_writes_each_steps_samples_once(cache_dir, tmp_path, mon
 @pytest.mark.parametrize(
     "paths",
     [
-        ["sampler=hf", "compile_vocab=false", "fast_trunk=false"],
+        ["sampler=hf", "compile_vocab=false", "fast_trunk=false", "fused_vocab=true"],
         ["sampler=fast", "compile_vocab=true"],
         ["sampler=fast", "precision=bf16"],
     ],
 )
 def test_kill_and_resume_is_exact_with_and_without_the_fast_paths(cache_dir, tmp_path, monkeypatch, paths):
-    """The fallbacks (HF generate, eager vocabulary work, transformers' forward), the fast paths forced on, and a bf16
-    trunk (its sampler's weights cast once per rollout, the head's backward in bf16): the same guarantee."""
+    """The fallbacks (HF generate, eager vocabulary work in torch ops, transformers' forward), the fast paths forced on,
+    and a bf16 trunk (its sampler's weights cast once per rollout, the head's backward in bf16; the vocabulary kernel,
+    as `fused_vocab=auto` picks it where it builds): the same guarantee."""
     from kl_research.runtime import resolve_compile_vocab
 
     if "compile_vocab=true" in paths and not resolve_compile_vocab("auto", torch.device("cpu"))[0]:
