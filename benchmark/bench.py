@@ -178,7 +178,7 @@ def bench(
     sampler: str = "auto",
     compile_vocab: bool = False,
     workload: str = "trl",
-    fused_vocab: bool = True,
+    fused_vocab: bool | str = "auto",
     score_from_sampler: bool = True,
     fast_trunk: bool = True,
 ) -> dict[str, Any]:
@@ -187,13 +187,22 @@ def bench(
     compile_vocab: the trainer's key (the update's vocabulary work through torch.compile; its compilation falls in the
     warm-up step, reported as warmup_seconds). workload: "trl" (TRL's classic step: −β·k1 in the reward, 4 epochs) or
     "train" (the trainer's defaults: sequence + exact KL, conf/ppo/default.yaml's epochs). fused_vocab: the trainer's
-    key (the exact-KL loss's hand-fused backward; "trl" has no exact-KL loss, so it changes nothing there).
+    key, auto | kernel | true | false (the exact-KL loss's hand-fused backward, as the C kernel or in torch ops;
+    "trl" has no exact-KL loss, so it changes nothing there).
     score_from_sampler: the trainer's key (the policy's rollout logits and values from the fast sampler's steps).
     fast_trunk: the trainer's key (scoring and the update's forward in kl_research/gpt2.py's plain ops; the floors stay
     transformers' own calls)."""
     from kl_research.gpt2 import use_plain_trunk
-    from kl_research.runtime import autocast, peak_memory_mb, resolve_device, setup_allocator, setup_threads
+    from kl_research.runtime import (
+        autocast,
+        peak_memory_mb,
+        resolve_cache_dir,
+        resolve_device,
+        setup_allocator,
+        setup_threads,
+    )
     from kl_research.train import make_optimizer
+    from kl_research.vocab_kernel import resolve_fused_vocab
 
     cfg = _bench_config(batch_size, response_len, precision, epochs, minibatch_size, workload)
     pcfg = cfg.ppo
@@ -205,6 +214,7 @@ def bench(
     policy.to(dev)
     for lm in (policy.lm, ref):
         use_plain_trunk(lm, fast_trunk)
+    fused_vocab = resolve_fused_vocab(fused_vocab, dev, resolve_cache_dir(None))[0]  # as the trainer resolves it
     choice = _precision_choice(cfg, policy, dev, precision, prompt_len)
     amp = autocast(dev, choice.precision)  # the record says what ran, and why (precision_source, precision_reason)
     _compile_and_check(compile, policy, ref, dims, prompt_len + response_len)
@@ -212,7 +222,8 @@ def bench(
     gen = torch.Generator().manual_seed(seed)
     shuffle_gen = torch.Generator().manual_seed(seed + 1)
     prompts = torch.randint(1, dims["vocab_size"], (batch_size, prompt_len), generator=gen).to(dev)
-    roll = _trainer_rollout(policy, ref, prompts, pcfg, amp, response_len, sampler, score_from_sampler)
+    kernel = fused_vocab == "kernel" and dev.type == "cpu"  # the rollout's per-token numbers too, as the trainer's
+    roll = _trainer_rollout(policy, ref, prompts, pcfg, amp, response_len, sampler, score_from_sampler, kernel)
     with _timed_samplers(policy) as timers:
         step = functools.partial(
             _ppo_step, roll, prompts, policy, optimizer, pcfg, amp, gen, shuffle_gen, timers, compile_vocab, dev,
@@ -285,7 +296,15 @@ def _compile_and_check(compile: bool | str, policy, ref, dims: dict[str, Any], s
 
 
 def _trainer_rollout(
-    policy, ref, prompts: torch.Tensor, pcfg, amp, response_len: int, sampler: str, score_from_sampler: bool = True
+    policy,
+    ref,
+    prompts: torch.Tensor,
+    pcfg,
+    amp,
+    response_len: int,
+    sampler: str,
+    score_from_sampler: bool = True,
+    kernel: bool = False,
 ):
     """The trainer's rollout on these prompts as a no-argument callable (EOS off: every response has R tokens)."""
     from kl_research.algos import uses_exact_kl_loss
@@ -304,6 +323,7 @@ def _trainer_rollout(
         keep_ref_logprobs=uses_exact_kl_loss(pcfg),
         sampler=sampler,
         score_from_sampler=score_from_sampler,
+        kernel=kernel,
     )
 
 
@@ -335,7 +355,7 @@ def _ppo_step(
     timers,
     compile_vocab: bool,
     dev: torch.device,
-    fused_vocab: bool = True,
+    fused_vocab: bool | str = True,
 ) -> dict[str, float]:
     """One PPO step's seconds per phase (and its process CPU seconds): rollout of prompts, advantages, update."""
     from kl_research.algos import PPO, policy_update
@@ -648,7 +668,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sampler", default="auto", choices=("auto", "fast", "hf"), help="the trainer's `sampler` key")
     ap.add_argument("--compile-vocab", action="store_true", help="the trainer's compile_vocab=true")
     ap.add_argument("--workload", default="trl", choices=("trl", "train"), help="TRL's classic step or our defaults")
-    ap.add_argument("--no-fused-vocab", action="store_true", help="the trainer's fused_vocab=false")
+    ap.add_argument(
+        "--fused-vocab", default="auto", choices=("auto", "kernel", "true", "false"), help="the trainer's fused_vocab"
+    )
     ap.add_argument("--no-score-from-sampler", action="store_true", help="the trainer's score_from_sampler=false")
     ap.add_argument("--no-fast-trunk", action="store_true", help="the trainer's fast_trunk=false")
     a = ap.parse_args(argv)
@@ -680,7 +702,7 @@ def main(argv: list[str] | None = None) -> None:
             a.sampler,
             a.compile_vocab,
             a.workload,
-            not a.no_fused_vocab,
+            {"true": True, "false": False}.get(a.fused_vocab, a.fused_vocab),
             not a.no_score_from_sampler,
             not a.no_fast_trunk,
         )

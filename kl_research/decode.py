@@ -1,5 +1,6 @@
 """Fast sampling for GPT-2-architecture policies: a decode loop over a preallocated (static) KV cache in plain tensor
-ops, with the sampling fused into it.
+ops (GPT-2's blocks as kl_research/gpt2.py writes them, the same ones the scoring pass runs), with the sampling fused
+into it.
 
 Why (docs/performance.md, "Fast paths"): at the tiny default (4 layers × 128, batch 64, 24 new tokens) HF `generate`
 took ~8× its GEMMs' time, most of it torch.multinomial's B·V random numbers per token and per-token machinery (logits

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kl_research import ppo
+from kl_research import ppo, vocab_kernel
 from kl_research.decode import sample, uses_fast_sampler
 from kl_research.kl import tempered
 from kl_research.policy import PolicyWithValue, score_lm
@@ -120,6 +120,7 @@ def rollout(
     keep_ref_logprobs: bool = False,
     sampler: str = "auto",
     score_from_sampler: bool = False,
+    kernel: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Sample responses with the KV cache, then score policy (+values) and reference once each.
 
@@ -130,6 +131,8 @@ def rollout(
     decoding steps (decode.sample's scores_out: the same numbers as the policy's scoring pass, to fp32 rounding,
     tests/test_decode.py) instead of running that pass; only the reference is then scored. It applies where the fast
     sampler ran and decoded all R positions (not every sequence ended early); otherwise the scoring pass runs.
+    kernel: the per-token numbers from kl_research/vocab_kernel.py's C loop (`fused_vocab` resolved to "kernel") instead
+    of `token_stats`'s torch ops (the same numbers to fp32 rounding, tests/test_vocab_kernel.py).
     """
     B, P = prompts.shape
     scores: dict[str, torch.Tensor] | None = {} if score_from_sampler else None
@@ -160,7 +163,8 @@ def rollout(
             logits, values = policy.score(seqs, P)  # (B, R, V), (B, R)
         ref_logits, _ = score_lm(ref_model, seqs, P)  # (B, R, V)
     ref_logprobs = torch.empty_like(ref_logits) if keep_ref_logprobs else None
-    logp, ref_logp, exact_kl, entropy = token_stats(logits, ref_logits, response, temperature, ref_logprobs)
+    stats = vocab_kernel.token_stats if kernel else token_stats
+    logp, ref_logp, exact_kl, entropy = stats(logits, ref_logits, response, temperature, ref_logprobs)
     extra = {"ref_logprobs": ref_logprobs} if keep_ref_logprobs else {}
     if values is not None:  # a policy without a value head (algo=grpo) has none
         extra["values"] = values

@@ -1,12 +1,14 @@
-"""The PPO update's work over the vocabulary as one C loop per row (`fused_vocab=kernel`, and `auto` on a CPU that
-builds it): log π(y) and the exact KL(π‖π_ref) at each response position, and their gradient in closed form.
+"""The work over the vocabulary as one C loop per row (`fused_vocab=kernel`, and `auto` on a CPU that builds it): in
+the PPO update, log π(y) and the exact KL(π‖π_ref) at each response position and their gradient in closed form; in
+the rollout, the per-token numbers of both models (`token_stats`: log π(y), log π_ref(y), exact KL, entropy, and the
+reference's log-probs the update keeps).
 
 Why (docs/performance.md): the torch-ops version (`ppo.logp_and_exact_kl`) makes ~4 passes over each (b, R, V) fp32
 tensor forward and 3 backward, each ~6 MB at the tiny default, more than a core's L2, plus a copy of the minibatch's
 rows of the reference's log-probs. Here each row of V logits (16 KB) is read into L1 once per pass and nothing of
 size V is written forward; backward writes the gradient. The reference's rows are read in place through the
 minibatch's row indices. Measured at (16, 24, 4096), 1 thread, the 2-core Intel Xeon with AMX: 7.9 → 3.2 ms forward +
-backward per minibatch.
+backward per minibatch; a default 1-thread bf16 step ~0.64 → ~0.58 s with the rollout's part (docs/performance.md).
 
 The maths is `ppo._LogpExactKL`'s: with lse = log Σ_v exp(z_v), log π_v = z_v − lse, d_v = log π_v − log π_ref,v,
     log π(y) = z_y − lse,   KL = Σ_v π_v·d_v,   ∂L/∂z_v = π_v·(g_KL·(d_v − KL) − g_y) + g_y·[v = y].
@@ -65,6 +67,54 @@ void logp_kl_fwd(const float* z, const float* ref, const int64_t* ref_row, const
     logp_y[n] = zr[y[n]] - lse;
     kl[n] = acc;
     lse_out[n] = lse;
+  }
+}
+
+/* the rollout's per-token numbers from the policy's and the reference's logits, each row divided by t:
+   log π(y), log π_ref(y), Σ π (log π − log π_ref), −Σ π log π; and log π_ref into ref_out when it is not NULL */
+void token_stats(const float* zp, const float* zr, const int64_t* y, int64_t n0, int64_t n1, int64_t V, float t,
+                 float* logp_y, float* ref_logp_y, float* kl, float* entropy, float* ref_out) {
+  for (int64_t n = n0; n < n1; n++) {
+    const float* a = zp + n * V;
+    const float* b = zr + n * V;
+    float ma = -INFINITY, mb = -INFINITY;
+    int nan_a = 0, nan_b = 0;
+#pragma omp simd reduction(max:ma, mb) reduction(|:nan_a, nan_b)
+    for (int64_t v = 0; v < V; v++) {
+      const float x = a[v] / t, r = b[v] / t;
+      ma = x > ma ? x : ma;
+      mb = r > mb ? r : mb;
+      nan_a |= x != x;
+      nan_b |= r != r;
+    }
+    if (nan_a || isinf(ma)) ma = NAN;  /* each model's row as its log_softmax: NaN where torch's is */
+    if (nan_b || isinf(mb)) mb = NAN;
+    float sa = 0.f, sb = 0.f;
+#pragma omp simd reduction(+:sa, sb)
+    for (int64_t v = 0; v < V; v++) { sa += expf(a[v] / t - ma); sb += expf(b[v] / t - mb); }
+    const float la = ma + logf(sa), lb = mb + logf(sb);
+    float ent = 0.f, acc = 0.f;
+    float* ro = ref_out ? ref_out + n * V : 0;
+    if (ro) {
+#pragma omp simd reduction(+:ent, acc)
+      for (int64_t v = 0; v < V; v++) {
+        const float lp = a[v] / t - la, rl = b[v] / t - lb, p = expf(lp);
+        ro[v] = rl;
+        ent += p * lp;
+        acc += p * (lp - rl);
+      }
+    } else {
+#pragma omp simd reduction(+:ent, acc)
+      for (int64_t v = 0; v < V; v++) {
+        const float lp = a[v] / t - la, rl = b[v] / t - lb, p = expf(lp);
+        ent += p * lp;
+        acc += p * (lp - rl);
+      }
+    }
+    logp_y[n] = a[y[n]] / t - la;
+    ref_logp_y[n] = b[y[n]] / t - lb;
+    kl[n] = acc;
+    entropy[n] = -ent;
   }
 }
 
@@ -149,7 +199,8 @@ def load(cache_dir: Path) -> tuple[bool, str]:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.logp_kl_fwd.argtypes = [ptr] * 4 + [i64] * 3 + [ptr] * 3
     lib.logp_kl_bwd.argtypes = [ptr] * 4 + [i64] * 3 + [ptr] * 5
-    lib.logp_kl_fwd.restype = lib.logp_kl_bwd.restype = None
+    lib.token_stats.argtypes = [ptr] * 3 + [i64] * 3 + [ctypes.c_float] + [ptr] * 5
+    lib.logp_kl_fwd.restype = lib.logp_kl_bwd.restype = lib.token_stats.restype = None
     _LIB = lib
     return True, f"built at {path}"
 
@@ -161,11 +212,11 @@ def loaded() -> bool:
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _over_rows(fn, n_rows: int, *args) -> None:
-    """fn(*args[:4], n0, n1, *args[4:]) over row chunks, one chunk per torch thread (ctypes releases the GIL)."""
+def _over_rows(fn, n_rows: int, *args, at: int = 4) -> None:
+    """fn(*args[:at], n0, n1, *args[at:]) over row chunks, one chunk per torch thread (ctypes releases the GIL)."""
     global _POOL
     threads = max(1, min(torch.get_num_threads(), n_rows))
-    head, tail = args[:4], args[4:]
+    head, tail = args[:at], args[at:]
     if threads == 1:
         fn(*head, 0, n_rows, *tail)
         return
@@ -240,3 +291,28 @@ def resolve_fused_vocab(setting: str | bool, device: torch.device, cache_dir: Pa
     if setting == "kernel":
         raise ValueError(f"fused_vocab=kernel is invalid on this machine: {why}; allowed: auto, true, false")
     return True, f"auto: the torch-ops version (the kernel cannot be built: {why})"
+
+
+def token_stats(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    response: torch.Tensor,
+    temperature: float,
+    ref_logprobs_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rollout.token_stats` through the kernel (load() first): log π(y), log π_ref(y), exact KL and entropy, each
+    (B, R), from the (B, R, V) fp32 logits of π and π_ref at temperature T, one pass set per row; log π_ref written
+    into ref_logprobs_out (B, R, V) when given. Inference only (no autograd)."""
+    if _LIB is None:
+        raise RuntimeError(f"the vocabulary kernel is not loaded ({_WHY_NOT or 'call vocab_kernel.load first'})")
+    B, R, V = logits.shape
+    a = logits.to(torch.float32).contiguous()
+    b = ref_logits.to(torch.float32).contiguous()
+    y = response.to(torch.int64).reshape(-1).contiguous()
+    out = torch.empty(4, B, R, dtype=torch.float32)
+    ro = 0 if ref_logprobs_out is None else _ptr(ref_logprobs_out)
+    if ref_logprobs_out is not None and not (ref_logprobs_out.is_contiguous() and ref_logprobs_out.shape == a.shape):
+        raise ValueError("ref_logprobs_out must be a contiguous (B, R, V) buffer")
+    _over_rows(_LIB.token_stats, B * R, _ptr(a), _ptr(b), _ptr(y), V, float(temperature), _ptr(out[0]),
+               _ptr(out[1]), _ptr(out[2]), _ptr(out[3]), ro, at=3)  # fmt: skip
+    return out[0], out[1], out[2], out[3]

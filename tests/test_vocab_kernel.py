@@ -17,7 +17,7 @@ from kl_research import ppo, vocab_kernel
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
     ok, why = vocab_kernel.load(tmp_path_factory.mktemp("kernel_cache"))
-    if not ok and shutil.which("cc") is None and shutil.which("gcc") is None:
+    if not ok and not any(shutil.which(c) for c in vocab_kernel.COMPILERS):
         pytest.skip(f"no C compiler on this machine: {why}")
     assert ok, why
     return vocab_kernel
@@ -96,7 +96,7 @@ def test_policy_update_with_the_kernel_leaves_the_torch_ops_weights(kernel, tiny
 
 
 def test_the_kernel_is_built_once_into_the_cache(tmp_path):
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
+    if not any(shutil.which(c) for c in vocab_kernel.COMPILERS):
         pytest.skip("no C compiler on this machine")
     first = vocab_kernel.build(tmp_path)
     assert first.is_file() and first.parent.parent == tmp_path / "kernels"
@@ -120,3 +120,28 @@ def test_fused_vocab_resolves_where_the_kernel_cannot_run(kernel, tmp_path, monk
     assert mode is True and "no C compiler" in why
     with pytest.raises(ValueError, match="fused_vocab=kernel is invalid on this machine: no C compiler"):
         kernel.resolve_fused_vocab("kernel", cpu, tmp_path / "fresh")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_kernel_token_stats_give_the_rollouts_numbers(kernel, temperature):
+    """The rollout's per-token numbers (log π(y), log π_ref(y), exact KL, entropy) and the reference's log-probs it
+    writes for the update: rollout.token_stats's to fp32 rounding; a NaN logit of the policy makes its row's numbers
+    NaN where torch's are (all but the reference's)."""
+    from kl_research.rollout import token_stats
+
+    g = torch.Generator().manual_seed(3)
+    logits, ref_logits = torch.randn(2, 3, 7, 501, generator=g).mul(3).unbind(0)
+    y = torch.randint(501, (3, 7), generator=g)
+    logits[2, 4, 9] = float("nan")
+    want_buf, got_buf = torch.empty(3, 7, 501), torch.empty(3, 7, 501)
+    want = token_stats(logits, ref_logits, y, temperature, want_buf)
+    got = kernel.token_stats(logits, ref_logits, y, temperature, got_buf)
+    ok = torch.ones(3, 7, dtype=torch.bool)
+    ok[2, 4] = False
+    for w, c in zip(want, got, strict=True):
+        torch.testing.assert_close(c[ok], w[ok], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c[~ok], w[~ok], equal_nan=True)  # the policy's NaN: all but log π_ref(y)
+    torch.testing.assert_close(got_buf[ok], want_buf[ok], rtol=1e-5, atol=1e-5)
+    assert float(got[2][ok].min()) >= -1e-6 and float(got[3][ok].min()) > 0  # KL and entropy
+    no_buf = kernel.token_stats(logits, ref_logits, y, temperature)
+    assert all(torch.equal(a[ok], b[ok]) for a, b in zip(no_buf, got, strict=True))
