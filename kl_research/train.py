@@ -60,7 +60,6 @@ from kl_research.runtime import (
     setup_allocator,
     setup_threads,
 )
-from kl_research.vocab_kernel import resolve_fused_vocab
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +340,7 @@ class Job:
         log.info("compile_vocab=%s → %s", cfg.get("compile_vocab", "auto"), resolve_compile_vocab(
             cfg.get("compile_vocab", "auto"), device)[1])  # fmt: skip
         # configs written before the key have none, and `true` then: the torch-ops version, their trajectory
-        fused_vocab, why = resolve_fused_vocab(
+        fused_vocab, why = vocab_kernel.resolve_fused_vocab(
             cfg.get("fused_vocab", True), device, resolve_cache_dir(cfg.get("cache_dir"))
         )
         kept = ckpt.get("fused_vocab", fused_vocab) if ckpt is not None else fused_vocab
