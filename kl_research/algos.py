@@ -270,8 +270,8 @@ def policy_update(
     stats: dict[str, list[float]] = {}
     per_seq = [k for k in ("mask", "response", "logp", "values", "ref_logp", "ref_logprobs") if k in batch]
     exact = uses_exact_kl_loss(pcfg)
-    kernel = fused_vocab == "kernel" and not compile_vocab  # reads the reference's rows in place
-    if kernel and "ref_logprobs" in per_seq:
+    kernel = exact and fused_vocab == "kernel" and not compile_vocab  # reads the reference's rows in place
+    if kernel:
         per_seq.remove("ref_logprobs")
     stats_fn = compiled_vocab_stats() if compile_vocab else functools.partial(vocab_stats, fused=bool(fused_vocab))
     epoch_kl = 0.0
@@ -286,8 +286,7 @@ def policy_update(
             mb = {k: batch[k][idx] for k in per_seq}
             if kernel:
                 z = tempered(logits, pcfg.temperature)
-                ref = batch["ref_logprobs"] if exact else None  # without the exact-KL loss: log π(y) alone
-                logp, kl_pos = vocab_kernel.logp_and_exact_kl(z, mb["response"], ref, idx)
+                logp, kl_pos = vocab_kernel.logp_and_exact_kl(z, mb["response"], batch["ref_logprobs"], idx)
             else:
                 logp, kl_pos = stats_fn(logits, mb["response"], pcfg.temperature, mb["ref_logprobs"] if exact else None)
             ret = returns[idx] if returns is not None else None

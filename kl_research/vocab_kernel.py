@@ -46,12 +46,12 @@ SOURCE = r"""
 float expf(float);
 #endif
 
-/* rows [n0, n1) of z (N, V): row n's reference row is ref + ref_row[n] * V, its token y[n]; ref NULL: log π(y) only
-   (kl 0) */
+/* rows [n0, n1) of z (N, V): row n's reference row is ref + ref_row[n] * V, its token y[n] */
 void logp_kl_fwd(const float* z, const float* ref, const int64_t* ref_row, const int64_t* y, int64_t n0, int64_t n1,
                  int64_t V, float* logp_y, float* kl, float* lse_out) {
   for (int64_t n = n0; n < n1; n++) {
     const float* zr = z + n * V;
+    const float* rr = ref + ref_row[n] * V;
     float m = -INFINITY;
     int nan = 0;
 #pragma omp simd reduction(max:m) reduction(|:nan)
@@ -62,11 +62,8 @@ void logp_kl_fwd(const float* z, const float* ref, const int64_t* ref_row, const
     for (int64_t v = 0; v < V; v++) s += expf(zr[v] - m);
     const float lse = m + logf(s);
     float acc = 0.f;
-    if (ref) {
-      const float* rr = ref + ref_row[n] * V;
 #pragma omp simd reduction(+:acc)
-      for (int64_t v = 0; v < V; v++) { const float lp = zr[v] - lse; acc += expf(lp) * (lp - rr[v]); }
-    }
+    for (int64_t v = 0; v < V; v++) { const float lp = zr[v] - lse; acc += expf(lp) * (lp - rr[v]); }
     logp_y[n] = zr[y[n]] - lse;
     kl[n] = acc;
     lse_out[n] = lse;
@@ -125,19 +122,13 @@ void logp_kl_bwd(const float* z, const float* ref, const int64_t* ref_row, const
                  int64_t V, const float* lse, const float* kl, const float* g_y, const float* g_kl, float* grad) {
   for (int64_t n = n0; n < n1; n++) {
     const float* zr = z + n * V;
+    const float* rr = ref + ref_row[n] * V;
     float* gr = grad + n * V;
-    const float l = lse[n], gy = g_y[n];
-    if (ref) {
-      const float* rr = ref + ref_row[n] * V;
-      const float k = kl[n], gk = g_kl[n];
+    const float l = lse[n], k = kl[n], gy = g_y[n], gk = g_kl[n];
 #pragma omp simd
-      for (int64_t v = 0; v < V; v++) {
-        const float lp = zr[v] - l;
-        gr[v] = expf(lp) * (gk * (lp - rr[v] - k) - gy);
-      }
-    } else {  /* ∂log π(y)/∂z_v = [v = y] − π_v */
-#pragma omp simd
-      for (int64_t v = 0; v < V; v++) gr[v] = -gy * expf(zr[v] - l);
+    for (int64_t v = 0; v < V; v++) {
+      const float lp = zr[v] - l;
+      gr[v] = expf(lp) * (gk * (lp - rr[v] - k) - gy);
     }
     gr[y[n]] += gy;
   }
@@ -235,8 +226,8 @@ def _over_rows(fn, n_rows: int, *args, at: int = 4) -> None:
     list(_POOL.map(lambda i: fn(*head, bounds[i], bounds[i + 1], *tail), range(threads)))
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
 
 
 class _LogpExactKLKernel(torch.autograd.Function):
@@ -247,14 +238,12 @@ class _LogpExactKLKernel(torch.autograd.Function):
     def forward(ctx, z, response, ref_logprobs, rows):
         b, R, V = z.shape
         z = z.contiguous()
-        ref = None if ref_logprobs is None else ref_logprobs.contiguous()
+        ref = ref_logprobs.contiguous()
         ref_row = (rows.to(torch.int64).unsqueeze(1) * R + torch.arange(R)).reshape(-1).contiguous()  # (b·R,)
         y = response.to(torch.int64).reshape(-1).contiguous()
         logp_y, kl, lse = (torch.empty(b, R, dtype=torch.float32) for _ in range(3))
         _over_rows(_LIB.logp_kl_fwd, b * R, _ptr(z), _ptr(ref), _ptr(ref_row), _ptr(y), V, _ptr(logp_y), _ptr(kl),
                    _ptr(lse))  # fmt: skip
-        if ref is None:
-            ctx.mark_non_differentiable(kl)  # zeros: no reference, no KL
         ctx.save_for_backward(z, ref_row, y, lse, kl)
         ctx.ref = ref  # not saved for backward: the rollout's buffer is an inference tensor (no grad, never modified)
         return logp_y, kl
@@ -274,21 +263,15 @@ class _LogpExactKLKernel(torch.autograd.Function):
 
 
 def logp_and_exact_kl(
-    z: torch.Tensor, response: torch.Tensor, ref_logprobs: torch.Tensor | None, rows: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    z: torch.Tensor, response: torch.Tensor, ref_logprobs: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`ppo.logp_and_exact_kl(z, response, ref_logprobs[rows])` through the kernel (load() first), without the copy
-    of the reference's rows. z (b, R, V) fp32 on the CPU, response (b, R), ref_logprobs (B, R, V) fp32, rows (b,).
-    ref_logprobs None: (log π(y), None), the gather of log_softmax(z) with its gradient ([v = y] − π_v) in one pass."""
+    of the reference's rows. z (b, R, V) fp32 on the CPU, response (b, R), ref_logprobs (B, R, V) fp32, rows (b,)."""
     if _LIB is None:
         raise RuntimeError(f"the vocabulary kernel is not loaded ({_WHY_NOT or 'call vocab_kernel.load first'})")
-    if (
-        z.dtype != torch.float32
-        or z.device.type != "cpu"
-        or (ref_logprobs is not None and ref_logprobs.dtype != z.dtype)
-    ):
+    if z.dtype != torch.float32 or ref_logprobs.dtype != torch.float32 or z.device.type != "cpu":
         raise ValueError(f"the vocabulary kernel takes fp32 CPU tensors, got {z.dtype} on {z.device}")
-    logp, kl = _LogpExactKLKernel.apply(z, response, ref_logprobs, rows)
-    return logp, None if ref_logprobs is None else kl
+    return _LogpExactKLKernel.apply(z, response, ref_logprobs, rows)
 
 
 def resolve_fused_vocab(setting: str | bool, device: torch.device, cache_dir: Path) -> tuple[str | bool, str]:

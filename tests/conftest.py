@@ -72,11 +72,10 @@ def tiny_reference(tmp_path_factory):
     return cfg, model, tokenizer, load_corpus(cfg.data)
 
 
-def policy_update_weights(tiny_reference, runs: dict, pcfg_extra: dict | None = None) -> tuple[list, dict]:
+def policy_update_weights(tiny_reference, runs: dict) -> tuple[list, dict]:
     """One PPO update (sequence + exact, the default; 16 rollouts of 8 tokens, minibatch 8) from the same policy,
     rollout, advantages and shuffle seed, once per entry of `runs` (name → extra `policy_update` keywords, e.g.
-    {"compile_vocab": True}); pcfg_extra: ppo keys over the default's. Returns the starting parameters and each run's
-    parameters after its update."""
+    {"compile_vocab": True}). Returns the starting parameters and each run's parameters after its update."""
     import contextlib
     import copy
 
@@ -89,7 +88,7 @@ def policy_update_weights(tiny_reference, runs: dict, pcfg_extra: dict | None = 
     from kl_research.train import make_optimizer
 
     cfg, model, _, _ = tiny_reference
-    pcfg = OmegaConf.merge(cfg.ppo, {"batch_size": 16, "minibatch_size": 8, **(pcfg_extra or {})})
+    pcfg = OmegaConf.merge(cfg.ppo, {"batch_size": 16, "minibatch_size": 8})
     policy = PolicyWithValue.from_reference(model, detach_value_head=True).eval()
     prompts = torch.randint(1, 500, (16, 4), generator=torch.Generator().manual_seed(0))
     amp = contextlib.nullcontext()

@@ -145,28 +145,3 @@ def test_kernel_token_stats_give_the_rollouts_numbers(kernel, temperature):
     assert float(got[2][ok].min()) >= -1e-6 and float(got[3][ok].min()) > 0  # KL and entropy
     no_buf = kernel.token_stats(logits, ref_logits, y, temperature)
     assert all(torch.equal(a[ok], b[ok]) for a, b in zip(no_buf, got, strict=True))
-
-
-def test_kernel_log_prob_alone_gives_autograds_numbers_and_gradient(kernel):
-    """Without the exact-KL loss (kl_mode=reward, k3 as GRPO's loss) the update needs log π(y) alone: the kernel's
-    (no reference) against autograd through log_softmax and gather, value and gradient to fp32 rounding."""
-    z, _, rows, y = case(seed=4)
-    g = torch.randn(z.shape[:2], generator=torch.Generator().manual_seed(5))
-    x = z.clone().requires_grad_()
-    want = torch.log_softmax(x, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    (want * g).sum().backward()
-    x2 = z.clone().requires_grad_()
-    got, kl = kernel.logp_and_exact_kl(x2, y, None, rows)
-    (got * g).sum().backward()
-    assert kl is None
-    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-6)
-
-
-def test_policy_update_without_the_exact_kl_loss_runs_the_kernel_too(kernel, tiny_reference):
-    """kl_mode=reward (TRL's k1 in the reward): the update's log π(y) through the kernel, the torch-ops weights."""
-    runs = {"torch": {"fused_vocab": True}, "kernel": {"fused_vocab": "kernel"}}
-    start, weights = policy_update_weights(tiny_reference, runs, pcfg_extra={"kl_mode": "reward", "kl_penalty": "k1"})
-    assert max(float((a - b).abs().max()) for a, b in zip(weights["torch"], start, strict=True)) > 1e-4
-    for a, c in zip(weights["torch"], weights["kernel"], strict=True):
-        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
