@@ -210,18 +210,19 @@ def loaded() -> bool:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
 
 
 def _over_rows(fn, n_rows: int, *args, at: int = 4) -> None:
     """fn(*args[:at], n0, n1, *args[at:]) over row chunks, one chunk per torch thread (ctypes releases the GIL)."""
-    global _POOL
+    global _POOL, _POOL_SIZE
     threads = max(1, min(torch.get_num_threads(), n_rows))
     head, tail = args[:at], args[at:]
     if threads == 1:
         fn(*head, 0, n_rows, *tail)
         return
-    if _POOL is None or _POOL._max_workers < threads:
-        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vocab_kl")
+    if _POOL is None or _POOL_SIZE < threads:
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vocab_kl"), threads
     bounds = [n_rows * i // threads for i in range(threads + 1)]
     list(_POOL.map(lambda i: fn(*head, bounds[i], bounds[i + 1], *tail), range(threads)))
 
