@@ -89,9 +89,11 @@ def causal_attend(lm: nn.Module) -> Attend:
     scales = [attention_scale(lm.config, i) for i in range(lm.config.n_layer)]
 
     def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if q.device.type == "cpu" and (q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+        amp = torch.is_autocast_enabled("cpu")
+        if q.device.type == "cpu" and (q.dtype != torch.float32 or amp):
             with torch.autocast("cpu", enabled=False):
-                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=scales[i])
+                a = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=scales[i])
+            return a if amp else a.to(q.dtype)  # a model held in bf16 without autocast keeps its dtype, as _kl_sdpa
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scales[i])
 
     return attend

@@ -99,3 +99,15 @@ def test_plain_trunk_refuses_what_it_does_not_implement():
     assert "dropout" in gpt2.plain_trunk_reason(dropout)
     upcast = gpt2_lm(reorder_and_upcast_attn=True)
     assert "reorder_and_upcast_attn" in gpt2.plain_trunk_reason(upcast)
+
+
+def test_plain_trunk_of_a_model_held_in_bf16_without_autocast():
+    """A model whose weights are bf16 (no autocast): the attention in fp32 and its output cast back, as _kl_sdpa does,
+    so the plain trunk gives transformers' hidden states to the bit, in bf16."""
+    lm = gpt2_lm().to(torch.bfloat16)
+    assert gpt2.plain_trunk_reason(lm) is None
+    ids = torch.randint(3, 96, (3, 11), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = lm.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        got = gpt2.hidden_states(lm, ids)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
