@@ -222,7 +222,7 @@ def bench(
     gen = torch.Generator().manual_seed(seed)
     shuffle_gen = torch.Generator().manual_seed(seed + 1)
     prompts = torch.randint(1, dims["vocab_size"], (batch_size, prompt_len), generator=gen).to(dev)
-    kernel = fused_vocab == "kernel" and dev.type == "cpu"  # the rollout's per-token numbers too, as the trainer's
+    kernel = fused_vocab == "kernel"  # the rollout's per-token numbers too, as the trainer's (CPU only, as resolved)
     roll = _trainer_rollout(policy, ref, prompts, pcfg, amp, response_len, sampler, score_from_sampler, kernel)
     with _timed_samplers(policy) as timers:
         step = functools.partial(

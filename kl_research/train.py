@@ -443,7 +443,7 @@ class Job:
             keep_ref_logprobs=uses_exact_kl_loss(pcfg),
             sampler=self.sampler,
             score_from_sampler=self.score_from_sampler,
-            kernel=self.fused_vocab == "kernel" and self.device.type == "cpu",
+            kernel=self.fused_vocab == "kernel",  # resolve_fused_vocab gives "kernel" on a CPU only
         )
         t_rollout = time.perf_counter()
         # b. task score on the decoded response (up to and including EOS; special tokens dropped)

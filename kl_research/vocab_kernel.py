@@ -209,6 +209,13 @@ def loaded() -> bool:
     return _LIB is not None
 
 
+def _loaded_lib() -> ctypes.CDLL:
+    """The loaded kernel; RuntimeError, saying why, where `load` has not succeeded."""
+    if _LIB is None:
+        raise RuntimeError(f"the vocabulary kernel is not loaded ({_WHY_NOT or 'call vocab_kernel.load first'})")
+    return _LIB
+
+
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 
@@ -268,8 +275,7 @@ def logp_and_exact_kl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`ppo.logp_and_exact_kl(z, response, ref_logprobs[rows])` through the kernel (load() first), without the copy
     of the reference's rows. z (b, R, V) fp32 on the CPU, response (b, R), ref_logprobs (B, R, V) fp32, rows (b,)."""
-    if _LIB is None:
-        raise RuntimeError(f"the vocabulary kernel is not loaded ({_WHY_NOT or 'call vocab_kernel.load first'})")
+    _loaded_lib()
     if z.dtype != torch.float32 or ref_logprobs.dtype != torch.float32 or z.device.type != "cpu":
         raise ValueError(f"the vocabulary kernel takes fp32 CPU tensors, got {z.dtype} on {z.device}")
     return _LogpExactKLKernel.apply(z, response, ref_logprobs, rows)
@@ -304,8 +310,7 @@ def token_stats(
     """`rollout.token_stats` through the kernel (load() first): log π(y), log π_ref(y), exact KL and entropy, each
     (B, R), from the (B, R, V) fp32 logits of π and π_ref at temperature T, one pass set per row; log π_ref written
     into ref_logprobs_out (B, R, V) when given. Inference only (no autograd)."""
-    if _LIB is None:
-        raise RuntimeError(f"the vocabulary kernel is not loaded ({_WHY_NOT or 'call vocab_kernel.load first'})")
+    lib = _loaded_lib()
     B, R, V = logits.shape
     a = logits.to(torch.float32).contiguous()
     b = ref_logits.to(torch.float32).contiguous()
@@ -314,6 +319,6 @@ def token_stats(
     ro = 0 if ref_logprobs_out is None else _ptr(ref_logprobs_out)
     if ref_logprobs_out is not None and not (ref_logprobs_out.is_contiguous() and ref_logprobs_out.shape == a.shape):
         raise ValueError("ref_logprobs_out must be a contiguous (B, R, V) buffer")
-    _over_rows(_LIB.token_stats, B * R, _ptr(a), _ptr(b), _ptr(y), V, float(temperature), _ptr(out[0]),
+    _over_rows(lib.token_stats, B * R, _ptr(a), _ptr(b), _ptr(y), V, float(temperature), _ptr(out[0]),
                _ptr(out[1]), _ptr(out[2]), _ptr(out[3]), ro, at=3)  # fmt: skip
     return out[0], out[1], out[2], out[3]
