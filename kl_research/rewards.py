@@ -15,10 +15,18 @@ reward and the sample index (a NaN reward would silently poison the advantages).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+_WORD_RUN = re.compile(r"\w+")  # a run of word characters, as re's \w and \b see them
+_SPACES = re.compile(r"\s+")
+
+
+def _is_word(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"  # re's \w on str
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -91,9 +99,37 @@ class AfinnReward(Reward):
             raise ValueError(f"AfinnReward: scale={scale} is invalid; allowed: a float > 0")
         self.analyzer = Afinn(language="en", emoticons=False)
         self.scale = scale
+        # The lexicon's entries by their first word run, longest first: what `lexicon_sum` tries at a word's start
+        self.by_first_word: dict[str, list[str]] = {}
+        for entry in sorted(self.analyzer._dict, key=len, reverse=True):
+            if not _WORD_RUN.match(entry) or not _is_word(entry[-1]):
+                raise ValueError(f"AfinnReward: lexicon entry {entry!r} does not start and end with a word character")
+            self.by_first_word.setdefault(_WORD_RUN.match(entry).group(), []).append(entry)
+
+    def lexicon_sum(self, text: str) -> float:
+        """The sum of the valences of the lexicon entries in `text`: `Afinn.score(text)`'s number, ~40× faster
+        (tests/test_gold.py compares them on 4000 fortunes and 3000 stress strings). Afinn finds the entries with one
+        regex (a word boundary, the 3382 entries longest first as alternatives, a word boundary); Python's `re` tries
+        every alternative at every position. Every entry starts and ends with a word character (checked above), so a
+        match starts where a word run starts and ends where one ends; its first word run is the text's run there (the
+        run ends where the entry's first run ends, at the entry's end or at a non-word character inside it). Trying the
+        entries with that first word run, longest first, finds the regex's match at every run start."""
+        text = _SPACES.sub(" ", text).lower()  # as Afinn.find_all
+        total, end = 0.0, 0
+        for run in _WORD_RUN.finditer(text):
+            start = run.start()
+            if start < end:  # inside the previous match (a phrase)
+                continue
+            for entry in self.by_first_word.get(run.group(), ()):
+                stop = start + len(entry)
+                if text.startswith(entry, start) and (stop == len(text) or not _is_word(text[stop])):
+                    total += self.analyzer._dict[entry]
+                    end = stop
+                    break
+        return total
 
     def score(self, texts: list[str]) -> torch.Tensor:
-        raw = torch.tensor([self.analyzer.score(t) for t in texts], dtype=torch.float32)
+        raw = torch.tensor([self.lexicon_sum(t) for t in texts], dtype=torch.float32)
         return torch.tanh(raw / self.scale)
 
 

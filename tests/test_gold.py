@@ -59,6 +59,29 @@ def test_afinn_is_offline_and_squashed_by_tanh_of_sum_over_5():
     assert out.dtype == torch.float32 and SentimentReward()([""], ["good"]).item() > 0  # both gold scorers agree here
 
 
+def test_afinn_lexicon_sum_is_afinns_score():
+    """AfinnReward's own matcher (one dict lookup per word run) against the afinn package's regex, on 4000 fortunes
+    (every 4th of the corpus: quotes, dialogue, punctuation, capitals) and 3000 strings built to stress it: lexicon
+    entries and phrases ("does not work", "can't stand") glued by spaces, hyphens, apostrophes, underscores, digits,
+    nothing, in upper case, with non-ASCII letters whose lower case changes length."""
+    import random
+
+    from kl_research.data import read_fortunes
+
+    mine, theirs = AfinnReward(), afinn.Afinn(language="en", emoticons=False)
+    texts = read_fortunes()[::4][:4000]
+    rng = random.Random(0)
+    words = [*theirs._dict, "not", "kind", "of", "some", "cant", "-", "'", "_", "1", "é", "İ", "ß", "x"]
+    seps = [" ", "  ", "\n", "-", "'", ",", ".", "_", "", "\t", "!"]
+    for _ in range(3000):
+        t = "".join(rng.choice(words) + rng.choice(seps) for _ in range(rng.randint(1, 12)))
+        texts.append(t.upper() if rng.random() < 0.2 else t)
+    got = [mine.lexicon_sum(t) for t in texts]
+    want = [theirs.score(t) for t in texts]
+    assert sum(w != 0 for w in want) > 3000  # the texts hit the lexicon
+    assert [t for t, g, w in zip(texts, got, want, strict=True) if g != w] == []
+
+
 # --------------------------------------------------------------------------------------------- cache key
 def test_reward_model_cache_key_is_its_inputs_and_nothing_else():
     base = [*tiny_job(30), "reward=learned", "reward.n_labels=500"]
