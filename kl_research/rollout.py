@@ -90,16 +90,18 @@ def sample_responses(
     pad_token_id: int,
     sampler: str = "auto",
     scores_out: dict[str, torch.Tensor] | None = None,
+    kernel: bool = False,
 ) -> torch.Tensor:
     """(B, P + R') sampled from softmax(logits/T) after equal-length prompts (B, P), R' ≤ response_length.
     sampler: "fast" (kl_research.decode: static KV cache, plain tensor ops; GPT-2 architectures), "hf" (`generate`),
     "auto" (fast where the model allows it, else hf). Both draw exactly from softmax(logits/T), token for token the
     same under one seed (tests/test_decode.py). Call under torch.inference_mode (and the trunk's autocast).
-    scores_out: filled by the fast sampler only (decode.sample), left empty by `generate`."""
+    scores_out: filled by the fast sampler only (decode.sample), left empty by `generate`. kernel: the fast sampler
+    draws through kl_research/vocab_kernel.py (decode.sample's `kernel`)."""
     if uses_fast_sampler(lm, sampler):
         return sample(
             lm, prompts, max_new_tokens=response_length, temperature=temperature,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, scores_out=scores_out,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, scores_out=scores_out, kernel=kernel,
         )  # fmt: skip
     return lm.generate(
         input_ids=prompts, **sampling_kwargs(prompts, temperature, response_length, eos_token_id, pad_token_id)
@@ -132,7 +134,8 @@ def rollout(
     tests/test_decode.py) instead of running that pass; only the reference is then scored. It applies where the fast
     sampler ran and decoded all R positions (not every sequence ended early); otherwise the scoring pass runs.
     kernel: the per-token numbers from kl_research/vocab_kernel.py's C loop (`fused_vocab` resolved to "kernel") instead
-    of `token_stats`'s torch ops (the same numbers to fp32 rounding, tests/test_vocab_kernel.py).
+    of `token_stats`'s torch ops (the same numbers to fp32 rounding, tests/test_vocab_kernel.py), and the fast
+    sampler's draws from its `sample_rows` (the same tokens).
     """
     B, P = prompts.shape
     scores: dict[str, torch.Tensor] | None = {} if score_from_sampler else None
@@ -146,6 +149,7 @@ def rollout(
             pad_token_id=pad_token_id,
             sampler=sampler,
             scores_out=scores,
+            kernel=kernel,
         )  # (B, P + R'), R' <= R when every sequence stopped early; fmt: skip
     from_sampler = bool(scores) and seqs.shape[1] == P + response_length
     if seqs.shape[1] < P + response_length:  # pad to a fixed R so every rollout has one shape

@@ -1,7 +1,9 @@
 """The work over the vocabulary as one C loop per row (`fused_vocab=kernel`, and `auto` on a CPU that builds it): in
 the PPO update, log π(y) and the exact KL(π‖π_ref) at each response position and their gradient in closed form; in
 the rollout, the per-token numbers of both models (`token_stats`: log π(y), log π_ref(y), exact KL, entropy, and the
-reference's log-probs the update keeps).
+reference's log-probs the update keeps), and in the fast sampler's decoding steps the draw from the softmax
+(`sample_rows`: the inverse-CDF token of decode.inverse_cdf_sample from the same uniform, ~0.3 ms a decoding step saved
+at the tiny default).
 
 Why (docs/performance.md): the torch-ops version (`ppo.logp_and_exact_kl`) makes ~4 passes over each (b, R, V) fp32
 tensor forward and 3 backward, each ~6 MB at the tiny default, more than a core's L2, plus a copy of the minibatch's
@@ -118,6 +120,46 @@ void token_stats(const float* zp, const float* zr, const int64_t* y, int64_t n0,
   }
 }
 
+/* one draw per row of probs (N, V) by inversion: the first v with cdf[v] > u[n] * cdf[V-1], the cdf in fp64, as
+   decode.inverse_cdf_sample's cumsum + searchsorted; here summed 64 entries at a time (a vector sum each), then
+   within the block the target falls in, so a row costs ~2 passes, not a sequential fp64 scan of V. Rounding can
+   leave the within-block scan short of the target: the block's last token with p > 0 then (V - 1 for a row
+   without one, as the clamp of inverse_cdf_sample). */
+void sample_rows(const float* probs, const double* u, int64_t n0, int64_t n1, int64_t V, int64_t* out) {
+  for (int64_t n = n0; n < n1; n++) {
+    const float* p = probs + n * V;
+    double total = 0.0;
+    for (int64_t b0 = 0; b0 < V; b0 += 64) {
+      const int64_t b1 = b0 + 64 < V ? b0 + 64 : V;
+      double s = 0.0;
+#pragma omp simd reduction(+:s)
+      for (int64_t v = b0; v < b1; v++) s += (double)p[v];
+      total += s;
+    }
+    const double target = u[n] * total;
+    int64_t pick = V - 1;
+    double acc = 0.0;
+    for (int64_t b0 = 0; b0 < V; b0 += 64) {
+      const int64_t b1 = b0 + 64 < V ? b0 + 64 : V;
+      double s = 0.0;
+#pragma omp simd reduction(+:s)
+      for (int64_t v = b0; v < b1; v++) s += (double)p[v];
+      if (acc + s > target) {
+        int64_t last = -1;
+        for (int64_t v = b0; v < b1; v++) {
+          if (p[v] > 0.f) last = v;
+          acc += (double)p[v];
+          if (acc > target) { last = v; break; }
+        }
+        if (last >= 0) pick = last;
+        break;
+      }
+      acc += s;
+    }
+    out[n] = pick;
+  }
+}
+
 void logp_kl_bwd(const float* z, const float* ref, const int64_t* ref_row, const int64_t* y, int64_t n0, int64_t n1,
                  int64_t V, const float* lse, const float* kl, const float* g_y, const float* g_kl, float* grad) {
   for (int64_t n = n0; n < n1; n++) {
@@ -200,7 +242,8 @@ def load(cache_dir: Path) -> tuple[bool, str]:
     lib.logp_kl_fwd.argtypes = [ptr] * 4 + [i64] * 3 + [ptr] * 3
     lib.logp_kl_bwd.argtypes = [ptr] * 4 + [i64] * 3 + [ptr] * 5
     lib.token_stats.argtypes = [ptr] * 3 + [i64] * 3 + [ctypes.c_float] + [ptr] * 5
-    lib.logp_kl_fwd.restype = lib.logp_kl_bwd.restype = lib.token_stats.restype = None
+    lib.sample_rows.argtypes = [ptr] * 2 + [i64] * 3 + [ptr]
+    lib.logp_kl_fwd.restype = lib.logp_kl_bwd.restype = lib.token_stats.restype = lib.sample_rows.restype = None
     _LIB = lib
     return True, f"built at {path}"
 
@@ -322,3 +365,18 @@ def token_stats(
     _over_rows(lib.token_stats, B * R, _ptr(a), _ptr(b), _ptr(y), V, float(temperature), _ptr(out[0]),
                _ptr(out[1]), _ptr(out[2]), _ptr(out[3]), ro, at=3)  # fmt: skip
     return out[0], out[1], out[2], out[3]
+
+
+def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`decode.inverse_cdf_sample(probs)` through the kernel (load() first): one draw per row of probs (B, V) fp32,
+    u ~ U[0, 1) from the same generator draw (B fp64 uniforms), the same token up to fp64 rounding of the cdf (a
+    sum in another order: it moves a boundary by ~1e-16, against p ≥ ~1e-45). Returns (B,) int64."""
+    lib = _loaded_lib()
+    if probs.dtype != torch.float32 or probs.device.type != "cpu" or probs.dim() != 2:
+        raise ValueError(f"sample_rows takes (B, V) fp32 CPU probabilities, got {tuple(probs.shape)} {probs.dtype}")
+    p = probs.contiguous()
+    B, V = p.shape
+    u = torch.rand(B, dtype=torch.float64, generator=generator)
+    out = torch.empty(B, dtype=torch.int64)
+    _over_rows(lib.sample_rows, B, _ptr(p), _ptr(u), V, _ptr(out), at=2)
+    return out

@@ -143,11 +143,29 @@ def test_score_from_sampler_key_is_validated(compose):
     assert compose().score_from_sampler is True
 
 
-def test_inverse_cdf_draws_each_token_with_its_probability():
+@pytest.fixture(scope="module")
+def kernel_draw(tmp_path_factory):
+    """kl_research/vocab_kernel.py loaded (its `sample_rows`: decode.sample's draw with kernel=True)."""
+    import shutil
+
+    from kl_research import vocab_kernel
+
+    ok, why = vocab_kernel.load(tmp_path_factory.mktemp("kernel_cache"))
+    if not ok and not any(shutil.which(c) for c in vocab_kernel.COMPILERS):
+        pytest.skip(f"no C compiler on this machine: {why}")
+    assert ok, why
+    return vocab_kernel.sample_rows
+
+
+@pytest.mark.parametrize("draw", ["torch", "kernel"])
+def test_inverse_cdf_draws_each_token_with_its_probability(draw, request):
     """P(v) exactly: frequencies of 200 000 draws within 4.5 binomial standard errors, zero-probability tokens
-    never, one-hot rows always their token; unnormalised rows are normalised."""
+    never, one-hot rows always their token; unnormalised rows are normalised. By torch ops (`inverse_cdf_sample`)
+    and by the C kernel's `sample_rows` (decode.sample with kernel=True)."""
     from kl_research.decode import inverse_cdf_sample
 
+    if draw == "kernel":
+        inverse_cdf_sample = request.getfixturevalue("kernel_draw")  # the same contract
     p = torch.tensor([0.5, 0.0, 0.2, 0.1, 0.15, 0.05, 0.0, 1e-4])
     p = p / p.sum()
     torch.manual_seed(0)
@@ -162,15 +180,24 @@ def test_inverse_cdf_draws_each_token_with_its_probability():
     assert inverse_cdf_sample(one_hot).tolist() == [0, 7, 3, 3, 1]
 
 
-def test_fast_sampler_token_frequencies_are_softmax_of_the_scored_logits():
+@pytest.mark.parametrize("draw", ["torch", "kernel"])
+def test_fast_sampler_token_frequencies_are_softmax_of_the_scored_logits(draw, request):
     """One token from 20 000 copies of a prompt: every token's frequency is softmax(logits/T) of the scoring pass
-    (policy.score_lm, fp32 head) within 4.5 binomial standard errors, EOS included."""
+    (policy.score_lm, fp32 head) within 4.5 binomial standard errors, EOS included; the C kernel's draw (kernel=True)
+    gives the same tokens as torch's."""
     lm = random_gpt2(vocab=32, seed=3)
     policy = PolicyWithValue.from_reference(lm).eval()
     n, T = 20_000, 0.8
     prompt = torch.tensor([[5, 9, 11, 4]]).repeat(n, 1)
+    kernel = draw == "kernel"
+    if kernel:
+        request.getfixturevalue("kernel_draw")
     torch.manual_seed(0)
-    seqs = sample(policy.lm, prompt, max_new_tokens=1, temperature=T, eos_token_id=2, pad_token_id=0)
+    seqs = sample(policy.lm, prompt, max_new_tokens=1, temperature=T, eos_token_id=2, pad_token_id=0, kernel=kernel)
+    if kernel:
+        torch.manual_seed(0)
+        assert torch.equal(seqs, sample(policy.lm, prompt, max_new_tokens=1, temperature=T, eos_token_id=2,
+                                        pad_token_id=0))  # fmt: skip
     with torch.no_grad():
         logits, _ = policy.score(torch.cat([prompt[:1], seqs[:1, 4:]], 1), 4)
     p = torch.softmax(logits[0, 0].double() / T, -1)

@@ -145,3 +145,36 @@ def test_kernel_token_stats_give_the_rollouts_numbers(kernel, temperature):
     assert float(got[2][ok].min()) >= -1e-6 and float(got[3][ok].min()) > 0  # KL and entropy
     no_buf = kernel.token_stats(logits, ref_logits, y, temperature)
     assert all(torch.equal(a[ok], b[ok]) for a, b in zip(no_buf, got, strict=True))
+
+
+@pytest.mark.parametrize("V", [1, 63, 64, 1003, 4096])
+def test_kernel_sample_rows_draws_inverse_cdf_samples_tokens(kernel, V):
+    """The decode loop's draw (decode.sample with kernel=True): from the same generator state, the token
+    `decode.inverse_cdf_sample` draws (its cumsum in fp64 sequentially, the kernel's by 64-entry blocks), at any thread
+    count; rows with zero-probability tokens, a one-hot row, a row of one huge and many tiny probabilities, V no
+    multiple of the block."""
+    from kl_research.decode import inverse_cdf_sample
+
+    g = torch.Generator().manual_seed(V)
+    p = torch.softmax(torch.randn(300, V, generator=g) * 4, -1)
+    if V > 2:
+        p[:100, ::3] = 0.0
+        p[100] = 0.0
+        p[100, V // 2] = 1.0
+        p[101] = torch.softmax(torch.cat([torch.tensor([40.0]), torch.zeros(V - 1)]), 0)
+    threads = torch.get_num_threads()
+    draws = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            torch.manual_seed(7)
+            draws.append(kernel.sample_rows(p))
+    finally:
+        torch.set_num_threads(threads)
+    torch.manual_seed(7)
+    want = inverse_cdf_sample(p)
+    for got in draws:
+        assert torch.equal(got, want)
+    assert bool((p.gather(1, want[:, None]) > 0).all())
+    if V > 2:
+        assert int(want[100]) == V // 2
