@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -52,6 +59,47 @@ def heldout_perplexity(model, tokenizer, texts: list[str], *, batch_size: int, m
     finally:
         model.train(was_training)
     return math.exp(total_nll / total_tokens)
+
+
+def perplexity_key(model, tokenizer, texts: list[str], *, batch_size: int, max_length: int, device) -> str:
+    """What `heldout_perplexity`'s number depends on, hashed: the model (class, config, every weight's bytes), the
+    token ids of the texts and the special ids it uses, the batching and truncation, and where it runs (device type,
+    torch's thread count and version: a GEMM's sums may be ordered differently there)."""
+    h = hashlib.sha256()
+    h.update(type(model).__name__.encode())
+    h.update(model.config.to_json_string(use_diff=False).encode() if hasattr(model, "config") else b"")
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    where = [torch.device(device).type, torch.get_num_threads(), torch.__version__]
+    h.update(json.dumps([ids, specials, batch_size, max_length, where]).encode())
+    return h.hexdigest()[:24]
+
+
+def cached_heldout_perplexity(
+    model, tokenizer, texts: list[str], *, batch_size: int, max_length: int, device, cache_dir: Path
+) -> float:
+    """`heldout_perplexity`, read from `<cache_dir>/perplexity/<perplexity_key>.json` where an earlier job computed
+    it: the reference model's perplexity (eval/ppl_ref) is the same number for every job of a sweep (~0.5 s a job at
+    the tiny default, 1 thread). A missing or unreadable entry is computed and written (atomically: jobs running side
+    by side may both write it, with the same number)."""
+    key = perplexity_key(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, device=device)
+    path = Path(cache_dir) / "perplexity" / f"{key}.json"
+    try:
+        return float(json.loads(path.read_text())["ppl"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    ppl = heldout_perplexity(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, device=device)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"ppl": ppl, "texts": len(texts), "max_length": max_length}))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only cache: the number is still right, only not kept
+        log.warning("perplexity not cached at %s: %s", path, e)
+    return ppl
 
 
 def distinct_n(texts: list[str], n: int) -> float:

@@ -377,8 +377,8 @@ class Job:
             job.judge = AfinnReward(include_prompt=False)
         if ckpt is not None:
             job.resume(ckpt)
-        if job.ppl_ref is None:
-            job.ppl_ref = job.evaluate_ppl(ref_model)
+        if job.ppl_ref is None:  # the same number for every job with this reference: cached
+            job.ppl_ref = job.evaluate_ppl(ref_model, cache_dir=resolve_cache_dir(cfg.get("cache_dir")))
         job.t_start = time.perf_counter()
         return job
 
@@ -412,13 +412,15 @@ class Job:
     def beta(self) -> float:
         return self.controller.value
 
-    def evaluate_ppl(self, model) -> float:
-        from kl_research.evaluate import heldout_perplexity
+    def evaluate_ppl(self, model, cache_dir: Path | None = None) -> float:
+        """Held-out perplexity of `model` on the job's eval texts; through the cache in cache_dir when given (for a
+        model that does not change: the reference)."""
+        from kl_research.evaluate import cached_heldout_perplexity, heldout_perplexity
 
-        max_length = self.cfg.data.eval_max_length
-        return heldout_perplexity(
-            model, self.tokenizer, self.eval_texts, batch_size=32, max_length=max_length, device=self.device
-        )
+        kw = {"batch_size": 32, "max_length": self.cfg.data.eval_max_length, "device": self.device}
+        if cache_dir is not None:
+            return cached_heldout_perplexity(model, self.tokenizer, self.eval_texts, cache_dir=cache_dir, **kw)
+        return heldout_perplexity(model, self.tokenizer, self.eval_texts, **kw)
 
     # ------------------------------------------------------------------------------------------- one step
     def step(self, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:

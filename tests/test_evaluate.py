@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -60,3 +61,31 @@ def test_perplexity_errors(tiny_reference):
     _, model, tok, _ = tiny_reference
     with pytest.raises(ValueError, match="none of the 1 texts"):
         heldout_perplexity(model, tok, [""], batch_size=4, max_length=16, device=CPU)
+
+
+def test_cached_perplexity_is_computed_once_per_model_and_texts(tiny_reference, tmp_path, monkeypatch):
+    """The reference's perplexity (eval/ppl_ref), cached: the first call computes and writes it, the second reads the
+    same float without running the model; other weights, other texts or another max_length miss; an unreadable entry
+    is recomputed."""
+    from kl_research import evaluate
+
+    _, model, tok, corpus = tiny_reference
+    texts = eval_subset(corpus.heldout, 12)
+    kw = {"batch_size": 5, "max_length": 24, "device": CPU, "cache_dir": tmp_path}
+    want = heldout_perplexity(model, tok, texts, batch_size=5, max_length=24, device=CPU)
+    assert evaluate.cached_heldout_perplexity(model, tok, texts, **kw) == want
+    entries = list((tmp_path / "perplexity").glob("*.json"))
+    assert len(entries) == 1
+    calls = []
+    real = evaluate.heldout_perplexity
+    monkeypatch.setattr(evaluate, "heldout_perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert evaluate.cached_heldout_perplexity(model, tok, texts, **kw) == want and calls == []  # read, not run
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.transformer.h[0].mlp.c_fc.bias.add_(1e-3)  # one weight moved
+    evaluate.cached_heldout_perplexity(other, tok, texts, **kw)
+    evaluate.cached_heldout_perplexity(model, tok, texts[:-1], **kw)
+    evaluate.cached_heldout_perplexity(model, tok, texts, **{**kw, "max_length": 20})
+    assert len(calls) == 3 and len(list((tmp_path / "perplexity").glob("*.json"))) == 4
+    entries[0].write_text("{")  # a torn write
+    assert evaluate.cached_heldout_perplexity(model, tok, texts, **kw) == want and len(calls) == 4
