@@ -97,6 +97,8 @@ void token_stats(const float* zp, const float* zr, const int64_t* y, int64_t n0,
     const float la = ma + logf(sa), lb = mb + logf(sb);
     float ent = 0.f, acc = 0.f;
     float* ro = ref_out ? ref_out + n * V : 0;
+    /* two copies of one loop on purpose: one loop with `if (ro)` inside stays unvectorised under gcc 12 -O3
+       (no unswitching under omp simd): 9.8 -> 28.5 ms at (64, 24, 4096) without the buffer, measured */
     if (ro) {
 #pragma omp simd reduction(+:ent, acc)
       for (int64_t v = 0; v < V; v++) {
