@@ -406,6 +406,16 @@ def prepare(cfg):
         f.write(f"x={cfg.x} seed={cfg.seed}\\n")
     return "prepared"
 """
+FAKE_PREPARE_X2 = """
+from pathlib import Path
+
+Path(__file__).with_name("prepare_x2.imported").write_text("imported")  # the import itself leaves a mark
+
+def prepare(cfg):
+    with open(cfg.log + ".prepare_x2", "a") as f:
+        f.write(f"x={cfg.x} seed={cfg.seed}\\n")
+    return "prepared"
+"""
 FAKE_CONF = """
 defaults:
   - controller: pid
@@ -427,6 +437,8 @@ hydra:
             fresh: '${sweep.fresh}'}
   callbacks:
     prepare: {_target_: hydra_plugins.kl_research_sweeper.callbacks.PrepareOnce, function: prepare.prepare}
+    prepare_x2: {_target_: hydra_plugins.kl_research_sweeper.callbacks.PrepareOnce, function: prepare_x2.prepare,
+                 only_if: {x: 2}}
     report: {_target_: hydra_plugins.kl_research_sweeper.callbacks.SweepReport, enabled: '${sweep.report}',
              fail_on_error: '${sweep.fail_on_error}'}
     job_failure: {_target_: hydra_plugins.kl_research_sweeper.callbacks.RecordJobFailure}
@@ -438,6 +450,7 @@ def fake_app(tmp_path: Path) -> Path:
     (app / "conf" / "controller").mkdir(parents=True)
     (app / "app.py").write_text(FAKE_APP)
     (app / "prepare.py").write_text(FAKE_PREPARE)
+    (app / "prepare_x2.py").write_text(FAKE_PREPARE_X2)
     (app / "conf" / "app.yaml").write_text(FAKE_CONF)
     (app / "conf" / "hydra" / "launcher").mkdir(parents=True)
     for name in ("local", "slurm"):  # the project's launcher configs
@@ -542,6 +555,21 @@ def test_hydra_sweep_syntax_and_the_shared_preparation(tmp_path):
     assert "prepare.prepare failed before any job was launched (OSError: the corpus is missing)" in r.stderr
     assert len((app / "calls.log").read_text().split()) == 8
     assert len(list((app / "multirun" / "kl_grid").iterdir())) == 1
+
+
+def test_a_preparation_with_only_if_is_neither_imported_nor_run_for_other_configs(tmp_path):
+    """PrepareOnce's only_if (conf/sweep.yaml: the learned RM's preparation, only for reward=learned, whose module
+    pulls in transformers): a sweep without a matching config never imports the function's module; one with both
+    calls it for the matching configs only."""
+    app = fake_app(tmp_path)
+    r = run_fake(app, "controller=pid", "seed=0", "x=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "prepare_x2.prepare: not needed" in r.stdout + r.stderr
+    assert not (app / "prepare_x2.imported").exists() and not (app / "calls.log.prepare_x2").exists()
+    r = run_fake(app, "controller=pid", "seed=0", "x=1,2", "sweep.fresh=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (app / "prepare_x2.imported").exists()
+    assert (app / "calls.log.prepare_x2").read_text().split("\n")[:-1] == ["x=2 seed=0"]
 
 
 def submitted_ids(sweep_dir: Path) -> dict[str, str]:

@@ -65,13 +65,18 @@ class PrepareOnce(Callback):
 
     The job configs are the command line's combinations (``model.n_layer=2,4`` gives two), composed as the jobs
     will be; the grid's own keys (controller, target, β, seed) and ``wandb`` are left out, so the default grid
-    calls it once. The jobs still call ``function`` themselves and find its result cached."""
+    calls it once. The jobs still call ``function`` themselves and find its result cached.
 
-    def __init__(self, function: str) -> None:
+    ``only_if`` ({key: value}): call it only for job configs with those values, and import its module only then
+    (``kl_research.reward_model`` pulls in transformers, ~2 s of a sweep's start before any job, for a function that
+    does nothing unless ``reward.name=learned``)."""
+
+    def __init__(self, function: str, only_if: dict[str, Any] | None = None) -> None:
         self.function = function
+        self.only_if = dict(only_if or {})
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        fn = get_method(self.function)
+        fn = None
         loader = GlobalHydra.instance().config_loader()
         task = [*(OmegaConf.select(config, "hydra.sweeper.overrides") or []), *config.hydra.overrides.task]
         try:
@@ -97,6 +102,10 @@ class PrepareOnce(Callback):
             if key in seen:
                 continue
             seen.add(key)
+            if any(OmegaConf.select(cfg, k) != v for k, v in self.only_if.items()):
+                log.info(f"{self.function}: not needed ({' '.join(combo) or 'the defaults'}: not {self.only_if})")
+                continue
+            fn = fn or get_method(self.function)
             t = time.time()
             try:
                 result = fn(cfg)

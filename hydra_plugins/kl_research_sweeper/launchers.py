@@ -169,7 +169,9 @@ class _TolerantMixin:
                     n_done += 1
                     status = results[i].status.name  # type: ignore[union-attr]
                     log.info(f"[{n_done}/{len(args)}] job #{initial_job_idx + i} ({job.job_id}): {status}")
-                time.sleep(0.5 if self._EXECUTOR == "local" else 2.0)
+                # locally a poll is a few stat calls; every 0.1 s a freed slot waits ~0.05 s, not ~0.25 s, for its
+                # next job (ten jobs on two slots: eight hand-offs)
+                time.sleep(0.1 if self._EXECUTOR == "local" else 2.0)
         except BaseException:  # Ctrl-C, kill (SIGTERM), a bug here
             self._stop(running)
             raise
