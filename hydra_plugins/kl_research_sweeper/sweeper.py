@@ -259,10 +259,17 @@ class KLGridSweeper(Sweeper):
         state_path.write_text(json.dumps(state, indent=1))
         if todo:
             job_overrides = [self._job_overrides(j, sweep_dir) for j in todo]
-            self._check_configs(job_overrides)
             launcher = Plugins.instance().instantiate_launcher(
                 hydra_context=self.hydra_context, task_function=self.task_function, config=self.config
             )
+            if hasattr(launcher, "prestart"):  # ours: its fork server imports while the configs are checked
+                launcher.prestart(sweep_dir)
+            stop_prestarted = getattr(launcher, "stop_prestarted", lambda: None)  # a no-op once launch took it
+            try:
+                self._check_configs(job_overrides)
+            except BaseException:
+                stop_prestarted()
+                raise
             try:
                 results: Sequence[JobReturn | None] = launcher.launch(job_overrides, initial_job_idx=0)
             except Exception as e:  # a launcher that is not tolerant per job (not hydra/launcher=local|slurm)
@@ -271,6 +278,8 @@ class KLGridSweeper(Sweeper):
                 err: BaseException | None = e
             else:
                 err = None
+            finally:
+                stop_prestarted()
             job_ids = getattr(launcher, "job_ids", [None] * len(todo))
             attempt["submitit_ids"] = {j.name: jid for j, jid in zip(todo, job_ids, strict=True)}
             for j, r in zip(todo, results, strict=True):
