@@ -61,6 +61,21 @@ def compose():
 
 
 @pytest.fixture(scope="session")
+def vocab_kernel_lib(tmp_path_factory):
+    """kl_research/vocab_kernel.py built into a fresh cache and loaded (the module); skipped, saying why, only where
+    the machine has no C compiler."""
+    import shutil
+
+    from kl_research import vocab_kernel
+
+    ok, why = vocab_kernel.load(tmp_path_factory.mktemp("kernel_cache"))
+    if not ok and not any(shutil.which(c) for c in vocab_kernel.COMPILERS):
+        pytest.skip(f"no C compiler on this machine: {why}")
+    assert ok, why
+    return vocab_kernel
+
+
+@pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory):
     """(cfg, model, tokenizer, corpus) of a tiny reference built once per test session in a temp cache."""
     from kl_research.data import load_corpus

@@ -144,17 +144,9 @@ def test_score_from_sampler_key_is_validated(compose):
 
 
 @pytest.fixture(scope="module")
-def kernel_draw(tmp_path_factory):
-    """kl_research/vocab_kernel.py loaded (its `sample_rows`: decode.sample's draw with kernel=True)."""
-    import shutil
-
-    from kl_research import vocab_kernel
-
-    ok, why = vocab_kernel.load(tmp_path_factory.mktemp("kernel_cache"))
-    if not ok and not any(shutil.which(c) for c in vocab_kernel.COMPILERS):
-        pytest.skip(f"no C compiler on this machine: {why}")
-    assert ok, why
-    return vocab_kernel.sample_rows
+def kernel_draw(vocab_kernel_lib):
+    """kl_research/vocab_kernel.py loaded: its `sample_rows`, decode.sample's draw with kernel=True."""
+    return vocab_kernel_lib.sample_rows
 
 
 @pytest.mark.parametrize("draw", ["torch", "kernel"])
