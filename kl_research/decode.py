@@ -79,7 +79,7 @@ def sample(
     the sampled sequence, ended sequences' pads included (tests/test_decode.py), so that a rollout can take them
     instead of running it. kernel: each token's draw from the softmax by kl_research/vocab_kernel.py's C loop
     (`sample_rows`, load() first: the same uniforms and, to fp64 rounding of the cdf, the same tokens) instead of
-    `inverse_cdf_sample`'s cumsum and search (~0.4 ms of ~5 ms per decoding step at the tiny default, 1 thread)."""
+    `inverse_cdf_sample`'s cumsum and search (~0.3 ms of ~4 ms per decoding step at the tiny default, 1 thread)."""
     reason = fast_sampler_reason(lm)
     if reason is not None:
         raise ValueError(f"the fast sampler cannot run this model: {reason}")
