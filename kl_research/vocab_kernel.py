@@ -123,32 +123,32 @@ void token_stats(const float* zp, const float* zr, const int64_t* y, int64_t n0,
 }
 
 /* one draw per row of probs (N, V) by inversion: the first v with cdf[v] > u[n] * cdf[V-1], the cdf in fp64, as
-   decode.inverse_cdf_sample's cumsum + searchsorted; here summed 64 entries at a time (a vector sum each), then
-   within the block the target falls in, so a row costs ~2 passes, not a sequential fp64 scan of V. Rounding can
-   leave the within-block scan short of the target: the block's last token with p > 0 then (V - 1 for a row
-   without one, as the clamp of inverse_cdf_sample). */
+   decode.inverse_cdf_sample's cumsum + searchsorted; here the sums of 64 entries at a time (a vector sum each) are
+   kept, the target's block found among them, then the token within that block, so a row costs ~1 pass, not a
+   sequential fp64 scan of V. Rounding can leave the within-block scan short of the target: the block's last token
+   with p > 0 then (V - 1 for a row without one, as the clamp of inverse_cdf_sample). */
 void sample_rows(const float* probs, const double* u, int64_t n0, int64_t n1, int64_t V, int64_t* out) {
+  const int64_t nb = (V + 63) / 64;
+  double bs[nb > 0 ? nb : 1];
   for (int64_t n = n0; n < n1; n++) {
     const float* p = probs + n * V;
     double total = 0.0;
-    for (int64_t b0 = 0; b0 < V; b0 += 64) {
-      const int64_t b1 = b0 + 64 < V ? b0 + 64 : V;
+    for (int64_t b = 0; b < nb; b++) {
+      const int64_t b1 = (b + 1) * 64 < V ? (b + 1) * 64 : V;
       double s = 0.0;
 #pragma omp simd reduction(+:s)
-      for (int64_t v = b0; v < b1; v++) s += (double)p[v];
+      for (int64_t v = b * 64; v < b1; v++) s += (double)p[v];
+      bs[b] = s;
       total += s;
     }
     const double target = u[n] * total;
     int64_t pick = V - 1;
     double acc = 0.0;
-    for (int64_t b0 = 0; b0 < V; b0 += 64) {
-      const int64_t b1 = b0 + 64 < V ? b0 + 64 : V;
-      double s = 0.0;
-#pragma omp simd reduction(+:s)
-      for (int64_t v = b0; v < b1; v++) s += (double)p[v];
-      if (acc + s > target) {
+    for (int64_t b = 0; b < nb; b++) {
+      if (acc + bs[b] > target) {
+        const int64_t b1 = (b + 1) * 64 < V ? (b + 1) * 64 : V;
         int64_t last = -1;
-        for (int64_t v = b0; v < b1; v++) {
+        for (int64_t v = b * 64; v < b1; v++) {
           if (p[v] > 0.f) last = v;
           acc += (double)p[v];
           if (acc > target) { last = v; break; }
@@ -156,7 +156,7 @@ void sample_rows(const float* probs, const double* u, int64_t n0, int64_t n1, in
         if (last >= 0) pick = last;
         break;
       }
-      acc += s;
+      acc += bs[b];
     }
     out[n] = pick;
   }
@@ -369,17 +369,17 @@ def token_stats(
     return out[0], out[1], out[2], out[3]
 
 
-def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_rows(probs: torch.Tensor) -> torch.Tensor:
     """`decode.inverse_cdf_sample(probs)` through the kernel (load() first): one draw per row of probs (B, V) fp32,
-    u ~ U[0, 1) from the same generator draw (B fp64 uniforms), the same token up to fp64 rounding of the cdf (its
-    sums in another order move each boundary by ~1e-16 of the total: a draw differs with probability ~V·1e-16).
-    Returns (B,) int64."""
+    u ~ U[0, 1) from the same draw of torch's global generator (B fp64 uniforms), the same token up to fp64 rounding
+    of the cdf (its sums in another order move each boundary by ~1e-16 of the total: a draw differs with probability
+    ~V·1e-16). Returns (B,) int64."""
     lib = _loaded_lib()
     if probs.dtype != torch.float32 or probs.device.type != "cpu" or probs.dim() != 2:
         raise ValueError(f"sample_rows takes (B, V) fp32 CPU probabilities, got {tuple(probs.shape)} {probs.dtype}")
     p = probs.contiguous()
     B, V = p.shape
-    u = torch.rand(B, dtype=torch.float64, generator=generator)
+    u = torch.rand(B, dtype=torch.float64)
     out = torch.empty(B, dtype=torch.int64)
     lib.sample_rows(_ptr(p), _ptr(u), 0, B, V, _ptr(out))  # on this thread: ~0.1 ms of work, less than a pool hand-off
     return out
