@@ -340,9 +340,8 @@ class Job:
         log.info("compile_vocab=%s → %s", cfg.get("compile_vocab", "auto"), resolve_compile_vocab(
             cfg.get("compile_vocab", "auto"), device)[1])  # fmt: skip
         # configs written before the key have none, and `true` then: the torch-ops version, their trajectory
-        fused_vocab, why = vocab_kernel.resolve_fused_vocab(
-            cfg.get("fused_vocab", True), device, resolve_cache_dir(cfg.get("cache_dir"))
-        )
+        cache_dir = resolve_cache_dir(cfg.get("cache_dir"))  # the kernel's build and the reference's perplexity
+        fused_vocab, why = vocab_kernel.resolve_fused_vocab(cfg.get("fused_vocab", True), device, cache_dir)
         kept = ckpt.get("fused_vocab", fused_vocab) if ckpt is not None else fused_vocab
         if kept != fused_vocab and cfg.get("fused_vocab") == "auto" and (kept != "kernel" or vocab_kernel.loaded()):
             fused_vocab, why = kept, f"auto: kept from the checkpoint (steps 1-{ckpt['step']} ran with it)"
@@ -378,7 +377,7 @@ class Job:
         if ckpt is not None:
             job.resume(ckpt)
         if job.ppl_ref is None:  # the same number for every job with this reference: cached
-            job.ppl_ref = job.evaluate_ppl(ref_model, cache_dir=resolve_cache_dir(cfg.get("cache_dir")))
+            job.ppl_ref = job.evaluate_ppl(ref_model, cache_dir=cache_dir)
         job.t_start = time.perf_counter()
         return job
 

@@ -103,6 +103,7 @@ class _TolerantMixin:
     _EXECUTOR: str
     params: dict[str, Any]
     config: Any
+    _early_server: Any = None  # the fork server `prestart` started, until `launch` takes it
 
     def _executor(self) -> Any:
         import submitit
@@ -193,7 +194,7 @@ class _TolerantMixin:
         that has imported torch, transformers and the trainer once (``fork_preload``, found beside the script that
         started the sweep) instead of importing them itself (~5 s a job). Returns the server, or None where jobs
         start as before."""
-        server = getattr(self, "_early_server", None) or self._start_fork_server(sweep_dir)
+        server = self._early_server or self._start_fork_server(sweep_dir)
         self._early_server = None
         if server is None:
             return None
@@ -206,7 +207,7 @@ class _TolerantMixin:
 
     def stop_prestarted(self) -> None:
         """Stop a fork server `prestart` started that `launch` will not use (the sweep stopped before it)."""
-        server, self._early_server = getattr(self, "_early_server", None), None
+        server, self._early_server = self._early_server, None
         if server is not None:
             server.stop()
 
