@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from kl_research import gpt2
+from kl_research.runtime import onednn_linear
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -164,38 +165,60 @@ def compile_trunk(lm: PreTrainedModel, **compile_kwargs) -> None:
 
 
 class _HeadLinear(torch.autograd.Function):
-    """x Wᵀ + b in fp32 (the logits, exactly F.linear's), its backward's two GEMMs in a reduced dtype."""
+    """x Wᵀ + b in fp32 (the logits), its backward's two GEMMs in grad_dtype; the GEMMs through oneDNN (onednn)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, grad_dtype):
+    def forward(ctx, x, weight, bias, grad_dtype, onednn):
         ctx.save_for_backward(x, weight)
-        ctx.grad_dtype, ctx.has_bias = grad_dtype, bias is not None
-        return nn.functional.linear(x, weight, bias)
+        ctx.grad_dtype, ctx.has_bias, ctx.onednn = grad_dtype, bias is not None, onednn
+        return onednn_linear(x, weight, bias) if onednn else nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        low = grad.to(ctx.grad_dtype)  # (N, V)
-        grad_x = (low @ weight.to(ctx.grad_dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None  # (N, C)
-        grad_w = (low.t() @ x.to(ctx.grad_dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (V, C)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if ctx.onednn and ctx.grad_dtype == torch.float32:  # ∂L/∂x = G W, ∂L/∂W = Gᵀ x as linears over oneDNN
+            grad_x = onednn_linear(grad, weight.t()) if need_x else None  # (N, C)
+            grad_w = onednn_linear(grad.t(), x.t()) if need_w else None  # (V, C)
+        else:
+            low = grad.to(ctx.grad_dtype)  # (N, V)
+            grad_x = (low @ weight.to(ctx.grad_dtype)).to(x.dtype) if need_x else None  # (N, C)
+            grad_w = (low.t() @ x.to(ctx.grad_dtype)).to(weight.dtype) if need_w else None  # (V, C)
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None  # fp32: a sum over N
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def head_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, grad_dtype: torch.dtype | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    grad_dtype: torch.dtype | None,
+    onednn: bool = False,
 ) -> torch.Tensor:
-    """The vocabulary projection x Wᵀ + b (x (N, C), W (V, C), all fp32): F.linear's numbers in the forward, always.
+    """The vocabulary projection x Wᵀ + b (x (N, C), W (V, C), all fp32): F.linear's numbers in the forward, always
+    (onednn: through oneDNN's fp32 GEMM, runtime.onednn_linear; IEEE fp32 too, last bits at most in another order).
 
     grad_dtype (the autocast dtype under a bf16 trunk, else None): the backward's two GEMMs, ∂L/∂x = G W and
     ∂L/∂W = Gᵀ x over the (N, V) logit gradient G, run in that dtype, as autocast runs every trunk layer's backward;
     the gradients come back in fp32. The logits, the log-probs and the KL the controller sees stay the fp32
     projection's (the rule of score_lm); only the gradient is rounded, as the trunk's already is. On a CPU with AMX
-    these two GEMMs are ~4× faster in bf16 than in fp32 (docs/performance.md). None, or no gradient wanted: F.linear.
+    these two GEMMs are ~4× faster in bf16 than in fp32 (docs/performance.md). None: fp32 backward GEMMs (oneDNN's
+    with onednn, else autograd's F.linear).
     """
-    if grad_dtype is None or grad_dtype == torch.float32 or not torch.is_grad_enabled():
-        return nn.functional.linear(x, weight, bias)
-    return _HeadLinear.apply(x, weight, bias, grad_dtype)
+    low = grad_dtype is not None and grad_dtype != torch.float32
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if wants_grad and (low or onednn):
+        return _HeadLinear.apply(x, weight, bias, grad_dtype if low else torch.float32, onednn)
+    if onednn:
+        with torch.no_grad():
+            return onednn_linear(x, weight, bias)
+    return nn.functional.linear(x, weight, bias)
+
+
+def use_onednn_head(lm: nn.Module, on: bool) -> None:
+    """Route this model's vocabulary projection in `score_lm` and the fast sampler through oneDNN (on) or F.linear
+    (off): the `onednn_head` key as `runtime.resolve_onednn_head` resolved it."""
+    lm._kl_onednn_head = bool(on)
 
 
 def score_lm(
@@ -231,7 +254,8 @@ def score_lm(
     with torch.autocast(device_type, enabled=False):
         head = lm.get_output_embeddings()
         bias = None if head.bias is None else head.bias.float()
-        logits = head_linear(hidden, head.weight.float(), bias, grad_dtype).view(B, R, -1)
+        onednn = getattr(lm, "_kl_onednn_head", False)  # set by use_onednn_head (the onednn_head key)
+        logits = head_linear(hidden, head.weight.float(), bias, grad_dtype, onednn).view(B, R, -1)
         if v_head is not None:
             values = v_head(hidden.detach() if detach_values else hidden).view(B, R)  # (B, R)
         else:

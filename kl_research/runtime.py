@@ -240,6 +240,66 @@ def cached_build(final: Path, what: str, build: Callable[[Path], dict[str, Any]]
     return final, True
 
 
+ONEDNN_HEAD = ("auto", True, False)  # the `onednn_head` key
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x Wᵀ + b (x (..., C), W (V, C)) in fp32 through oneDNN's GEMM (`torch.ops.mkldnn._linear_pointwise`, the op
+    inductor's CPU backend emits for a linear) instead of torch's BLAS (MKL in the x86 wheels). IEEE fp32 either way;
+    where the reduction is long the two libraries may sum in another order (last-bit differences, ~1e-7 relative),
+    at C = 128 they gave the same bits (tests/test_policy.py). No autograd: for tensors that need no gradient, or
+    inside a Function's forward (`policy.head_linear`)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+def onednn_fp32_reason() -> str | None:
+    """None if oneDNN's fp32 linear runs in this torch and gives F.linear's numbers to fp32 rounding (checked once on
+    a small input, from a private generator: the global RNG is untouched); else why not."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return f"torch {torch.__version__} has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)"
+    # torch's fp32-precision settings, most specific first ("none": inherit the next); only "ieee" keeps fp32 GEMMs
+    chain = (getattr(torch.backends.mkldnn, "matmul", None), torch.backends.mkldnn, torch.backends)
+    precision = next((p for p in (getattr(o, "fp32_precision", "none") for o in chain) if p != "none"), "ieee")
+    if precision != "ieee":
+        return f"torch's oneDNN fp32_precision is {precision!r} (its fp32 GEMM would round below fp32)"
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(5, 64, generator=gen), torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
+    try:
+        y = onednn_linear(x, w, b)
+    except RuntimeError as e:  # an op that exists but does not run on this CPU
+        return f"oneDNN's linear failed here ({str(e).splitlines()[0]})"
+    if not torch.allclose(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4):
+        return "oneDNN's linear did not give F.linear's numbers on a check input"
+    return None
+
+
+def resolve_onednn_head(setting: str | bool, device: torch.device) -> tuple[bool, str]:
+    """The `onednn_head` key → (run the vocabulary projection's fp32 GEMMs through oneDNN?, why). auto: on an x86
+    CPU that is not Intel's and has AVX-512, where MKL (torch's BLAS) runs its AVX2 kernels while oneDNN runs AVX-512:
+    the head's fp32 forward (384 × 128 × 4096) took 4.5 ms in MKL and 2.0 ms in oneDNN on one core of the 2-core AMD
+    EPYC Zen 5 (docs/performance.md). Elsewhere MKL stays (not measured faster). true where oneDNN cannot run is
+    refused with the reason, before any compute."""
+    if setting is False:
+        return False, "onednn_head=false"
+    if device.type != "cpu":
+        if setting is True:
+            raise ValueError(f"onednn_head=true is invalid on {device.type}: oneDNN is the CPU's library; allowed: "
+                             "auto, false")  # fmt: skip
+        return False, f"auto: {device.type} (oneDNN is the CPU's library)"
+    reason = onednn_fp32_reason()
+    if setting is True:
+        if reason is not None:
+            raise ValueError(f"onednn_head=true is invalid here: {reason}; allowed: auto, false")
+        return True, "onednn_head=true"
+    if reason is not None:
+        return False, f"auto: {reason}"
+    cpu = cpu_features()
+    vendor = cpu["id"].split()[0] if cpu["id"] else "?"
+    if cpu["arch"] not in ("x86_64", "AMD64") or vendor == "GenuineIntel" or "avx512f" not in cpu["flags"]:
+        return False, f"auto: MKL ({cpu['model']}, {vendor}: not a non-Intel x86 CPU with AVX-512)"
+    return True, f"auto: oneDNN ({cpu['model']}, {vendor} with AVX-512: MKL runs its AVX2 kernels there)"
+
+
 def resolve_compile_vocab(setting: str | bool, device: torch.device) -> tuple[bool, str]:
     """The `compile_vocab` key → (compile the update's vocabulary work?, why). auto: on a CPU with a C++ compiler
     (inductor generates C++ there), not on CUDA (`compile` compiles the whole trunk there). true without a compiler

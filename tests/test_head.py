@@ -4,12 +4,14 @@ run in bf16, as autocast runs every trunk layer's, and the gradients come back i
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kl_research.policy import PolicyWithValue, head_linear
+from kl_research.policy import PolicyWithValue, head_linear, use_onednn_head
+from kl_research.runtime import onednn_fp32_reason, onednn_linear, resolve_onednn_head
 
 
 class MatmulDtypes(TorchDispatchMode):
@@ -91,3 +93,115 @@ def test_score_lm_under_a_bf16_trunk_keeps_fp32_logits_and_runs_the_heads_backwa
         assert len(head_bwd) == 2 and all(dt == want for dt in head_bwd), (amp, mode.calls)
         assert policy.lm.get_output_embeddings().weight.grad.dtype == torch.float32
     hook.remove()
+
+
+# ------------------------------------------------------------------------------------- the head's GEMMs through oneDNN
+class OneDNNCalls(TorchDispatchMode):
+    """Counts oneDNN's linear (runtime.onednn_linear) and aten's mm/addmm dispatched inside it, backward included."""
+
+    def __init__(self):
+        super().__init__()
+        self.onednn = self.aten = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.onednn += func is torch.ops.mkldnn._linear_pointwise.default
+        self.aten += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+needs_onednn = pytest.mark.skipif(onednn_fp32_reason() is not None, reason=f"no oneDNN here: {onednn_fp32_reason()}")
+
+
+@needs_onednn
+def test_onednn_head_is_fp32_forward_and_backward():
+    """onednn=True: the forward and, without a reduced grad dtype, both backward GEMMs run in oneDNN (three calls, no
+    aten GEMM), to fp32 rounding of F.linear's autograd (not bf16's ~1e-3); with bf16 grads only the forward moves to
+    oneDNN and the gradients are the onednn=False ones bit for bit; under no_grad it is one oneDNN call."""
+    for c in (32, 128):
+        x, w, b, up = tensors(c=c)
+        ref = grads(F.linear, x, w, b, up)
+        with OneDNNCalls() as calls:
+            got = grads(lambda *a: head_linear(*a, None, True), x, w, b, up)
+        assert (calls.onednn, calls.aten) == (3, 0)
+        for g, r in zip(got, ref, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+        with OneDNNCalls() as calls:
+            low = grads(lambda *a: head_linear(*a, torch.bfloat16, True), x, w, b, up)
+        assert calls.onednn == 1
+        low_mkl = grads(lambda *a: head_linear(*a, torch.bfloat16, False), x, w, b, up)
+        torch.testing.assert_close(low[0], low_mkl[0], rtol=1e-6, atol=1e-6)
+        for g, r in zip(low[1:], low_mkl[1:], strict=True):
+            assert torch.equal(g, r)
+        with torch.no_grad(), OneDNNCalls() as calls:
+            out = head_linear(x, w, b, None, True)
+        assert calls.onednn == 1 and not out.requires_grad
+        torch.testing.assert_close(out, ref[0], rtol=1e-6, atol=1e-5)
+    xs = torch.randn(6, 10, 32)[:, 3:].reshape(-1, 32)  # a strided hidden state: made contiguous first
+    ws = torch.randn(50, 32)
+    torch.testing.assert_close(onednn_linear(xs[::2], ws), F.linear(xs[::2], ws), rtol=1e-6, atol=1e-5)
+
+
+@needs_onednn
+def test_score_lm_and_the_fast_sampler_project_through_onednn_when_the_model_says_so():
+    """use_onednn_head(lm, True) routes the scoring pass's and every decoding step's projection through oneDNN, with
+    the same logits to fp32 rounding; off, neither calls it."""
+    from kl_research.decode import sample
+
+    lm = gpt2()
+    ids = torch.randint(3, 96, (4, 12), generator=torch.Generator().manual_seed(1))
+    policy = PolicyWithValue.from_reference(lm)
+    logits = {}
+    for on in (False, True):
+        use_onednn_head(policy.lm, on)
+        with torch.no_grad(), OneDNNCalls() as calls:
+            logits[on], _ = policy.score(ids, 4)
+        assert calls.onednn == (1 if on else 0)
+        out: dict = {}
+        torch.manual_seed(5)
+        with OneDNNCalls() as calls:
+            sample(policy.lm, ids[:, :4], max_new_tokens=6, temperature=1.0, eos_token_id=None, pad_token_id=0,
+                   scores_out=out)  # fmt: skip
+        assert calls.onednn == (6 if on else 0)
+        logits[on, "decode"] = out["logits"]
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(logits[True, "decode"], logits[False, "decode"], rtol=1e-6, atol=1e-5)
+
+
+def test_onednn_head_resolves_by_cpu_vendor_and_refuses_where_it_cannot_run(monkeypatch, compose):
+    """auto: oneDNN on a non-Intel x86 CPU with AVX-512 (MKL's AVX2 kernels there), MKL on Intel's or without
+    AVX-512; true where oneDNN cannot run, or on CUDA, is refused with the reason; the key's value is validated."""
+    from kl_research import runtime
+
+    cpu = torch.device("cpu")
+    assert resolve_onednn_head(False, cpu) == (False, "onednn_head=false")
+    with pytest.raises(ValueError, match="onednn_head=true is invalid on cuda"):
+        resolve_onednn_head(True, torch.device("cuda"))
+    assert resolve_onednn_head("auto", torch.device("cuda"))[0] is False
+    monkeypatch.setattr(runtime, "onednn_fp32_reason", lambda: None)
+    for vendor, flags, want in (
+        ("AuthenticAMD 26 2", ["avx512_bf16", "avx512f", "avx2"], True),
+        ("AuthenticAMD 25 17", ["avx2"], False),
+        ("GenuineIntel 6 143", ["amx_tile", "avx512f", "avx2"], False),
+    ):
+        feats = {"model": "x", "arch": "x86_64", "id": vendor, "flags": flags, "capability": "AVX512", "amx": False}
+        monkeypatch.setattr(runtime, "cpu_features", lambda feats=feats: feats)
+        assert runtime.resolve_onednn_head("auto", cpu)[0] is want, vendor
+    monkeypatch.setattr(runtime, "onednn_fp32_reason", lambda: "simulated: no oneDNN")
+    assert runtime.resolve_onednn_head("auto", cpu) == (False, "auto: simulated: no oneDNN")
+    with pytest.raises(ValueError, match="onednn_head=true is invalid here: simulated: no oneDNN"):
+        runtime.resolve_onednn_head(True, cpu)
+    with pytest.raises(ValueError, match="onednn_head='yes' is invalid; allowed: auto, true, false"):
+        compose("onednn_head=yes")
+
+
+@needs_onednn
+def test_a_reduced_onednn_fp32_precision_is_refused():
+    """torch can be told to let oneDNN round fp32 GEMMs to bf16: then the head's fp32 rule would not hold."""
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision  # a property of torch's backend object: set and restored by hand
+    try:
+        matmul.fp32_precision = "bf16"
+        assert "fp32_precision is 'bf16'" in onednn_fp32_reason()
+    finally:
+        matmul.fp32_precision = before
+    assert onednn_fp32_reason() is None

@@ -155,6 +155,9 @@ def test_smollm2_is_fetched_converted_cached_and_trains(tmp_path, monkeypatch):
     assert tok.decode(out[0]).startswith("Life is a 24-hour operation")  # the GGUF's own greedy continuation
     digest = hashlib.sha256((path / "model" / "model.safetensors").read_bytes()).hexdigest()
 
+    # the prompts' sentiment in the reward: six sampled tokens often hold no sentiment word (the 2-core AMD EPYC Zen 5
+    # drew four with VADER 0, so no advantage and no update), while the seed's prompts are the same on every CPU
+    cfg.reward.include_prompt = True
     summary = train(cfg, tmp_path / "run")  # one PPO step of the real LM, through the trainer
     assert summary["status"] == "completed" and summary["steps"] == 1
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
