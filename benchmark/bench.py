@@ -181,7 +181,7 @@ def bench(
     fused_vocab: bool | str = "auto",
     score_from_sampler: bool = True,
     fast_trunk: bool = True,
-    onednn_head: bool | str = "auto",
+    onednn_fp32: bool | str = "auto",
 ) -> dict[str, Any]:
     """Median seconds per PPO step of the real trainer, split by phase, plus floors. Returns the JSON record.
     sampler: the trainer's `sampler` key (auto: the fast decode loop for GPT-2 shapes, generate otherwise).
@@ -192,16 +192,16 @@ def bench(
     "trl" has no exact-KL loss, so it changes nothing there).
     score_from_sampler: the trainer's key (the policy's rollout logits and values from the fast sampler's steps).
     fast_trunk: the trainer's key (scoring and the update's forward in kl_research/gpt2.py's plain ops; the floors stay
-    transformers' own calls). onednn_head: the trainer's key, auto | true | false (the vocabulary projection's fp32
-    GEMMs through oneDNN; the floors stay torch's F.linear / mm)."""
+    transformers' own calls). onednn_fp32: the trainer's key, auto | true | false (the fp32 GEMMs, the head's and an
+    fp32 trunk's, through oneDNN; the bare-HF floors stay transformers' own calls)."""
     from kl_research.gpt2 import use_plain_trunk
-    from kl_research.policy import use_onednn_head
+    from kl_research.policy import use_onednn_fp32
     from kl_research.runtime import (
         autocast,
         peak_memory_mb,
         resolve_cache_dir,
         resolve_device,
-        resolve_onednn_head,
+        resolve_onednn_fp32,
         setup_allocator,
         setup_threads,
     )
@@ -216,10 +216,10 @@ def bench(
     ref, policy, dims = build_models(shape, seed)
     ref.to(dev)
     policy.to(dev)
-    onednn_head = resolve_onednn_head(onednn_head, dev)[0]  # as the trainer resolves it
+    onednn_fp32 = resolve_onednn_fp32(onednn_fp32, dev)[0]  # as the trainer resolves it
     for lm in (policy.lm, ref):
         use_plain_trunk(lm, fast_trunk)
-        use_onednn_head(lm, onednn_head)
+        use_onednn_fp32(lm, onednn_fp32)
     fused_vocab = resolve_fused_vocab(fused_vocab, dev, resolve_cache_dir(None))[0]  # as the trainer resolves it
     choice = _precision_choice(cfg, policy, dev, precision, prompt_len)
     amp = autocast(dev, choice.precision)  # the record says what ran, and why (precision_source, precision_reason)
@@ -246,7 +246,7 @@ def bench(
             "fused_vocab": fused_vocab,
             "score_from_sampler": score_from_sampler,
             "fast_trunk": fast_trunk,
-            "onednn_head": onednn_head,
+            "onednn_fp32": onednn_fp32,
             **_record_rates(med, pcfg, batch_size, prompt_len, response_len, rss, dev, n_threads, malloc_tuned),
         }
     if floors:
@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-score-from-sampler", action="store_true", help="the trainer's score_from_sampler=false")
     ap.add_argument("--no-fast-trunk", action="store_true", help="the trainer's fast_trunk=false")
     ap.add_argument(
-        "--onednn-head", default="auto", choices=("auto", "true", "false"), help="the trainer's onednn_head key"
+        "--onednn-fp32", default="auto", choices=("auto", "true", "false"), help="the trainer's onednn_fp32 key"
     )
     a = ap.parse_args(argv)
     if a.kl_noise:
@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None) -> None:
             {"true": True, "false": False}.get(a.fused_vocab, a.fused_vocab),
             not a.no_score_from_sampler,
             not a.no_fast_trunk,
-            {"true": True, "false": False}.get(a.onednn_head, a.onednn_head),
+            {"true": True, "false": False}.get(a.onednn_fp32, a.onednn_fp32),
         )
     print(json.dumps(rec), flush=True)
 

@@ -30,6 +30,12 @@ GEMM_OPS = {
     aten.baddbmm.default: (1, 2),
     aten.linear.default: (0, 1),
 }
+# oneDNN's fp32 linear (kl_research.runtime.onednn_linear, the `onednn_fp32` key): recorded as (input, weight, bias)
+# and timed with the same fixed post-op arguments; its FLOPs are linear's
+ONEDNN_LINEAR = getattr(getattr(torch.ops.mkldnn, "_linear_pointwise", None), "default", None)
+ONEDNN_POSTOP = ("none", [], "")
+if ONEDNN_LINEAR is not None:
+    GEMM_OPS[ONEDNN_LINEAR] = (0, 1)
 
 
 def _sig(t: torch.Tensor) -> tuple:
@@ -40,7 +46,7 @@ def gemm_flops(op, args) -> int:
     """2·m·k·n (times the batch for bmm) for one call."""
     i, j = GEMM_OPS[op]
     a, b = args[i], args[j]
-    if op is aten.linear.default:  # input (..., K) · weight (N, K)ᵀ
+    if op is aten.linear.default or op is ONEDNN_LINEAR:  # input (..., K) · weight (N, K)ᵀ
         return 2 * a.numel() * b.shape[0]
     batch = a.shape[0] if a.dim() == 3 else 1
     return 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
@@ -56,7 +62,8 @@ class GemmRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in GEMM_OPS:
-            tensors = tuple(_sig(a) if isinstance(a, torch.Tensor) else a for a in args)
+            kept = args[:3] if func is ONEDNN_LINEAR else args  # its post-op arguments (a list) are fixed
+            tensors = tuple(_sig(a) if isinstance(a, torch.Tensor) else a for a in kept)
             self.calls[(func, tensors, tuple(sorted(kwargs.items())))] += 1
         return func(*args, **kwargs)
 
@@ -82,7 +89,7 @@ def gemm_floor(calls: Counter, repeats: int = 5, warmup: int = 1) -> dict[str, A
     """Time every recorded GEMM signature alone (median of `repeats`), weighted by its call count."""
     total_s, total_flop, rows = 0.0, 0, []
     for (op, sigs, kw), count in calls.items():
-        args = [_materialise(s) for s in sigs]
+        args = [_materialise(s) for s in sigs] + (list(ONEDNN_POSTOP) if op is ONEDNN_LINEAR else [])
         kwargs = dict(kw)
         sync = torch.cuda.synchronize if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args) else None
         with torch.no_grad():

@@ -5,6 +5,7 @@
     python benchmark/perf_micro.py gelu                           # tanh-GELU implementations, fwd and fwd+bwd
     python benchmark/perf_micro.py fusedhead --shape tiny         # chunked head + log-prob vs the trainer's, A/B
     python benchmark/perf_micro.py decode --shape tiny --threads 1  # the fast sampler vs three faster-looking variants
+    python benchmark/perf_micro.py fp32gemm --threads 1           # the head's fp32 GEMMs: MKL against oneDNN
 
 Timings on a shared VM drift by ±20 % over minutes: compare rows of one invocation only.
 """
@@ -370,9 +371,39 @@ def decode(shape: str, rounds: int = 2) -> None:
             print(f"round {r + 1} {name:28s} {timed(fn, n=5, warmup=1) * 1e3:7.1f} ms per rollout's generation")
 
 
+def fp32gemm(rounds: int = 3) -> None:
+    """The vocabulary head's fp32 GEMMs at the tiny default's shapes (C = 128, V = 4096: a decoding step's 64 rows, a
+    minibatch's 384, the reference's 1536; the fp32 backward's two; SmolLM2's C = 576, V = 49152) through torch's
+    BLAS (F.linear / mm: MKL in the x86 wheels) and through oneDNN (runtime.onednn_linear, the `onednn_fp32` key):
+    ms and GFLOP/s, alternating, median of `rounds`; and whether the two give the same bits."""
+    from kl_research.runtime import cpu_features, onednn_fp32_reason, onednn_linear
+
+    cpu = cpu_features()
+    dnn_ok = onednn_fp32_reason() or "ok"
+    print(f"cpu: {cpu['model']} ({cpu['id']}), {torch.get_num_threads()} thread(s); oneDNN: {dnn_ok}")
+    g = torch.Generator().manual_seed(0)
+    cases = [  # (what, x, W as linear's (out, in)): the forward is x Wᵀ; the backward's are G W and Gᵀ x
+        *((f"forward {n}×128 · 128×4096", torch.randn(n, 128, generator=g), torch.randn(4096, 128, generator=g))
+          for n in (64, 384, 1536)),
+        ("grad x: 384×4096 · 4096×128", torch.randn(384, 4096, generator=g), torch.randn(4096, 128, generator=g).t()),
+        ("grad W: 4096×384 · 384×128", torch.randn(384, 4096, generator=g).t(), torch.randn(384, 128, generator=g).t()),
+        ("SmolLM2 forward 96×576 · 576×49152", torch.randn(96, 576, generator=g), torch.randn(49152, 576, generator=g)),
+    ]  # fmt: skip
+    for what, x, w in cases:
+        flop = 2 * x.shape[0] * x.shape[1] * w.shape[0]
+        mkl, dnn = [], []
+        for _ in range(rounds):
+            mkl.append(timed(lambda x=x, w=w: F.linear(x, w)))
+            dnn.append(timed(lambda x=x, w=w: onednn_linear(x, w)))
+        a, b = statistics.median(mkl), statistics.median(dnn)
+        same = torch.equal(F.linear(x, w), onednn_linear(x, w))
+        print(f"{what:36s} MKL {a * 1e3:7.3f} ms {flop / a / 1e9:5.0f} GFLOP/s   oneDNN {b * 1e3:7.3f} ms "
+              f"{flop / b / 1e9:5.0f} GFLOP/s   {a / b:4.2f}×   same bits: {same}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("minibatch", "head", "gelu", "fusedhead", "decode"))
+    ap.add_argument("what", choices=("minibatch", "head", "gelu", "fusedhead", "decode", "fp32gemm"))
     ap.add_argument("--shape", default="gpt2-small")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -383,6 +414,7 @@ def main() -> None:
         "gelu": gelu,
         "fusedhead": lambda: fusedhead(a.shape),
         "decode": lambda: decode(a.shape),
+        "fp32gemm": fp32gemm,
     }[a.what]()
 
 

@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from kl_research.controllers import build_controller
 from kl_research.kl import SIGNAL_ESTIMATORS, check_estimator, check_penalty
-from kl_research.runtime import ONEDNN_HEAD, resolve_cache_dir
+from kl_research.runtime import ONEDNN_FP32, resolve_cache_dir
 
 
 # --------------------------------------------------------------------------------------------- controller
@@ -554,7 +554,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.get("fused_vocab", True) in FUSED_VOCAB, "fused_vocab", ", ".join(map(str, FUSED_VOCAB)).lower())
     need(cfg.get("score_from_sampler", True) in (True, False), "score_from_sampler", "true, false")
     need(cfg.get("fast_trunk", True) in (True, False), "fast_trunk", "true, false")
-    need(cfg.get("onednn_head", False) in ONEDNN_HEAD, "onednn_head", "auto, true, false")
+    need(cfg.get("onednn_fp32", False) in ONEDNN_FP32, "onednn_fp32", "auto, true, false")
     need(cfg.get("compile") in COMPILE_MODES, "compile", ", ".join(map(str, COMPILE_MODES)).lower())
     if device.startswith("cuda"):
         import torch

@@ -104,8 +104,8 @@ def sample(
     vcache: list[torch.Tensor | None] = [None] * cfg.n_layer
     head_w = lm.get_output_embeddings().weight
     head_b = lm.get_output_embeddings().bias
-    # the projection as score_lm's (policy.use_onednn_head: oneDNN's fp32 GEMM, or F.linear's)
-    project = onednn_linear if getattr(lm, "_kl_onednn_head", False) else F.linear
+    # the projection as score_lm's (policy.use_onednn_fp32: oneDNN's fp32 GEMM, or F.linear's)
+    project = onednn_linear if getattr(lm, "_kl_onednn_fp32", False) else F.linear
     inv_t = 1.0 / temperature
     cpu_amp = device.type == "cpu" and amp_dtype is not None
     cpu_fp32 = torch.autocast("cpu", enabled=False) if cpu_amp else contextlib.nullcontext()

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kl_research.runtime import onednn_linear
+
 # The attentions whose numbers `causal_attend` reproduces: ours (policy.ATTENTION, registered there: SDPA with the
 # CPU's fp32 upcast) and transformers' SDPA.
 SDPA_ATTENTIONS = ("kl_sdpa", "sdpa")
@@ -52,6 +54,29 @@ def conv1d(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tens
     return torch.addmm(wb[1], x, wb[0])
 
 
+class _OneDNNConv1D(torch.autograd.Function):
+    """transformers' Conv1D, x W + b with W (in, out), in fp32 through oneDNN's linear, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return onednn_linear(x, w.t(), b)  # linear's weight is (out, in)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = onednn_linear(g, w) if ctx.needs_input_grad[0] else None  # G Wᵀ (N, in)
+        gw = onednn_linear(x.t(), g.t()) if ctx.needs_input_grad[1] else None  # xᵀ G (in, out)
+        gb = g.sum(0) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def onednn_conv1d(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """`conv1d` through oneDNN's fp32 GEMM (the `onednn_fp32` key on an fp32 trunk): IEEE fp32, the sums in
+    oneDNN's order instead of MKL's (last bits; tests/test_gpt2.py)."""
+    return _OneDNNConv1D.apply(x, *wb)
+
+
 def block_weights(lm: nn.Module, dtype: torch.dtype | None = None) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Per block, the (W, b) of the attention's qkv and output projections and of the MLP's two layers; cast to
     `dtype` when given (the decode loop casts once per call what autocast would cast at every decoding step: the same
@@ -72,14 +97,18 @@ def blocks(
     cfg = lm.config
     H, eps = cfg.n_head, cfg.layer_norm_epsilon
     b, t, c = x.shape
+    # an fp32 trunk's GEMMs through oneDNN where the model says so (policy.use_onednn_fp32); under autocast, or with
+    # weights cast for it, addmm (autocast picks its dtype and library)
+    fp32 = x.dtype == weights[0][0][0].dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+    proj = onednn_conv1d if fp32 and getattr(lm, "_kl_onednn_fp32", False) else conv1d
     for i, blk in enumerate(lm.transformer.h):
         w_qkv, w_proj, w_fc, w_out = weights[i]
         h = F.layer_norm(x, (c,), blk.ln_1.weight, blk.ln_1.bias, eps)
-        q, k, v = conv1d(h.view(b * t, c), w_qkv).view(b, t, 3, H, c // H).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = proj(h.view(b * t, c), w_qkv).view(b, t, 3, H, c // H).permute(2, 0, 3, 1, 4).unbind(0)
         a = attend(i, q, k, v).transpose(1, 2).reshape(b * t, c)
-        x = x + conv1d(a, w_proj).view(b, t, c)
+        x = x + proj(a, w_proj).view(b, t, c)
         h = F.layer_norm(x, (c,), blk.ln_2.weight, blk.ln_2.bias, eps)
-        x = x + conv1d(blk.mlp.act(conv1d(h.view(b * t, c), w_fc)), w_out).view(b, t, c)
+        x = x + proj(blk.mlp.act(proj(h.view(b * t, c), w_fc)), w_out).view(b, t, c)
     return x
 
 

@@ -215,10 +215,11 @@ def head_linear(
     return nn.functional.linear(x, weight, bias)
 
 
-def use_onednn_head(lm: nn.Module, on: bool) -> None:
-    """Route this model's vocabulary projection in `score_lm` and the fast sampler through oneDNN (on) or F.linear
-    (off): the `onednn_head` key as `runtime.resolve_onednn_head` resolved it."""
-    lm._kl_onednn_head = bool(on)
+def use_onednn_fp32(lm: nn.Module, on: bool) -> None:
+    """Route this model's fp32 GEMMs through oneDNN (on) or torch's BLAS (off): the vocabulary projection in
+    `score_lm` and the fast sampler, and an fp32 trunk's in the plain ops (gpt2.blocks: the scoring pass, the update,
+    the sampler's steps); the `onednn_fp32` key as `runtime.resolve_onednn_fp32` resolved it."""
+    lm._kl_onednn_fp32 = bool(on)
 
 
 def score_lm(
@@ -254,7 +255,7 @@ def score_lm(
     with torch.autocast(device_type, enabled=False):
         head = lm.get_output_embeddings()
         bias = None if head.bias is None else head.bias.float()
-        onednn = getattr(lm, "_kl_onednn_head", False)  # set by use_onednn_head (the onednn_head key)
+        onednn = getattr(lm, "_kl_onednn_fp32", False)  # set by use_onednn_fp32 (the onednn_fp32 key)
         logits = head_linear(hidden, head.weight.float(), bias, grad_dtype, onednn).view(B, R, -1)
         if v_head is not None:
             values = v_head(hidden.detach() if detach_values else hidden).view(B, R)  # (B, R)

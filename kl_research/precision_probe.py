@@ -155,6 +155,9 @@ def probe_key(lm: torch.nn.Module, work: Workload) -> dict[str, Any]:
             "params": sum(p.numel() for p in lm.parameters()),
         },
         "work": asdict(work),
+        # the GEMM library the model's fp32 GEMMs run in (policy.use_onednn_fp32): fp32's side of the ratio moves with
+        # it; only when on, so that the keys (and cached decisions) of models without it stay what they were
+        **({"onednn_fp32": True} if getattr(lm, "_kl_onednn_fp32", False) else {}),
     }
 
 
@@ -337,9 +340,17 @@ def main(argv: list[str] | None = None) -> None:
     miss, a new probe; prints the decision, its numbers and the cache file."""
     import sys
 
-    from kl_research.policy import PolicyWithValue, disable_dropout
+    from kl_research.decode import uses_fast_sampler
+    from kl_research.gpt2 import use_plain_trunk
+    from kl_research.policy import PolicyWithValue, disable_dropout, use_onednn_fp32
     from kl_research.reference import compose_config, load_reference, resolve_cache_dir
-    from kl_research.runtime import resolve_device, resolve_precision, setup_allocator, setup_threads
+    from kl_research.runtime import (
+        resolve_device,
+        resolve_onednn_fp32,
+        resolve_precision,
+        setup_allocator,
+        setup_threads,
+    )
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     args = sys.argv[1:] if argv is None else list(argv)
@@ -351,7 +362,12 @@ def main(argv: list[str] | None = None) -> None:
     ref_model, _ = load_reference(cfg)
     disable_dropout(ref_model)
     policy = PolicyWithValue.from_reference(ref_model, detach_value_head=cfg.ppo.detach_value_head).to(device).eval()
-    work = Workload.of(cfg.ppo, cfg.data.prompt_tokens)
+    # the model and the step as a job sets them up (train.Job.setup): the plain trunk, the GEMM library, the sampler
+    use_plain_trunk(policy.lm, bool(cfg.get("fast_trunk", True)))
+    use_onednn_fp32(policy.lm, resolve_onednn_fp32(cfg.get("onednn_fp32", False), device)[0])
+    sampler = cfg.get("sampler", "auto")
+    passes = 1 if uses_fast_sampler(policy.lm, sampler) and cfg.get("score_from_sampler", False) else 2
+    work = Workload.of(cfg.ppo, cfg.data.prompt_tokens, sampler, passes)
     cache_dir = resolve_cache_dir(cfg.get("cache_dir"))
     if fresh:
         cache_file(cache_dir, probe_key(policy.lm, work)).unlink(missing_ok=True)

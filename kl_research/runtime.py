@@ -240,7 +240,7 @@ def cached_build(final: Path, what: str, build: Callable[[Path], dict[str, Any]]
     return final, True
 
 
-ONEDNN_HEAD = ("auto", True, False)  # the `onednn_head` key
+ONEDNN_FP32 = ("auto", True, False)  # the `onednn_fp32` key
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -273,24 +273,25 @@ def onednn_fp32_reason() -> str | None:
     return None
 
 
-def resolve_onednn_head(setting: str | bool, device: torch.device) -> tuple[bool, str]:
-    """The `onednn_head` key → (run the vocabulary projection's fp32 GEMMs through oneDNN?, why). auto: on an x86
+def resolve_onednn_fp32(setting: str | bool, device: torch.device) -> tuple[bool, str]:
+    """The `onednn_fp32` key → (run the fp32 GEMMs through oneDNN?, why): the vocabulary projection's (fp32 in every
+    job) and, where the trunk runs in fp32, the plain GPT-2 trunk's (gpt2.blocks). auto: on an x86
     CPU that is not Intel's and has AVX-512, where MKL (torch's BLAS) runs its AVX2 kernels while oneDNN runs AVX-512:
     the head's fp32 forward (384 × 128 × 4096) took 4.5 ms in MKL and 2.0 ms in oneDNN on one core of the 2-core AMD
     EPYC Zen 5 (docs/performance.md). Elsewhere MKL stays (not measured faster). true where oneDNN cannot run is
     refused with the reason, before any compute."""
     if setting is False:
-        return False, "onednn_head=false"
+        return False, "onednn_fp32=false"
     if device.type != "cpu":
         if setting is True:
-            raise ValueError(f"onednn_head=true is invalid on {device.type}: oneDNN is the CPU's library; allowed: "
+            raise ValueError(f"onednn_fp32=true is invalid on {device.type}: oneDNN is the CPU's library; allowed: "
                              "auto, false")  # fmt: skip
         return False, f"auto: {device.type} (oneDNN is the CPU's library)"
     reason = onednn_fp32_reason()
     if setting is True:
         if reason is not None:
-            raise ValueError(f"onednn_head=true is invalid here: {reason}; allowed: auto, false")
-        return True, "onednn_head=true"
+            raise ValueError(f"onednn_fp32=true is invalid here: {reason}; allowed: auto, false")
+        return True, "onednn_fp32=true"
     if reason is not None:
         return False, f"auto: {reason}"
     cpu = cpu_features()

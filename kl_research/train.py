@@ -42,7 +42,7 @@ from kl_research.controllers import KLController, build_controller
 from kl_research.decode import fast_sampler_reason, uses_fast_sampler
 from kl_research.gpt2 import use_plain_trunk
 from kl_research.kl import ESTIMATORS, masked_mean, masked_sum, token_kl
-from kl_research.policy import PolicyWithValue, compile_trunks, disable_dropout, use_onednn_head
+from kl_research.policy import PolicyWithValue, compile_trunks, disable_dropout, use_onednn_fp32
 from kl_research.precision_probe import Workload, auto_precision
 from kl_research.rollout import rollout
 from kl_research.runlog import RunLogger, plot_curves, summarize
@@ -54,7 +54,7 @@ from kl_research.runtime import (
     resolve_cache_dir,
     resolve_compile_vocab,
     resolve_device,
-    resolve_onednn_head,
+    resolve_onednn_fp32,
     resolve_precision,
     rng_state,
     seed_everything,
@@ -265,7 +265,7 @@ class Job:
     judge: Any = None  # AFINN on every rollout's responses (reward/judge; gold.rollout_judge): never trained on
     elapsed_before: float = 0.0
     fused_vocab: bool | str = True  # the update's vocabulary work: "kernel" | True (torch ops) | False (autograd)
-    onednn_head: bool = False  # the vocabulary projection's fp32 GEMMs through oneDNN (the onednn_head key, resolved)
+    onednn_fp32: bool = False  # the fp32 GEMMs (head; an fp32 trunk's) through oneDNN (the onednn_fp32 key, resolved)
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -329,13 +329,13 @@ class Job:
         log.info("fast_trunk=%s → %s", fast_trunk, "plain ops (kl_research/gpt2.py)" if fast_trunk and why_not is None
                  else f"transformers' forward{f' ({why_not})' if why_not else ''}")  # fmt: skip
         # configs written before the key have none: false (MKL's GEMM, their trajectory); auto keeps a checkpoint's
-        onednn, why = resolve_onednn_head(cfg.get("onednn_head", False), device)
-        kept = bool(ckpt.get("onednn_head", onednn)) if ckpt is not None else onednn
-        if kept != onednn and cfg.get("onednn_head") == "auto" and (not kept or onednn_fp32_reason() is None):
+        onednn, why = resolve_onednn_fp32(cfg.get("onednn_fp32", False), device)
+        kept = bool(ckpt.get("onednn_fp32", onednn)) if ckpt is not None else onednn
+        if kept != onednn and cfg.get("onednn_fp32") == "auto" and (not kept or onednn_fp32_reason() is None):
             onednn, why = kept, f"auto: kept from the checkpoint (steps 1-{ckpt['step']} ran with it)"
-        use_onednn_head(policy.lm, onednn)  # before the precision probe, which times the job's head
-        use_onednn_head(ref_model, onednn)
-        log.info("onednn_head=%s → %s", cfg.get("onednn_head", False), why)
+        use_onednn_fp32(policy.lm, onednn)  # before the precision probe, which times the job's GEMMs
+        use_onednn_fp32(ref_model, onednn)
+        log.info("onednn_fp32=%s → %s", cfg.get("onednn_fp32", False), why)
         sampler = cfg.get("sampler", "auto")
         reason = fast_sampler_reason(policy.lm)
         if sampler == "fast" and reason is not None:  # before the precision probe, which samples with it
@@ -379,7 +379,7 @@ class Job:
             prompt_gen=torch.Generator().manual_seed(cfg.seed),
             shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1),
         )
-        job.fused_vocab, job.onednn_head = fused_vocab, onednn
+        job.fused_vocab, job.onednn_fp32 = fused_vocab, onednn
         job.gold = GoldEval.of(cfg, corpus.heldout, tokenizer)
         if cfg.get("gold") is not None and cfg.gold.get("rollout_judge", False):
             from kl_research.rewards import AfinnReward
@@ -417,11 +417,11 @@ class Job:
                 "machine): from here the trajectory is not bit-identical to an uninterrupted run",
                 *(self.fused_vocab, self.start_step, ckpt["fused_vocab"]),
             )
-        if bool(ckpt.get("onednn_head", False)) != self.onednn_head:  # auto: oneDNN on a non-Intel AVX-512 CPU
+        if bool(ckpt.get("onednn_fp32", False)) != self.onednn_fp32:  # auto: oneDNN on a non-Intel AVX-512 CPU
             log.warning(
-                "resumed with onednn_head resolved to %s; steps 1-%d ran with %s (onednn_head=auto resolves per "
-                "machine): the logits' last bits may differ from an uninterrupted run's from here",
-                *(self.onednn_head, self.start_step, bool(ckpt.get("onednn_head", False))),
+                "resumed with onednn_fp32 resolved to %s; steps 1-%d ran with %s (onednn_fp32=auto resolves per "
+                "machine): the fp32 GEMMs' last bits may differ from an uninterrupted run's from here",
+                *(self.onednn_fp32, self.start_step, bool(ckpt.get("onednn_fp32", False))),
             )
 
     @property
@@ -574,7 +574,7 @@ class Job:
                 "device_type": self.device.type,
                 "precision": self.choice.precision,
                 "fused_vocab": self.fused_vocab,  # as resolved: "kernel" | True | False
-                "onednn_head": self.onednn_head,  # as resolved
+                "onednn_fp32": self.onednn_fp32,  # as resolved
                 "precision_choice": self.started.record(),  # how it was chosen when the run started
                 "config": self.resolved,
             },
@@ -594,7 +594,7 @@ class Job:
             save_file(self.policy.v_head.state_dict(), str(out / "policy" / "value_head.safetensors"))
         memory = {k.removeprefix("memory/"): v for k, v in peak_memory_mb(self.device).items()}
         summary = {**summarize(self.history, cfg, wall), "device": str(self.device), **self.choice.record(), **memory}
-        summary["onednn_head"] = self.onednn_head  # the head's fp32 GEMM library as resolved (oneDNN or MKL)
+        summary["onednn_fp32"] = self.onednn_fp32  # the fp32 GEMMs' library as resolved (oneDNN or torch's BLAS)
         rm_meta = getattr(self.reward_fn, "meta", None)  # reward=learned: the proxy's own agreement with the gold
         if rm_meta is not None:
             summary.update({f"proxy_test_{k}": rm_meta["test"][k] for k in ("pearson", "spearman", "accuracy")})

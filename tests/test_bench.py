@@ -139,6 +139,23 @@ def test_gemm_recorder_counts_and_times_the_matmuls():
     assert x.grad is not None and w.grad.shape == (5, 3)  # the work itself ran normally
 
 
+def test_gemm_recorder_counts_onednn_linears():
+    """The head's GEMMs through oneDNN (onednn_fp32) are GEMMs too: recorded, timed alone with the same op, linear's
+    FLOPs; without this the bench's "GEMMs alone" left the head out whenever the key was on."""
+    from benchmark.gemm import GemmRecorder, gemm_floor
+    from kl_research.runtime import onednn_fp32_reason, onednn_linear
+
+    if onednn_fp32_reason() is not None:
+        pytest.skip(f"no oneDNN here: {onednn_fp32_reason()}")
+    with GemmRecorder() as rec:
+        onednn_linear(torch.randn(6, 5), torch.randn(3, 5), torch.randn(3))
+        onednn_linear(torch.randn(6, 5), torch.randn(3, 5), torch.randn(3))
+    floor = gemm_floor(rec.calls, repeats=2)
+    assert floor["calls"] == 2 and len(floor["by_shape"]) == 1 and floor["by_shape"][0]["op"] == "_linear_pointwise"
+    assert floor["gflop"] * 1e9 == pytest.approx(2 * (2 * 6 * 5 * 3))
+    assert floor["seconds"] > 0
+
+
 def test_score_lm_equals_the_full_forward(tiny_shape):
     """Dropping the last token and projecting only response positions leaves the numbers we use unchanged."""
     ref, policy, dims = bench.build_models(tiny_shape)

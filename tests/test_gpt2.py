@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from kl_research import gpt2
 from kl_research.policy import ATTENTION, PolicyWithValue, disable_dropout, fp32_attention_on_cpu, fuse_activations
+from kl_research.runtime import onednn_fp32_reason
 
 
 def gpt2_lm(seed: int = 0, **config) -> GPT2LMHeadModel:
@@ -83,6 +84,38 @@ def test_the_plain_trunk_is_what_score_lm_runs_when_set(monkeypatch):
         plain.score(ids, 4)
     assert calls == [(2, 8)]  # the last token is not fed
     assert gpt2.use_plain_trunk(plain.lm, on=False) is None and not plain.lm._kl_plain_trunk
+
+
+@pytest.mark.skipif(onednn_fp32_reason() is not None, reason=f"no oneDNN here: {onednn_fp32_reason()}")
+def test_onednn_fp32_runs_an_fp32_plain_trunk_through_onednn_and_leaves_autocast_alone():
+    """use_onednn_fp32 on an fp32 plain trunk: each block's four GEMMs and their backward's two each run in oneDNN (no
+    aten GEMM left but the value head's), with transformers' logits, values and gradients to fp32 rounding (the sums
+    in oneDNN's order); the sampler's steps too; under bf16 autocast the trunk stays autocast's addmm."""
+    from test_head import OneDNNCalls
+
+    from kl_research.decode import sample
+    from kl_research.policy import use_onednn_fp32
+
+    hf, plain = policy_pair()
+    use_onednn_fp32(plain.lm, True)
+    ids = torch.randint(3, 96, (6, 17), generator=torch.Generator().manual_seed(1))
+    logits_hf, grads_hf = loss_and_grads(hf, ids, False)
+    with OneDNNCalls() as calls:
+        logits, grads = loss_and_grads(plain, ids, False)
+    n_layer = plain.lm.config.n_layer
+    assert calls.onednn == 3 * (4 * n_layer + 1)  # forward + 2 backward GEMMs, 4 per block and the head
+    assert calls.aten == 3  # the value head's forward and backward (the input's grad and the weight's)
+    torch.testing.assert_close(logits, logits_hf, rtol=1e-5, atol=1e-5)
+    for name, g in grads_hf.items():  # fp32 rounding (measured ~3e-7 of each gradient's norm), not bf16's ~1e-3
+        assert (grads[name] - g).norm() <= 1e-5 * g.norm(), name
+    torch.manual_seed(3)
+    plain.eval()
+    with OneDNNCalls() as calls:
+        sample(plain.lm, ids[:, :5], max_new_tokens=4, temperature=1.0, eos_token_id=None, pad_token_id=0)
+    assert calls.onednn == 4 * (4 * n_layer + 1) and calls.aten == 0  # prefill + 3 steps' blocks, 4 heads
+    with OneDNNCalls() as calls:
+        loss_and_grads(plain, ids, True)
+    assert calls.onednn == 1  # the head's fp32 forward; its backward and the trunk are bf16 under autocast
 
 
 def test_plain_trunk_refuses_what_it_does_not_implement():

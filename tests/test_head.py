@@ -10,8 +10,8 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kl_research.policy import PolicyWithValue, head_linear, use_onednn_head
-from kl_research.runtime import onednn_fp32_reason, onednn_linear, resolve_onednn_head
+from kl_research.policy import PolicyWithValue, head_linear, use_onednn_fp32
+from kl_research.runtime import onednn_fp32_reason, onednn_linear, resolve_onednn_fp32
 
 
 class MatmulDtypes(TorchDispatchMode):
@@ -113,7 +113,7 @@ needs_onednn = pytest.mark.skipif(onednn_fp32_reason() is not None, reason=f"no 
 
 
 @needs_onednn
-def test_onednn_head_is_fp32_forward_and_backward():
+def test_the_onednn_head_is_fp32_forward_and_backward():
     """onednn=True: the forward and, without a reduced grad dtype, both backward GEMMs run in oneDNN (three calls, no
     aten GEMM), to fp32 rounding of F.linear's autograd (not bf16's ~1e-3); with bf16 grads only the forward moves to
     oneDNN and the gradients are the onednn=False ones bit for bit; under no_grad it is one oneDNN call."""
@@ -143,8 +143,9 @@ def test_onednn_head_is_fp32_forward_and_backward():
 
 @needs_onednn
 def test_score_lm_and_the_fast_sampler_project_through_onednn_when_the_model_says_so():
-    """use_onednn_head(lm, True) routes the scoring pass's and every decoding step's projection through oneDNN, with
-    the same logits to fp32 rounding; off, neither calls it."""
+    """use_onednn_fp32(lm, True) routes the scoring pass's and every decoding step's projection through oneDNN (and,
+    the model being fp32, the sampler's blocks' four GEMMs), with the same logits to fp32 rounding; off, neither calls
+    it."""
     from kl_research.decode import sample
 
     lm = gpt2()
@@ -152,31 +153,32 @@ def test_score_lm_and_the_fast_sampler_project_through_onednn_when_the_model_say
     policy = PolicyWithValue.from_reference(lm)
     logits = {}
     for on in (False, True):
-        use_onednn_head(policy.lm, on)
+        use_onednn_fp32(policy.lm, on)
         with torch.no_grad(), OneDNNCalls() as calls:
             logits[on], _ = policy.score(ids, 4)
-        assert calls.onednn == (1 if on else 0)
+        assert calls.onednn == (1 if on else 0)  # the head (the trunk here is transformers', not the plain ops)
+        per_pass = 4 * policy.lm.config.n_layer + 1  # the sampler's blocks (plain ops) and the head
         out: dict = {}
         torch.manual_seed(5)
         with OneDNNCalls() as calls:
             sample(policy.lm, ids[:, :4], max_new_tokens=6, temperature=1.0, eos_token_id=None, pad_token_id=0,
                    scores_out=out)  # fmt: skip
-        assert calls.onednn == (6 if on else 0)
+        assert calls.onednn == (6 * per_pass if on else 0)  # the prompt's pass and five steps' blocks, six heads
         logits[on, "decode"] = out["logits"]
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(logits[True, "decode"], logits[False, "decode"], rtol=1e-6, atol=1e-5)
 
 
-def test_onednn_head_resolves_by_cpu_vendor_and_refuses_where_it_cannot_run(monkeypatch, compose):
+def test_onednn_fp32_resolves_by_cpu_vendor_and_refuses_where_it_cannot_run(monkeypatch, compose):
     """auto: oneDNN on a non-Intel x86 CPU with AVX-512 (MKL's AVX2 kernels there), MKL on Intel's or without
     AVX-512; true where oneDNN cannot run, or on CUDA, is refused with the reason; the key's value is validated."""
     from kl_research import runtime
 
     cpu = torch.device("cpu")
-    assert resolve_onednn_head(False, cpu) == (False, "onednn_head=false")
-    with pytest.raises(ValueError, match="onednn_head=true is invalid on cuda"):
-        resolve_onednn_head(True, torch.device("cuda"))
-    assert resolve_onednn_head("auto", torch.device("cuda"))[0] is False
+    assert resolve_onednn_fp32(False, cpu) == (False, "onednn_fp32=false")
+    with pytest.raises(ValueError, match="onednn_fp32=true is invalid on cuda"):
+        resolve_onednn_fp32(True, torch.device("cuda"))
+    assert resolve_onednn_fp32("auto", torch.device("cuda"))[0] is False
     monkeypatch.setattr(runtime, "onednn_fp32_reason", lambda: None)
     for vendor, flags, want in (
         ("AuthenticAMD 26 2", ["avx512_bf16", "avx512f", "avx2"], True),
@@ -185,13 +187,13 @@ def test_onednn_head_resolves_by_cpu_vendor_and_refuses_where_it_cannot_run(monk
     ):
         feats = {"model": "x", "arch": "x86_64", "id": vendor, "flags": flags, "capability": "AVX512", "amx": False}
         monkeypatch.setattr(runtime, "cpu_features", lambda feats=feats: feats)
-        assert runtime.resolve_onednn_head("auto", cpu)[0] is want, vendor
+        assert runtime.resolve_onednn_fp32("auto", cpu)[0] is want, vendor
     monkeypatch.setattr(runtime, "onednn_fp32_reason", lambda: "simulated: no oneDNN")
-    assert runtime.resolve_onednn_head("auto", cpu) == (False, "auto: simulated: no oneDNN")
-    with pytest.raises(ValueError, match="onednn_head=true is invalid here: simulated: no oneDNN"):
-        runtime.resolve_onednn_head(True, cpu)
-    with pytest.raises(ValueError, match="onednn_head='yes' is invalid; allowed: auto, true, false"):
-        compose("onednn_head=yes")
+    assert runtime.resolve_onednn_fp32("auto", cpu) == (False, "auto: simulated: no oneDNN")
+    with pytest.raises(ValueError, match="onednn_fp32=true is invalid here: simulated: no oneDNN"):
+        runtime.resolve_onednn_fp32(True, cpu)
+    with pytest.raises(ValueError, match="onednn_fp32='yes' is invalid; allowed: auto, true, false"):
+        compose("onednn_fp32=yes")
 
 
 @needs_onednn

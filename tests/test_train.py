@@ -463,33 +463,33 @@ def test_kill_and_resume_is_exact_with_and_without_the_fast_paths(cache_dir, tmp
 
 
 def test_resume_keeps_the_head_library_the_checkpoint_ran_with(cache_dir, tmp_path, monkeypatch, caplog):
-    """onednn_head=auto resolves per machine (oneDNN on a non-Intel AVX-512 CPU): a run that started on MKL's head
+    """onednn_fp32=auto resolves per machine (oneDNN on a non-Intel AVX-512 CPU): a run that started on MKL's head
     resumes on it where auto would now pick oneDNN, and its summary says so; a run that ran oneDNN and resumes where
     oneDNN cannot run falls back and warns. Both resolutions are simulated, so the test means the same on any CPU."""
     if runtime.onednn_fp32_reason() is not None:
         pytest.skip(f"no oneDNN here: {runtime.onednn_fp32_reason()}")
     ckpt = lambda run: torch.load(tmp_path / run / train_mod.CHECKPOINT, weights_only=False)  # noqa: E731
-    monkeypatch.setattr(train_mod, "resolve_onednn_head", lambda s, d: (False, "auto: MKL (simulated)"))
-    train(make_cfg(cache_dir, "steps=2", "checkpoint_every=1", "onednn_head=auto"), tmp_path / "a")
-    assert ckpt("a")["onednn_head"] is False
+    monkeypatch.setattr(train_mod, "resolve_onednn_fp32", lambda s, d: (False, "auto: MKL (simulated)"))
+    train(make_cfg(cache_dir, "steps=2", "checkpoint_every=1", "onednn_fp32=auto"), tmp_path / "a")
+    assert ckpt("a")["onednn_fp32"] is False
     (tmp_path / "a" / "summary.json").unlink()
-    monkeypatch.setattr(train_mod, "resolve_onednn_head", lambda s, d: (True, "auto: oneDNN (simulated)"))
+    monkeypatch.setattr(train_mod, "resolve_onednn_fp32", lambda s, d: (True, "auto: oneDNN (simulated)"))
     with caplog.at_level(logging.INFO, logger="kl_research.train"):
-        train(make_cfg(cache_dir, "steps=3", "checkpoint_every=1", "onednn_head=auto"), tmp_path / "a")
-    assert "onednn_head=auto → auto: kept from the checkpoint (steps 1-2 ran with it)" in caplog.text
-    assert "resumed with onednn_head" not in caplog.text
-    assert json.loads((tmp_path / "a" / "summary.json").read_text())["onednn_head"] is False
+        train(make_cfg(cache_dir, "steps=3", "checkpoint_every=1", "onednn_fp32=auto"), tmp_path / "a")
+    assert "onednn_fp32=auto → auto: kept from the checkpoint (steps 1-2 ran with it)" in caplog.text
+    assert "resumed with onednn_fp32" not in caplog.text
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["onednn_fp32"] is False
 
     caplog.clear()
-    train(make_cfg(cache_dir, "steps=2", "checkpoint_every=1", "onednn_head=auto"), tmp_path / "b")
-    assert ckpt("b")["onednn_head"] is True
+    train(make_cfg(cache_dir, "steps=2", "checkpoint_every=1", "onednn_fp32=auto"), tmp_path / "b")
+    assert ckpt("b")["onednn_fp32"] is True
     (tmp_path / "b" / "summary.json").unlink()
-    monkeypatch.setattr(train_mod, "resolve_onednn_head", lambda s, d: (False, "auto: no oneDNN (simulated)"))
+    monkeypatch.setattr(train_mod, "resolve_onednn_fp32", lambda s, d: (False, "auto: no oneDNN (simulated)"))
     monkeypatch.setattr(train_mod, "onednn_fp32_reason", lambda: "no oneDNN (simulated)")
     with caplog.at_level(logging.INFO, logger="kl_research.train"):
-        train(make_cfg(cache_dir, "steps=3", "checkpoint_every=1", "onednn_head=auto"), tmp_path / "b")
-    assert "resumed with onednn_head resolved to False; steps 1-2 ran with True" in caplog.text
-    assert json.loads((tmp_path / "b" / "summary.json").read_text())["onednn_head"] is False
+        train(make_cfg(cache_dir, "steps=3", "checkpoint_every=1", "onednn_fp32=auto"), tmp_path / "b")
+    assert "resumed with onednn_fp32 resolved to False; steps 1-2 ran with True" in caplog.text
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["onednn_fp32"] is False
 
 
 def test_fast_trunk_leaves_the_trajectory_bit_identical(cache_dir, tmp_path, caplog):
