@@ -6,7 +6,8 @@
 #      benchmark/sweep_ab.sh (its own clones in $WORK/sweep): wall, then the job-by-job comparison
 #      (benchmark/sweep_pairs.py: per-job s/step, identical trajectories or paired TOSTs);
 #   3. the issue's bench row (`python -m benchmark.bench --shape tiny --batch 64 --threads 2`, with floors), A then B;
-#   4. `benchmark/compare_trl.py --shape tiny --rounds 2` from each side (TRL 0.11.4 in .venv-trl; SKIP_TRL=1 skips).
+#   4. `benchmark/compare_trl.py --shape tiny --rounds 2` from each side (TRL 0.11.4 in .venv-trl; SKIP_TRL=1 skips;
+#      VENV=$PWD/.venv-trl has both sides use this checkout's venv instead of building one in each clone).
 # Each side warms up first (the reference model and the precision probes are cached), so no timed run builds them.
 # Run from the repo root on an otherwise idle machine (~50 min on the 2-core Intel Xeon when A is the code before
 # issue 31); record the CPU it prints. Everything lands in $WORK (printed); the summary lines go to stdout.
