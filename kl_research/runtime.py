@@ -247,7 +247,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """x Wᵀ + b (x (..., C), W (V, C)) in fp32 through oneDNN's GEMM (`torch.ops.mkldnn._linear_pointwise`, the op
     inductor's CPU backend emits for a linear) instead of torch's BLAS (MKL in the x86 wheels). IEEE fp32 either way;
     where the reduction is long the two libraries may sum in another order (last-bit differences, ~1e-7 relative),
-    at C = 128 they gave the same bits (tests/test_policy.py). No autograd: for tensors that need no gradient, or
+    at C = 128 they gave the same bits (docs/performance.md). No autograd: for tensors that need no gradient, or
     inside a Function's forward (`policy.head_linear`)."""
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
