@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from kl_research import vocab_kernel
 from kl_research.gpt2 import attention_scale, block_weights, blocks, unsupported_reason
-from kl_research.runtime import onednn_linear
+from kl_research.policy import head_linear
 
 
 def fast_sampler_reason(lm: torch.nn.Module) -> str | None:
@@ -104,8 +104,7 @@ def sample(
     vcache: list[torch.Tensor | None] = [None] * cfg.n_layer
     head_w = lm.get_output_embeddings().weight
     head_b = lm.get_output_embeddings().bias
-    # the projection as score_lm's (policy.use_onednn_fp32: oneDNN's fp32 GEMM, or F.linear's)
-    project = onednn_linear if getattr(lm, "_kl_onednn_fp32", False) else F.linear
+    onednn = getattr(lm, "_kl_onednn_fp32", False)  # the projection as score_lm's (policy.use_onednn_fp32)
     inv_t = 1.0 / temperature
     cpu_amp = device.type == "cpu" and amp_dtype is not None
     cpu_fp32 = torch.autocast("cpu", enabled=False) if cpu_amp else contextlib.nullcontext()
@@ -135,7 +134,7 @@ def sample(
         h = F.layer_norm(x_last, (x_last.shape[-1],), tr.ln_f.weight, tr.ln_f.bias, eps)
         with torch.autocast(device.type, enabled=False):  # the head and the softmax in fp32, as score_lm
             h = h.float()
-            logits = project(h, head_w.float(), None if head_b is None else head_b.float())
+            logits = head_linear(h, head_w.float(), None if head_b is None else head_b.float(), None, onednn)
             if scores_out is not None:
                 if t == 0:
                     scores_out["logits"] = logits.new_empty(B, max_new_tokens, logits.shape[-1])

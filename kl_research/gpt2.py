@@ -54,27 +54,10 @@ def conv1d(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tens
     return torch.addmm(wb[1], x, wb[0])
 
 
-class _OneDNNConv1D(torch.autograd.Function):
-    """transformers' Conv1D, x W + b with W (in, out), in fp32 through oneDNN's linear, forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x, w, b):
-        ctx.save_for_backward(x, w)
-        return onednn_linear(x, w.t(), b)  # linear's weight is (out, in)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        gx = onednn_linear(g, w) if ctx.needs_input_grad[0] else None  # G Wᵀ (N, in)
-        gw = onednn_linear(x.t(), g.t()) if ctx.needs_input_grad[1] else None  # xᵀ G (in, out)
-        gb = g.sum(0) if ctx.needs_input_grad[2] else None
-        return gx, gw, gb
-
-
 def onednn_conv1d(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """`conv1d` through oneDNN's fp32 GEMM (the `onednn_fp32` key on an fp32 trunk): IEEE fp32, the sums in
-    oneDNN's order instead of MKL's (last bits; tests/test_gpt2.py)."""
-    return _OneDNNConv1D.apply(x, *wb)
+    """`conv1d` through oneDNN's fp32 GEMM (the `onednn_fp32` key on an fp32 trunk), forward and backward: a linear
+    over Wᵀ (its weight is (out, in)); IEEE fp32, the sums in oneDNN's order instead of MKL's (tests/test_gpt2.py)."""
+    return onednn_linear(x, wb[0].t(), wb[1])
 
 
 def block_weights(lm: nn.Module, dtype: torch.dtype | None = None) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -165,25 +165,20 @@ def compile_trunk(lm: PreTrainedModel, **compile_kwargs) -> None:
 
 
 class _HeadLinear(torch.autograd.Function):
-    """x Wᵀ + b in fp32 (the logits), its backward's two GEMMs in grad_dtype; the GEMMs through oneDNN (onednn)."""
+    """x Wᵀ + b in fp32 (the logits; its GEMM through oneDNN with onednn), its backward's two GEMMs in grad_dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, grad_dtype, onednn):
         ctx.save_for_backward(x, weight)
-        ctx.grad_dtype, ctx.has_bias, ctx.onednn = grad_dtype, bias is not None, onednn
+        ctx.grad_dtype, ctx.has_bias = grad_dtype, bias is not None
         return onednn_linear(x, weight, bias) if onednn else nn.functional.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[:2]
-        if ctx.onednn and ctx.grad_dtype == torch.float32:  # ∂L/∂x = G W, ∂L/∂W = Gᵀ x as linears over oneDNN
-            grad_x = onednn_linear(grad, weight.t()) if need_x else None  # (N, C)
-            grad_w = onednn_linear(grad.t(), x.t()) if need_w else None  # (V, C)
-        else:
-            low = grad.to(ctx.grad_dtype)  # (N, V)
-            grad_x = (low @ weight.to(ctx.grad_dtype)).to(x.dtype) if need_x else None  # (N, C)
-            grad_w = (low.t() @ x.to(ctx.grad_dtype)).to(weight.dtype) if need_w else None  # (V, C)
+        low = grad.to(ctx.grad_dtype)  # (N, V)
+        grad_x = (low @ weight.to(ctx.grad_dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None  # (N, C)
+        grad_w = (low.t() @ x.to(ctx.grad_dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (V, C)
         grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None  # fp32: a sum over N
         return grad_x, grad_w, grad_b, None, None
 
@@ -206,13 +201,9 @@ def head_linear(
     with onednn, else autograd's F.linear).
     """
     low = grad_dtype is not None and grad_dtype != torch.float32
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if wants_grad and (low or onednn):
-        return _HeadLinear.apply(x, weight, bias, grad_dtype if low else torch.float32, onednn)
-    if onednn:
-        with torch.no_grad():
-            return onednn_linear(x, weight, bias)
-    return nn.functional.linear(x, weight, bias)
+    if low and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _HeadLinear.apply(x, weight, bias, grad_dtype, onednn)
+    return onednn_linear(x, weight, bias) if onednn else nn.functional.linear(x, weight, bias)
 
 
 def use_onednn_fp32(lm: nn.Module, on: bool) -> None:

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from kl_research.decode import uses_fast_sampler
 from kl_research.rollout import sample_responses
 from kl_research.runtime import BF16_FLAGS, PrecisionChoice, cpu_features, rng_state, set_rng_state
 
@@ -123,6 +124,14 @@ class Workload:
         return cls(
             pcfg.batch_size, pcfg.minibatch_size, updates, prompt_len, pcfg.response_length, sampler, scoring_passes
         )
+
+    @classmethod
+    def of_job(cls, cfg: Any, lm: torch.nn.Module, prompt_len: int) -> Workload:
+        """A job's workload (train.Job.setup): with the fast sampler and score_from_sampler the policy's rollout
+        numbers come from the sampler's steps, so one scoring pass (the reference's), else two."""
+        sampler = cfg.get("sampler", "auto")
+        passes = 1 if uses_fast_sampler(lm, sampler) and cfg.get("score_from_sampler", False) else 2
+        return cls.of(cfg.ppo, prompt_len, sampler, passes)
 
     def __str__(self) -> str:
         T = self.prompt_len + self.response_len
@@ -340,7 +349,6 @@ def main(argv: list[str] | None = None) -> None:
     miss, a new probe; prints the decision, its numbers and the cache file."""
     import sys
 
-    from kl_research.decode import uses_fast_sampler
     from kl_research.gpt2 import use_plain_trunk
     from kl_research.policy import PolicyWithValue, disable_dropout, use_onednn_fp32
     from kl_research.reference import compose_config, load_reference, resolve_cache_dir
@@ -365,9 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     # the model and the step as a job sets them up (train.Job.setup): the plain trunk, the GEMM library, the sampler
     use_plain_trunk(policy.lm, bool(cfg.get("fast_trunk", True)))
     use_onednn_fp32(policy.lm, resolve_onednn_fp32(cfg.get("onednn_fp32", False), device)[0])
-    sampler = cfg.get("sampler", "auto")
-    passes = 1 if uses_fast_sampler(policy.lm, sampler) and cfg.get("score_from_sampler", False) else 2
-    work = Workload.of(cfg.ppo, cfg.data.prompt_tokens, sampler, passes)
+    work = Workload.of_job(cfg, policy.lm, cfg.data.prompt_tokens)
     cache_dir = resolve_cache_dir(cfg.get("cache_dir"))
     if fresh:
         cache_file(cache_dir, probe_key(policy.lm, work)).unlink(missing_ok=True)

@@ -243,13 +243,36 @@ def cached_build(final: Path, what: str, build: Callable[[Path], dict[str, Any]]
 ONEDNN_FP32 = ("auto", True, False)  # the `onednn_fp32` key
 
 
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x Wᵀ + b (x (..., C), W (V, C)) in fp32 through oneDNN's GEMM (`torch.ops.mkldnn._linear_pointwise`, the op
-    inductor's CPU backend emits for a linear) instead of torch's BLAS (MKL in the x86 wheels). IEEE fp32 either way;
-    where the reduction is long the two libraries may sum in another order (last-bit differences, ~1e-7 relative),
-    at C = 128 they gave the same bits (docs/performance.md). No autograd: for tensors that need no gradient, or
-    inside a Function's forward (`policy.head_linear`)."""
+def _onednn_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """x Wᵀ + b through oneDNN, its backward's two GEMMs (∂x = G W, ∂W = Gᵀ x) as oneDNN linears too."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_gemm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = _onednn_gemm(grad, weight.t()) if ctx.needs_input_grad[0] else None  # (N, C)
+        grad_w = _onednn_gemm(grad.t(), x.t()) if ctx.needs_input_grad[1] else None  # (V, C)
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x Wᵀ + b (x (N, C), W (V, C)) in fp32 through oneDNN's GEMM (`torch.ops.mkldnn._linear_pointwise`, the op
+    inductor's CPU backend emits for a linear) instead of torch's BLAS (MKL in the x86 wheels), differentiable (the
+    backward's GEMMs in oneDNN too). IEEE fp32 either way; where the reduction is long the two libraries may sum in
+    another order (last-bit differences, ~1e-7 relative), at C = 128 they gave the same bits (docs/performance.md)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn_gemm(x, weight, bias)
 
 
 def onednn_fp32_reason() -> str | None:

@@ -342,9 +342,8 @@ class Job:
             raise ValueError(f"sampler='fast' is invalid for this model: {reason}; allowed: sampler=auto or hf")
         # the trunk's precision, on the eager policy (the probe restores the global RNG and leaves the weights alone)
         fast = uses_fast_sampler(policy.lm, sampler)
-        passes = 1 if fast and cfg.get("score_from_sampler", False) else 2  # the policy's numbers from the sampler
         choice, started = run_precision(
-            cfg, device, policy, Workload.of(pcfg, prompts_all.shape[1], sampler, passes), ckpt
+            cfg, device, policy, Workload.of_job(cfg, policy.lm, prompts_all.shape[1]), ckpt
         )
         log.info("precision=%s → %s: %s", cfg.precision, choice.precision, choice.reason)
         log.info("sampler=%s → %s", sampler, "fast (static KV cache, kl_research/decode.py)" if fast else "hf generate")
