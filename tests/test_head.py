@@ -141,6 +141,46 @@ def test_the_onednn_head_is_fp32_forward_and_backward():
     torch.testing.assert_close(onednn_linear(xs[::2], ws), F.linear(xs[::2], ws), rtol=1e-6, atol=1e-5)
 
 
+class Copies(TorchDispatchMode):
+    """The element counts of every copy (clone, copy_) dispatched inside it, backward and AccumulateGrad included."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
+            self.sizes.append(args[0].numel())
+        return func(*args, **(kwargs or {}))
+
+
+@needs_onednn
+@pytest.mark.parametrize("layout", ["head", "conv1d"])
+def test_onednn_weight_gradient_copies_the_small_operand_and_lands_in_the_weights_layout(layout):
+    """∂W = Gᵀ x through oneDNN needs one operand transposed into row-major order: the backward copies x (N × C), never
+    the (N × V) upstream gradient, when V ≫ C (the vocabulary head: V = 4096, C = 128). The head's weight (V, C) gets
+    its ∂W in that layout (a V × C transpose, still less than N × V); a Conv1D's weight, held (C, V) and passed
+    transposed (gpt2.onednn_conv1d), gets ∂Wᵀ, its own layout, with no copy at all. Gradients are F.linear's to fp32
+    rounding."""
+    n, c, v = 96, 16, 512
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, c, generator=g, requires_grad=True)
+    stored = torch.randn(v, c, generator=g) if layout == "head" else torch.randn(c, v, generator=g)
+    stored.requires_grad_()
+    up = torch.randn(n, v, generator=g)
+    weight = (lambda: stored) if layout == "head" else (lambda: stored.t())
+    with Copies() as copies:
+        onednn_linear(x, weight()).backward(up)
+    got = (x.grad.clone(), stored.grad.clone())
+    x.grad = stored.grad = None
+    F.linear(x, weight()).backward(up)
+    torch.testing.assert_close(got[0], x.grad, rtol=1e-5, atol=1e-4)  # sums of 512 terms of magnitude ~1
+    torch.testing.assert_close(got[1], stored.grad, rtol=1e-5, atol=1e-4)
+    assert got[1].stride() == stored.stride()
+    assert max(copies.sizes, default=0) < n * v  # the upstream gradient was never copied
+    assert sum(copies.sizes) == (n * c + v * c if layout == "head" else n * c)
+
+
 @needs_onednn
 def test_score_lm_and_the_fast_sampler_project_through_onednn_when_the_model_says_so():
     """use_onednn_fp32(lm, True) routes the scoring pass's and every decoding step's projection through oneDNN (and,
