@@ -6,6 +6,8 @@
 #      benchmark/sweep_ab.sh (its own clones in $WORK/sweep): wall, then the job-by-job comparison
 #      (benchmark/sweep_pairs.py: per-job s/step, identical trajectories or paired TOSTs);
 #   3. the issue's bench row (`python -m benchmark.bench --shape tiny --batch 64 --threads 2`, with floors), A then B;
+#      (SKIP_SWEEP=1 skips it: a change that no sweep job runs, e.g. one that touches fp32 only where the sweep's
+#      1-thread jobs pick bf16);
 #   4. `benchmark/compare_trl.py --shape tiny --rounds 2` from each side (TRL 0.11.4 in .venv-trl; SKIP_TRL=1 skips;
 #      VENV=$PWD/.venv-trl has both sides use this checkout's venv instead of building one in each clone).
 # Each side warms up first (the reference model and the precision probes are cached), so no timed run builds them.
@@ -53,8 +55,10 @@ print(f"train.py {side} round {r}: wall {wall} s, {len(m)} steps, median s/step 
 PY
 }
 train_run A 1; train_run B 1; train_run B 2; train_run A 2
-PRECISION_A=auto PRECISION_B=auto WORK="$WORK/sweep" EXTRA="$EXTRA" EXTRA_A="$EXTRA_A" EXTRA_B="$EXTRA_B" \
-  bash "$repo/benchmark/sweep_ab.sh" "$REF_A" "$REF_B"
+if [ -z "${SKIP_SWEEP:-}" ]; then
+  PRECISION_A=auto PRECISION_B=auto WORK="$WORK/sweep" EXTRA="$EXTRA" EXTRA_A="$EXTRA_A" EXTRA_B="$EXTRA_B" \
+    bash "$repo/benchmark/sweep_ab.sh" "$REF_A" "$REF_B"
+fi
 for side in A B; do
   (cd "$WORK/$side" && python -m benchmark.bench --shape tiny --batch 64 --threads 2 > "$WORK/bench_$side.json" \
     2> "$WORK/bench_$side.err")
