@@ -362,6 +362,9 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     args = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in args or "--help" in args:  # not a Hydra override: say what the command does, not fail in compose
+        print(main.__doc__)
+        return
     fresh = "--fresh" in args
     cfg = compose_config([a for a in args if a != "--fresh"])
     threads = setup_threads(cfg.threads)

@@ -279,3 +279,17 @@ def test_a_cpu_without_bf16_hardware_is_not_probed(tmp_path, monkeypatch, cpu, p
         assert (choice.precision, choice.source, choice.fp32_s) == ("fp32", "cpu", None)
         assert "no bf16 hardware" in choice.reason and "AMD EPYC" in choice.reason
         assert not (tmp_path / "precision").exists()
+
+
+def test_the_probe_cli_answers_help_without_composing_a_config(capsys, monkeypatch):
+    """`python -m kl_research.precision_probe --help` prints what the command does; it used to hand "--help" to
+    Hydra's compose as an override and fail with a parse traceback."""
+
+    def no_compose(*_args, **_kwargs):
+        raise AssertionError("--help must not compose a config")
+
+    monkeypatch.setattr("kl_research.reference.compose_config", no_compose)
+    for flag in ("--help", "-h"):
+        precision_probe.main([flag])
+        out = capsys.readouterr().out
+        assert "python -m kl_research.precision_probe [--fresh] [overrides]" in out
