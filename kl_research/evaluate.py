@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kl_research import gpt2
+from kl_research.runtime import onednn_linear
+
 log = logging.getLogger(__name__)
 
 
@@ -48,12 +51,21 @@ def heldout_perplexity(model, tokenizer, texts: list[str], *, batch_size: int, m
                 ids[j, : len(r)] = torch.tensor(r)
                 mask[j, : len(r)] = 1
             ids, mask = ids.to(device), mask.to(device)
-            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]  # (B, T-1, H)
+            # transformers' forward, or the same numbers in plain ops where the job routes its trunk there
+            # (gpt2.use_plain_trunk; with onednn_fp32, GEMMs through oneDNN: 2.2× MKL's on an AMD CPU, fp32 either way)
+            if getattr(model, "_kl_plain_trunk", False):
+                hidden = gpt2.hidden_states(model, ids, mask)[:, :-1]  # (B, T-1, H)
+            else:
+                hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
             target, tmask = ids[:, 1:], mask[:, 1:].bool()  # (B, T-1)
             # The vocabulary projection at the N real positions only, as policy.score_lm projects only the response
             # positions (logits = head(last hidden state)): padding was ~44 % of the positions of a batch of
             # fortunes, and the projection and the log-softmax over V dominate this function. (N, V), contiguous.
-            logits = model.get_output_embeddings()(hidden[tmask]).float()
+            head = model.get_output_embeddings()
+            if getattr(model, "_kl_onednn_fp32", False) and hidden.dtype == torch.float32:
+                logits = onednn_linear(hidden[tmask], head.weight, head.bias)
+            else:
+                logits = head(hidden[tmask]).float()
             total_nll += F.cross_entropy(logits, target[tmask], reduction="sum").item()
             total_tokens += int(tmask.sum().item())
     finally:
@@ -74,6 +86,8 @@ def perplexity_key(model, tokenizer, texts: list[str], *, batch_size: int, max_l
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
     where = [torch.device(device).type, torch.get_num_threads(), torch.__version__]
+    if getattr(model, "_kl_onednn_fp32", False):  # another GEMM library, other sums (keys without it: MKL's)
+        where.append("onednn_fp32")
     h.update(json.dumps([ids, specials, batch_size, max_length, where]).encode())
     return h.hexdigest()[:24]
 

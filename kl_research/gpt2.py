@@ -97,7 +97,7 @@ def blocks(
 
 def causal_attend(lm: nn.Module) -> Attend:
     """Causal self-attention over a whole sequence, as `policy._kl_sdpa` runs transformers' SDPA for it (no mask: the
-    sequences are unpadded)."""
+    sequences are unpadded, or right-padded, where no real position sees a pad: `hidden_states`)."""
     scales = [attention_scale(lm.config, i) for i in range(lm.config.n_layer)]
 
     def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -125,9 +125,17 @@ def plain_trunk_reason(lm: nn.Module) -> str | None:
     return None
 
 
-def hidden_states(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """transformers' `lm.base_model(input_ids=input_ids).last_hidden_state` (B, T, C) for unpadded sequences, in the
-    same ops (the module docstring). Differentiable; call only where `plain_trunk_reason(lm)` is None."""
+def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' `lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state` (B, T, C),
+    in the same ops (the module docstring): unpadded sequences, or right-padded ones with their (B, T) mask (the
+    held-out perplexity's batches). Under right padding no real position attends to a pad (its keys are all earlier,
+    all real), so causal attention gives the real positions transformers' numbers bit for bit (tests/test_gpt2.py);
+    the pads' own outputs are not. A mask that is not right padding is refused. Differentiable; call only where
+    `plain_trunk_reason(lm)` is None."""
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        if (real[:, 1:] & ~real[:, :-1]).any() or not real[:, 0].all():
+            raise ValueError("hidden_states: attention_mask must be right padding (each row 1 … 1 0 … 0, from 1)")
     tr = lm.transformer
     t = input_ids.shape[1]
     x = tr.wte(input_ids) + tr.wpe(torch.arange(t, device=input_ids.device))

@@ -89,3 +89,31 @@ def test_cached_perplexity_is_computed_once_per_model_and_texts(tiny_reference, 
     assert len(calls) == 3 and len(list((tmp_path / "perplexity").glob("*.json"))) == 4
     entries[0].write_text("{")  # a torn write
     assert evaluate.cached_heldout_perplexity(model, tok, texts, **kw) == want and len(calls) == 4
+
+
+def test_perplexity_through_the_jobs_trunk_is_transformers_and_keyed_by_the_gemm_library(tiny_reference, monkeypatch):
+    """Where a job routes its model's trunk through plain ops (use_plain_trunk) the held-out perplexity runs there too,
+    with the same number to the bit (padded batches included); with onednn_fp32 its GEMMs run in oneDNN (fp32, sums in
+    another order: the same perplexity to 1e-6) and its cache key says so, so a number computed with MKL is not read
+    back for it."""
+    from kl_research import evaluate, gpt2
+    from kl_research.policy import use_onednn_fp32
+    from kl_research.runtime import onednn_fp32_reason
+
+    _, model, tok, corpus = tiny_reference
+    texts = eval_subset(corpus.heldout, 12)
+    kw = {"batch_size": 5, "max_length": 24, "device": CPU}
+    want = heldout_perplexity(model, tok, texts, **kw)
+    plain = copy.deepcopy(model)
+    assert gpt2.use_plain_trunk(plain) is None
+    calls = []
+    real = gpt2.hidden_states
+    monkeypatch.setattr(gpt2, "hidden_states", lambda *a: calls.append(a[2] is not None) or real(*a))
+    assert heldout_perplexity(plain, tok, texts, **kw) == want
+    assert calls and all(calls)  # every batch through the plain trunk, with its padding mask
+    key = evaluate.perplexity_key(plain, tok, texts, **kw)
+    assert key == evaluate.perplexity_key(model, tok, texts, **kw)  # the same numbers, the same key
+    if onednn_fp32_reason() is None:
+        use_onednn_fp32(plain, True)
+        assert heldout_perplexity(plain, tok, texts, **kw) == pytest.approx(want, rel=1e-6)
+        assert evaluate.perplexity_key(plain, tok, texts, **kw) != key

@@ -71,6 +71,30 @@ def test_plain_trunk_gives_transformers_numbers_and_gradients_bit_for_bit(amp, c
         assert torch.equal(gpt2.hidden_states(plain.lm, ids), want)
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("config", [{"activation_function": "gelu"}, {"scale_attn_by_inverse_layer_idx": True}])
+def test_plain_trunk_of_right_padded_batches_gives_transformers_numbers_at_the_real_positions(amp, config):
+    """With an attention mask (right padding, as the held-out perplexity batches texts of several lengths) the plain
+    trunk's hidden states at every real position are transformers' to the bit: no real position sees a pad, so
+    causal attention is the masked one there. An unpadded row in the batch, and a batch without padding, too; a mask
+    that is not right padding (left padding, a hole) is refused."""
+    lm = gpt2_lm(**config)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 96, (7, 21), generator=gen)
+    lens = torch.tensor([21, 4, 9, 21, 15, 2, 11])
+    mask = (torch.arange(21)[None] < lens[:, None]).long()
+    real = mask.bool()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        want = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = gpt2.hidden_states(lm, ids, mask)
+        assert torch.equal(got[real], want[real])
+        full = torch.ones_like(mask)
+        assert torch.equal(gpt2.hidden_states(lm, ids, full), lm.base_model(input_ids=ids).last_hidden_state)
+    for bad in (mask.flip(1), torch.tensor([[1, 0, 1]]), torch.tensor([[0, 1, 1]])):
+        with pytest.raises(ValueError, match="right padding"):
+            gpt2.hidden_states(lm, ids[: len(bad), : bad.shape[1]], bad)
+
+
 def test_the_plain_trunk_is_what_score_lm_runs_when_set(monkeypatch):
     """The flag routes score_lm (policy and reference) through gpt2.hidden_states, and off leaves transformers'."""
     calls = []
