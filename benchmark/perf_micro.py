@@ -6,6 +6,8 @@
     python benchmark/perf_micro.py fusedhead --shape tiny         # chunked head + log-prob vs the trainer's, A/B
     python benchmark/perf_micro.py decode --shape tiny --threads 1  # the fast sampler vs three faster-looking variants
     python benchmark/perf_micro.py fp32gemm --threads 1           # the head's fp32 GEMMs: MKL against oneDNN
+    python benchmark/perf_micro.py wgrad                          # oneDNN's ∂W = Gᵀx: which operand to transpose
+    python benchmark/perf_micro.py heldout --threads 1            # a held-out perplexity evaluation, before/after
 
 Timings on a shared VM drift by ±20 % over minutes: compare rows of one invocation only.
 """
@@ -401,9 +403,66 @@ def fp32gemm(rounds: int = 3) -> None:
               f"{flop / b / 1e9:5.0f} GFLOP/s   {a / b:4.2f}×   same bits: {same}")  # fmt: skip
 
 
+def wgrad(rounds: int = 3) -> None:
+    """oneDNN's linear wants its input row-major: the head's weight gradient ∂W = Gᵀ x (G (384, 4096), x (384, 128),
+    a minibatch of the tiny default) with Gᵀ copied as the input (the code before session 26), with xᵀ copied and ∂Wᵀ
+    transposed back into the weight's layout (runtime._onednn_weight_grad), MKL's mm on the strided operands, and the
+    copy of Gᵀ alone: ms, alternating, median of `rounds`."""
+    from kl_research.runtime import _onednn_gemm
+
+    g = torch.Generator().manual_seed(0)
+    grad, x = torch.randn(384, 4096, generator=g), torch.randn(384, 128, generator=g)
+    cases = {
+        "copy Gᵀ, oneDNN": lambda: _onednn_gemm(grad.t(), x.t()),
+        "copy xᵀ, oneDNN, ∂Wᵀ → ∂W": lambda: _onednn_gemm(x.t(), grad.t()).t().contiguous(),
+        "MKL mm(Gᵀ, x), no copy": lambda: torch.mm(grad.t(), x),
+        "the copy of Gᵀ alone": lambda: grad.t().contiguous(),
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for k, fn in cases.items():
+            times[k].append(timed(fn))
+    print(f"{torch.get_num_threads()} thread(s); ∂W of the tiny head (4096×384 · 384×128)")
+    for k, ts in times.items():
+        print(f"  {k:28s} {statistics.median(ts) * 1e3:7.3f} ms")
+
+
+def heldout(rounds: int = 3) -> None:
+    """One held-out perplexity evaluation of the tiny default (256 fortunes, batches of 32, 64 tokens): transformers'
+    forward and nn.Linear's head (MKL's fp32 GEMMs; the code before session 26) against the job's trunk (plain ops,
+    GEMMs through oneDNN where `onednn_fp32: auto` picks it), alternating; seconds and the perplexity each gives."""
+    import copy
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from kl_research import evaluate, gpt2
+    from kl_research.data import eval_subset, load_corpus
+    from kl_research.policy import use_onednn_fp32
+    from kl_research.reference import compose_config, load_reference
+    from kl_research.runtime import resolve_onednn_fp32
+
+    cfg = compose_config([])
+    lm, tok = load_reference(cfg)
+    texts = eval_subset(load_corpus(cfg.data).heldout, cfg.data.eval_texts)
+    kw = {"batch_size": 32, "max_length": cfg.data.eval_max_length, "device": torch.device("cpu")}
+    job = copy.deepcopy(lm)
+    gpt2.use_plain_trunk(job)
+    onednn, why = resolve_onednn_fp32("auto", torch.device("cpu"))
+    use_onednn_fp32(job, onednn)
+    print(f"{torch.get_num_threads()} thread(s); onednn_fp32 auto → {onednn} ({why})")
+    for r in range(rounds + 1):  # the first round warms both up
+        row = []
+        for name, m in (("transformers + MKL", lm), ("the job's trunk", job)):
+            t = time.perf_counter()
+            ppl = evaluate.heldout_perplexity(m, tok, texts, **kw)
+            row.append(f"{name} {time.perf_counter() - t:.3f} s (ppl {ppl:.6f})")
+        print(("warm-up  " if r == 0 else f"round {r}  ") + "   ".join(row))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("minibatch", "head", "gelu", "fusedhead", "decode", "fp32gemm"))
+    what = ("minibatch", "head", "gelu", "fusedhead", "decode", "fp32gemm", "wgrad", "heldout")
+    ap.add_argument("what", choices=what)
     ap.add_argument("--shape", default="gpt2-small")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -415,6 +474,8 @@ def main() -> None:
         "fusedhead": lambda: fusedhead(a.shape),
         "decode": lambda: decode(a.shape),
         "fp32gemm": fp32gemm,
+        "wgrad": wgrad,
+        "heldout": heldout,
     }[a.what]()
 
 
