@@ -61,8 +61,8 @@ def heldout_perplexity(model, tokenizer, texts: list[str], *, batch_size: int, m
             # The vocabulary projection at the N real positions only, as policy.score_lm projects only the response
             # positions (logits = head(last hidden state)): padding was ~44 % of the positions of a batch of
             # fortunes, and the projection and the log-softmax over V dominate this function. (N, V), contiguous.
-            head = model.get_output_embeddings()
-            if getattr(model, "_kl_onednn_fp32", False) and hidden.dtype == torch.float32:
+            head = model.get_output_embeddings()  # under autocast it runs as autocast casts it, as before
+            if getattr(model, "_kl_onednn_fp32", False) and not torch.is_autocast_enabled(hidden.device.type):
                 logits = onednn_linear(hidden[tmask], head.weight, head.bias)
             else:
                 logits = head(hidden[tmask]).float()
