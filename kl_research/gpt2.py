@@ -129,8 +129,9 @@ def hidden_states(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     """transformers' `lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state` (B, T, C),
     in the same ops (the module docstring): unpadded sequences, or right-padded ones with their (B, T) mask (the
     held-out perplexity's batches). Under right padding no real position attends to a pad (its keys are all earlier,
-    all real), so causal attention gives the real positions transformers' numbers bit for bit (tests/test_gpt2.py);
-    the pads' own outputs are not. A mask that is not right padding is refused. Differentiable; call only where
+    all real), so causal attention gives the real positions transformers' numbers (bit for bit on a CPU, where both
+    run the same SDPA kernel: tests/test_gpt2.py; on CUDA another kernel may pick up the mask); the pads' own outputs
+    are not. A mask that is not right padding is refused. Differentiable; call only where
     `plain_trunk_reason(lm)` is None."""
     if attention_mask is not None:
         real = attention_mask.bool()
