@@ -195,7 +195,6 @@ def bench(
     transformers' own calls). onednn_fp32: the trainer's key, auto | true | false (the fp32 GEMMs, the head's and an
     fp32 trunk's, through oneDNN; the bare-HF floors stay transformers' own calls)."""
     from kl_research.gpt2 import use_plain_trunk
-    from kl_research.policy import use_onednn_fp32
     from kl_research.runtime import (
         autocast,
         peak_memory_mb,
@@ -204,6 +203,7 @@ def bench(
         resolve_onednn_fp32,
         setup_allocator,
         setup_threads,
+        use_onednn_fp32,
     )
     from kl_research.train import make_optimizer
     from kl_research.vocab_kernel import resolve_fused_vocab

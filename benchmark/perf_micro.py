@@ -437,9 +437,8 @@ def heldout(rounds: int = 3) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from kl_research import evaluate, gpt2
     from kl_research.data import eval_subset, load_corpus
-    from kl_research.policy import use_onednn_fp32
     from kl_research.reference import compose_config, load_reference
-    from kl_research.runtime import resolve_onednn_fp32
+    from kl_research.runtime import resolve_onednn_fp32, use_onednn_fp32
 
     cfg = compose_config([])
     lm, tok = load_reference(cfg)

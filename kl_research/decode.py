@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from kl_research import vocab_kernel
 from kl_research.gpt2 import attention_scale, block_weights, blocks, unsupported_reason
 from kl_research.policy import head_linear
+from kl_research.runtime import onednn_fp32_on
 
 
 def fast_sampler_reason(lm: torch.nn.Module) -> str | None:
@@ -104,7 +105,7 @@ def sample(
     vcache: list[torch.Tensor | None] = [None] * cfg.n_layer
     head_w = lm.get_output_embeddings().weight
     head_b = lm.get_output_embeddings().bias
-    onednn = getattr(lm, "_kl_onednn_fp32", False)  # the projection as score_lm's (policy.use_onednn_fp32)
+    onednn = onednn_fp32_on(lm)  # the projection as score_lm's (runtime.use_onednn_fp32)
     inv_t = 1.0 / temperature
     cpu_amp = device.type == "cpu" and amp_dtype is not None
     cpu_fp32 = torch.autocast("cpu", enabled=False) if cpu_amp else contextlib.nullcontext()

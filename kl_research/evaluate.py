@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kl_research import gpt2
-from kl_research.runtime import onednn_linear
+from kl_research.runtime import onednn_fp32_on, onednn_linear
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def heldout_perplexity(model, tokenizer, texts: list[str], *, batch_size: int, m
             # positions (logits = head(last hidden state)): padding was ~44 % of the positions of a batch of
             # fortunes, and the projection and the log-softmax over V dominate this function. (N, V), contiguous.
             head = model.get_output_embeddings()  # under autocast it runs as autocast casts it, as before
-            if getattr(model, "_kl_onednn_fp32", False) and not torch.is_autocast_enabled(hidden.device.type):
+            if onednn_fp32_on(model) and not torch.is_autocast_enabled(hidden.device.type):
                 logits = onednn_linear(hidden[tmask], head.weight, head.bias)
             else:
                 logits = head(hidden[tmask]).float()
@@ -86,7 +86,7 @@ def perplexity_key(model, tokenizer, texts: list[str], *, batch_size: int, max_l
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
     where = [torch.device(device).type, torch.get_num_threads(), torch.__version__]
-    if getattr(model, "_kl_onednn_fp32", False):  # another GEMM library, other sums (keys without it: MKL's)
+    if onednn_fp32_on(model):  # another GEMM library, other sums (keys without it: MKL's)
         where.append("onednn_fp32")
     h.update(json.dumps([ids, specials, batch_size, max_length, where]).encode())
     return h.hexdigest()[:24]

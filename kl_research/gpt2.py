@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kl_research.runtime import onednn_linear
+from kl_research.runtime import onednn_fp32_on, onednn_linear
 
 # The attentions whose numbers `causal_attend` reproduces: ours (policy.ATTENTION, registered there: SDPA with the
 # CPU's fp32 upcast) and transformers' SDPA.
@@ -80,10 +80,10 @@ def blocks(
     cfg = lm.config
     H, eps = cfg.n_head, cfg.layer_norm_epsilon
     b, t, c = x.shape
-    # an fp32 trunk's GEMMs through oneDNN where the model says so (policy.use_onednn_fp32); under autocast, or with
+    # an fp32 trunk's GEMMs through oneDNN where the model says so (runtime.use_onednn_fp32); under autocast, or with
     # weights cast for it, addmm (autocast picks its dtype and library)
     fp32 = x.dtype == weights[0][0][0].dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
-    proj = onednn_conv1d if fp32 and getattr(lm, "_kl_onednn_fp32", False) else conv1d
+    proj = onednn_conv1d if fp32 and onednn_fp32_on(lm) else conv1d
     for i, blk in enumerate(lm.transformer.h):
         w_qkv, w_proj, w_fc, w_out = weights[i]
         h = F.layer_norm(x, (c,), blk.ln_1.weight, blk.ln_1.bias, eps)

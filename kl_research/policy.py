@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from kl_research import gpt2
-from kl_research.runtime import onednn_linear
+from kl_research.runtime import onednn_fp32_on, onednn_linear
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -206,13 +206,6 @@ def head_linear(
     return onednn_linear(x, weight, bias) if onednn else nn.functional.linear(x, weight, bias)
 
 
-def use_onednn_fp32(lm: nn.Module, on: bool) -> None:
-    """Route this model's fp32 GEMMs through oneDNN (on) or torch's BLAS (off): the vocabulary projection in
-    `score_lm` and the fast sampler, and an fp32 trunk's in the plain ops (gpt2.blocks: the scoring pass, the update,
-    the sampler's steps); the `onednn_fp32` key as `runtime.resolve_onednn_fp32` resolved it."""
-    lm._kl_onednn_fp32 = bool(on)
-
-
 def score_lm(
     lm: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -246,8 +239,7 @@ def score_lm(
     with torch.autocast(device_type, enabled=False):
         head = lm.get_output_embeddings()
         bias = None if head.bias is None else head.bias.float()
-        onednn = getattr(lm, "_kl_onednn_fp32", False)  # set by use_onednn_fp32 (the onednn_fp32 key)
-        logits = head_linear(hidden, head.weight.float(), bias, grad_dtype, onednn).view(B, R, -1)
+        logits = head_linear(hidden, head.weight.float(), bias, grad_dtype, onednn_fp32_on(lm)).view(B, R, -1)
         if v_head is not None:
             values = v_head(hidden.detach() if detach_values else hidden).view(B, R)  # (B, R)
         else:

@@ -49,7 +49,7 @@ import torch
 
 from kl_research.decode import uses_fast_sampler
 from kl_research.rollout import sample_responses
-from kl_research.runtime import BF16_FLAGS, PrecisionChoice, cpu_features, rng_state, set_rng_state
+from kl_research.runtime import BF16_FLAGS, PrecisionChoice, cpu_features, onednn_fp32_on, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +164,9 @@ def probe_key(lm: torch.nn.Module, work: Workload) -> dict[str, Any]:
             "params": sum(p.numel() for p in lm.parameters()),
         },
         "work": asdict(work),
-        # the GEMM library the model's fp32 GEMMs run in (policy.use_onednn_fp32): fp32's side of the ratio moves with
+        # the GEMM library the model's fp32 GEMMs run in (runtime.use_onednn_fp32): fp32's side of the ratio moves with
         # it; only when on, so that the keys (and cached decisions) of models without it stay what they were
-        **({"onednn_fp32": True} if getattr(lm, "_kl_onednn_fp32", False) else {}),
+        **({"onednn_fp32": True} if onednn_fp32_on(lm) else {}),
     }
 
 
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     import sys
 
     from kl_research.gpt2 import use_plain_trunk
-    from kl_research.policy import PolicyWithValue, disable_dropout, use_onednn_fp32
+    from kl_research.policy import PolicyWithValue, disable_dropout
     from kl_research.reference import compose_config, load_reference, resolve_cache_dir
     from kl_research.runtime import (
         resolve_device,
@@ -358,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
         resolve_precision,
         setup_allocator,
         setup_threads,
+        use_onednn_fp32,
     )
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")

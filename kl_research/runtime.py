@@ -290,6 +290,19 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _onednn_gemm(x, weight, bias)
 
 
+def use_onednn_fp32(lm: torch.nn.Module, on: bool) -> None:
+    """Route this model's fp32 GEMMs through oneDNN (on) or torch's BLAS (off): the vocabulary projection in
+    `policy.score_lm`, the fast sampler and the held-out perplexity, and an fp32 trunk's in the plain ops
+    (gpt2.blocks: the scoring pass, the update, the sampler's steps); the `onednn_fp32` key as
+    `resolve_onednn_fp32` resolved it. Read back with `onednn_fp32_on`."""
+    lm._kl_onednn_fp32 = bool(on)
+
+
+def onednn_fp32_on(lm: torch.nn.Module) -> bool:
+    """Whether `use_onednn_fp32` routed this model's fp32 GEMMs through oneDNN (False for a model it never saw)."""
+    return getattr(lm, "_kl_onednn_fp32", False)
+
+
 def onednn_fp32_reason() -> str | None:
     """None if oneDNN's fp32 linear runs in this torch and gives F.linear's numbers to fp32 rounding (checked once on
     a small input, from a private generator: the global RNG is untouched); else why not."""

@@ -42,7 +42,7 @@ from kl_research.controllers import KLController, build_controller
 from kl_research.decode import fast_sampler_reason, uses_fast_sampler
 from kl_research.gpt2 import use_plain_trunk
 from kl_research.kl import ESTIMATORS, masked_mean, masked_sum, token_kl
-from kl_research.policy import PolicyWithValue, compile_trunks, disable_dropout, use_onednn_fp32
+from kl_research.policy import PolicyWithValue, compile_trunks, disable_dropout
 from kl_research.precision_probe import Workload, auto_precision
 from kl_research.rollout import rollout
 from kl_research.runlog import RunLogger, plot_curves, summarize
@@ -61,6 +61,7 @@ from kl_research.runtime import (
     set_rng_state,
     setup_allocator,
     setup_threads,
+    use_onednn_fp32,
 )
 
 log = logging.getLogger(__name__)

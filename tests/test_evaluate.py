@@ -97,8 +97,7 @@ def test_perplexity_through_the_jobs_trunk_is_transformers_and_keyed_by_the_gemm
     another order: the same perplexity to 1e-6) and its cache key says so, so a number computed with MKL is not read
     back for it."""
     from kl_research import evaluate, gpt2
-    from kl_research.policy import use_onednn_fp32
-    from kl_research.runtime import onednn_fp32_reason
+    from kl_research.runtime import onednn_fp32_reason, use_onednn_fp32
 
     _, model, tok, corpus = tiny_reference
     texts = eval_subset(corpus.heldout, 12)

@@ -118,7 +118,7 @@ def test_onednn_fp32_runs_an_fp32_plain_trunk_through_onednn_and_leaves_autocast
     from test_head import OneDNNCalls
 
     from kl_research.decode import sample
-    from kl_research.policy import use_onednn_fp32
+    from kl_research.runtime import use_onednn_fp32
 
     hf, plain = policy_pair()
     use_onednn_fp32(plain.lm, True)

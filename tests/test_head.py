@@ -10,8 +10,8 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from kl_research.policy import PolicyWithValue, head_linear, use_onednn_fp32
-from kl_research.runtime import onednn_fp32_reason, onednn_linear, resolve_onednn_fp32
+from kl_research.policy import PolicyWithValue, head_linear
+from kl_research.runtime import onednn_fp32_reason, onednn_linear, resolve_onednn_fp32, use_onednn_fp32
 
 
 class MatmulDtypes(TorchDispatchMode):

@@ -140,7 +140,7 @@ def test_cache_key_changes_with_the_model_and_batch_shapes_and_the_threads(tmp_p
 def test_cache_key_carries_the_fp32_gemm_library_only_when_onednn_runs_them(tmp_path):
     """With onednn_fp32 on, fp32's side of the ratio is oneDNN's GEMMs: another key, another probe. Off, the key is
     what it was before the setting existed, so decisions cached then stay valid."""
-    from kl_research.policy import use_onednn_fp32
+    from kl_research.runtime import use_onednn_fp32
 
     policy = micro_policy()
     before = probe_key(policy.lm, WORK)
