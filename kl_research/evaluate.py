@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from kl_research import gpt2
-from kl_research.runtime import onednn_fp32_on, onednn_linear
+from kl_research.policy import head_linear
+from kl_research.runtime import onednn_fp32_on
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,11 @@ def heldout_perplexity(model, tokenizer, texts: list[str], *, batch_size: int, m
             # The vocabulary projection at the N real positions only, as policy.score_lm projects only the response
             # positions (logits = head(last hidden state)): padding was ~44 % of the positions of a batch of
             # fortunes, and the projection and the log-softmax over V dominate this function. (N, V), contiguous.
-            head = model.get_output_embeddings()  # under autocast it runs as autocast casts it, as before
-            if onednn_fp32_on(model) and not torch.is_autocast_enabled(hidden.device.type):
-                logits = onednn_linear(hidden[tmask], head.weight, head.bias)
-            else:
-                logits = head(hidden[tmask]).float()
+            # policy.head_linear: the job's GEMM library for it (oneDNN only for an fp32 head: under autocast it
+            # runs as autocast casts it, as before)
+            head = model.get_output_embeddings()
+            onednn = onednn_fp32_on(model) and not torch.is_autocast_enabled(hidden.device.type)
+            logits = head_linear(hidden[tmask], head.weight, head.bias, None, onednn).float()
             total_nll += F.cross_entropy(logits, target[tmask], reduction="sum").item()
             total_tokens += int(tmask.sum().item())
     finally:
